@@ -1,0 +1,3 @@
+"""mmgpt: an OpenAI-compatible server for multimodal GPTs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,22 @@
+"""Engine configuration: a plain dataclass built once from the app's Settings."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # path of a checkpoint folder in Hugging Face format
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    block_size: int = 16
+    max_num_seqs: int = 128  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step (decodes + prefill chunks)
+    max_model_len: int | None = None  # None: the checkpoint's own context length
+    kv_cache_bytes: int | None = None  # None: a default on CPU, a memory fraction on CUDA
+    gpu_memory_utilization: float = 0.85
+    max_waiting_requests: int = 256  # beyond this submit() raises EngineOverloadedError
+    enable_prefix_caching: bool = True
+    image_cache_size: int = 256  # image embeddings kept, by content hash
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
+    max_logprobs: int = 20
+    seed: int = 0
