@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,3 +80,121 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()  # queued for (re)admission; holds no KV blocks
+    RUNNING = enum.auto()  # holds KV blocks; prefilling or decoding
+    FINISHED = enum.auto()
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where one image's tokens sit in a prompt."""
+
+    start: int  # position of the image's first token
+    length: int  # ModelInfo.image_seq_length
+    image: ImageInput
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class Sequence:
+    """One sample of one request: its tokens, progress and KV blocks.
+
+    Owned by the engine's loop thread. `num_computed_tokens` counts tokens whose
+    keys and values sit in the cache; the next step computes the rest. A
+    request with n > 1 samples starts as one sequence whose `pending_forks`
+    are the other samples: they share its prompt blocks and are forked off
+    when the prompt is done, each with the token sampled for it.
+    """
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        image_spans: tuple[ImageSpan, ...] = (),
+        arrival_time: float = 0.0,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.image_spans = image_spans
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
+        self.was_admitted = False
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chain hashes of the leading full blocks (memo)
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.pending_forks: list[Sequence] = []
+        self.finish_reason: str | None = None
+        self.generator: Any = None  # the sampler's per-sequence random state, when seeded
+        self.is_greedy = params.temperature <= 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id}, {self.request_id!r}#{self.index}, {self.status.name}, "
+            f"{self.num_computed_tokens}/{self.num_tokens})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        return len(self.token_ids) - self.num_computed_tokens == 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def group_size(self) -> int:
+        """Sequences this one stands for in the running cap: itself plus unforked samples."""
+        return 1 + len(self.pending_forks)
+
+    def num_blocks_needed(self, block_size: int) -> int:
+        return (len(self.token_ids) + block_size - 1) // block_size
+
+    def images_in(self, start: int, end: int) -> list[ImageSpan]:
+        """The images with at least one token in positions [start, end)."""
+        return [span for span in self.image_spans if span.start < end and span.end > start]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def stop_reason_for(self, token_id: int, eos_token_ids: tuple[int, ...]) -> str | None:
+        """Why the just-appended token ends this sample, if it does (stop strings aside)."""
+        params = self.params
+        num_output = len(self.token_ids) - self.num_prompt_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in eos_token_ids:
+                return "stop"
+            if token_id in params.stop_token_ids:
+                return "stop"
+        if num_output >= params.max_tokens:
+            return "length"
+        return None
