@@ -82,6 +82,9 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+GREEDY_TEMPERATURE = 1e-5  # a temperature below this samples greedily (argmax)
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()  # queued for (re)admission; holds no KV blocks
     RUNNING = enum.auto()  # holds KV blocks; prefilling or decoding
@@ -139,7 +142,7 @@ class Sequence:
         self.pending_forks: list[Sequence] = []
         self.finish_reason: str | None = None
         self.generator: Any = None  # the sampler's per-sequence random state, when seeded
-        self.is_greedy = params.temperature <= 0.0
+        self.is_greedy = params.temperature < GREEDY_TEMPERATURE
 
     def __repr__(self) -> str:
         return (

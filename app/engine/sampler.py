@@ -1,0 +1,238 @@
+"""Vectorised sampling over one step's rows, each with its own parameters and seed.
+
+The order of processing, per row:
+1. repetition penalty (over prompt and output tokens: positive logits divided,
+   negative ones multiplied), then frequency and presence penalties (over
+   output tokens: `logit -= frequency * count + presence * (count > 0)`);
+2. while fewer than `min_tokens` are generated, EOS and stop token ids are masked;
+3. greedy rows (temperature below GREEDY_TEMPERATURE) take the argmax here;
+4. the others divide by their temperature, then keep the top_k tokens (every
+   token whose logit ties the k-th largest stays), then the smallest set of
+   most likely tokens whose probability reaches top_p, then the tokens whose
+   probability is at least min_p times the largest, and draw one token.
+
+Logprobs are the log-softmax of the logits after steps 1-2 and the temperature
+(temperature 1 for greedy rows), before top_k / top_p / min_p truncation, so
+every alternative has a finite value. This is vLLM's "processed logprobs"
+minus the truncation.
+
+Draws use the exponential-race form of categorical sampling (argmax of
+probs / Exp(1) noise). A seeded row draws its noise from its own generator, so
+its tokens depend only on its own logits and seed, not on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.sequence import Sequence
+
+POSINF_REPLACEMENT = 1e30  # +inf logits become this, so that softmax stays defined
+
+
+@dataclass
+class RowLogprobs:
+    """Logprobs of one sampled token and of the top alternatives in its row."""
+
+    token_logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[RowLogprobs | None]  # one per row; None where not asked for
+    nonfinite_rows: list[int]  # rows whose logits had no finite value (sampled from uniform)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed`."""
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 64)
+
+
+def has_penalties(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class Sampler:
+    def __init__(self, device: torch.device, eos_token_ids: tuple[int, ...], seed: int = 0):
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded rows
+
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
+        """logits: [N, vocab] float32, row i for `seqs[i]`. May modify logits in place."""
+        logits, nonfinite = _sanitise(logits)
+        self._apply_logit_processors(logits, seqs)
+        greedy = [seq.is_greedy for seq in seqs]
+        wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+        if all(greedy) and not wants_logprobs:
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs), nonfinite)
+        scaled = _scale_by_temperature(logits, seqs, greedy)  # [N, vocab]
+        token_ids = self._draw(scaled, seqs, greedy)  # [N]
+        row_logprobs = _gather_logprobs(scaled, token_ids, seqs) if wants_logprobs else None
+        return SamplerOutput(token_ids.tolist(), row_logprobs or [None] * len(seqs), nonfinite)
+
+    def _apply_logit_processors(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
+        penalised = [i for i, seq in enumerate(seqs) if has_penalties(seq)]
+        if penalised:
+            apply_penalties(logits, [seqs[i] for i in penalised], penalised)
+        below_min = [
+            i for i, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens
+        ]
+        for i in below_min:
+            banned = list(seqs[i].params.stop_token_ids)
+            if not seqs[i].params.ignore_eos:
+                banned += self.eos_token_ids
+            logits[i, banned] = float("-inf")
+
+    def _draw(self, scaled: torch.Tensor, seqs: Seq[Sequence], greedy: list[bool]) -> torch.Tensor:
+        """One token per row: argmax for greedy rows, a truncated categorical draw for others."""
+        token_ids = scaled.argmax(dim=-1)  # [N]
+        rows = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
+        if not rows:
+            return token_ids
+        sub = scaled[rows]  # [R, vocab]
+        sub_seqs = [seqs[i] for i in rows]
+        _truncate(sub, sub_seqs)
+        probs = torch.softmax(sub, dim=-1)  # [R, vocab]
+        noise = self._exponential_noise(probs, sub_seqs)  # [R, vocab]
+        token_ids[rows] = probs.div_(noise).argmax(dim=-1)
+        return token_ids
+
+    def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        noise = torch.empty_like(probs)  # [R, vocab]
+        unseeded = [i for i, seq in enumerate(seqs) if seq.params.seed is None]
+        if len(unseeded) == len(seqs):
+            return noise.exponential_(generator=self.generator)
+        if unseeded:
+            noise[unseeded] = torch.empty(
+                (len(unseeded), probs.shape[1]), device=probs.device
+            ).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                noise[i].exponential_(generator=self._generator_of(seq))
+        return noise
+
+    def _generator_of(self, seq: Sequence) -> torch.Generator:
+        if seq.generator is None:
+            seed = sample_seed(seq.params.seed or 0, seq.index)
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        generator: torch.Generator = seq.generator
+        return generator
+
+
+def _sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """NaN becomes -inf, +inf a large finite value; rows with nothing finite become uniform."""
+    if bool(torch.isfinite(logits).all()):
+        return logits, []
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=POSINF_REPLACEMENT)
+    dead = ~torch.isfinite(logits).any(dim=-1)  # [N]
+    nonfinite = dead.nonzero().flatten().tolist()
+    if nonfinite:
+        logits[nonfinite] = 0.0
+    return logits, nonfinite
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """Repetition, frequency and presence penalties, in place, on `logits[rows]`."""
+    vocab = logits.shape[1]
+    device = logits.device
+    outputs = _padded([seq.output_token_ids for seq in seqs], vocab, device)  # [R, L]
+    counts = torch.zeros((len(rows), vocab + 1), device=device)
+    counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=counts.dtype))
+    counts = counts[:, :vocab]  # [R, vocab] output token counts
+    prompts = _padded([seq.token_ids[: seq.num_prompt_tokens] for seq in seqs], vocab, device)
+    seen = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=device)
+    seen.scatter_(1, prompts, True)
+    seen = seen[:, :vocab] | (counts > 0)  # [R, vocab]
+    sub = logits[rows]  # [R, vocab]
+    repetition = _column([s.params.repetition_penalty for s in seqs], device)  # [R, 1]
+    penalised = torch.where(sub > 0, sub / repetition, sub * repetition)
+    sub = torch.where(seen, penalised, sub)
+    sub -= _column([s.params.frequency_penalty for s in seqs], device) * counts
+    sub -= _column([s.params.presence_penalty for s in seqs], device) * (counts > 0)
+    logits[rows] = sub
+
+
+def _padded(token_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(tokens) for tokens in token_lists))
+    rows = [tokens + [pad] * (width - len(tokens)) for tokens in token_lists]
+    return torch.tensor(rows, dtype=torch.int64, device=device)  # [R, width]
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)  # [R, 1]
+
+
+def _scale_by_temperature(
+    logits: torch.Tensor, seqs: Seq[Sequence], greedy: list[bool]
+) -> torch.Tensor:
+    temperatures = [1.0 if g else s.params.temperature for s, g in zip(seqs, greedy, strict=True)]
+    if all(t == 1.0 for t in temperatures):
+        return logits
+    return logits / _column(temperatures, logits.device)  # [N, vocab]
+
+
+def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """top_k, then top_p, then min_p, in place, on rows that ask for them."""
+    vocab = logits.shape[1]
+    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    min_p = [s.params.min_p for s in seqs]
+    if any(p < 1.0 for p in top_p):
+        mask_top_k_top_p(logits, top_k, top_p)
+    elif any(k < vocab for k in top_k):
+        mask_top_k(logits, top_k)
+    if any(p > 0.0 for p in min_p):
+        mask_min_p(logits, min_p)
+
+
+def mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
+    """Keep, per row, every token whose logit is at least the row's k-th largest."""
+    k = torch.tensor(top_k, device=logits.device).unsqueeze(1)  # [R, 1]
+    top_values = logits.topk(max(top_k), dim=-1).values  # [R, max_k]
+    threshold = top_values.gather(1, k - 1)  # [R, 1]
+    logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
+    """top_k as in `mask_top_k`, then keep the smallest most-likely set reaching top_p."""
+    if any(k < logits.shape[1] for k in top_k):
+        mask_top_k(logits, top_k)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, vocab]
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, vocab], exclusive cumsum
+    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)  # [R, 1]
+    drop_sorted = mass_before >= p
+    drop_sorted[:, 0] = False  # the most likely token always stays
+    drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+    logits.masked_fill_(drop, float("-inf"))
+
+
+def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
+    """Keep the tokens whose probability is at least min_p times the row's largest."""
+    probs = logits.softmax(dim=-1)  # [R, vocab]
+    threshold = probs.max(dim=-1, keepdim=True).values * _column(min_p, logits.device)
+    logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+def _gather_logprobs(
+    scaled: torch.Tensor, token_ids: torch.Tensor, seqs: Seq[Sequence]
+) -> list[RowLogprobs | None]:
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    logprobs = torch.log_softmax(scaled[rows], dim=-1)  # [R, vocab]
+    chosen = logprobs.gather(1, token_ids[rows].unsqueeze(1)).squeeze(1).tolist()  # [R]
+    num_top = max(seqs[i].params.logprobs or 0 for i in rows)
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [R, num_top]
+    values, ids = top_values.tolist(), top_ids.tolist()
+    result: list[RowLogprobs | None] = [None] * len(seqs)
+    for j, i in enumerate(rows):
+        k = seqs[i].params.logprobs or 0
+        result[i] = RowLogprobs(chosen[j], ids[j][:k], values[j][:k])
+    return result

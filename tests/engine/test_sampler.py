@@ -1,0 +1,187 @@
+"""Sampler tests on fixed logits: masks, penalties, seeds, logprobs, non-finite input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from app.engine.sampler import Sampler, mask_min_p, mask_top_k, mask_top_k_top_p
+from app.engine.sequence import SamplingParams, Sequence
+
+EOS = 0
+CPU = torch.device("cpu")
+
+
+def make_seq(
+    prompt: list[int] | None = None, output: list[int] | None = None, **params: object
+) -> Sequence:
+    seq = Sequence(0, "r", 0, prompt or [1], SamplingParams(**params))  # type: ignore[arg-type]
+    seq.token_ids += output or []
+    return seq
+
+
+def kept(logits: torch.Tensor) -> list[list[int]]:
+    return [torch.isfinite(row).nonzero().flatten().tolist() for row in logits]
+
+
+def probs_logits(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([probs]).log()
+
+
+def test_top_k_keeps_the_k_largest_and_their_ties() -> None:
+    logits = torch.tensor([[1.0, 5.0, 3.0, 3.0, 0.0], [4.0, 3.0, 2.0, 1.0, 0.0]])
+    mask_top_k(logits, [2, 5])
+    assert kept(logits) == [[1, 2, 3], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize(
+    ("top_p", "expected"), [(0.45, [0]), (0.65, [0, 1]), (0.75, [0, 1, 2]), (1.0, [0, 1, 2, 3, 4])]
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p: float, expected: list[int]) -> None:
+    logits = probs_logits([0.5, 0.2, 0.15, 0.1, 0.05])
+    mask_top_k_top_p(logits, [5], [top_p])
+    assert kept(logits) == [expected]
+
+
+def test_top_p_applies_to_the_top_k_renormalised_distribution() -> None:
+    logits = probs_logits([0.15, 0.5, 0.05, 0.2, 0.1])
+    # After top_k=3: {1: .588, 3: .235, 0: .176}; mass before token 0 is .824 >= .8.
+    mask_top_k_top_p(logits, [3], [0.8])
+    assert kept(logits) == [[1, 3]]
+
+
+def test_min_p_keeps_tokens_above_a_fraction_of_the_largest() -> None:
+    logits = probs_logits([0.5, 0.2, 0.15, 0.1, 0.05])
+    mask_min_p(logits, [0.25])  # threshold 0.125
+    assert kept(logits) == [[0, 1, 2]]
+
+
+def test_sampling_only_draws_tokens_the_masks_keep() -> None:
+    sampler = Sampler(CPU, (EOS,), seed=0)
+    logits = probs_logits([0.3, 0.25, 0.2, 0.15, 0.1]).repeat(3, 1)
+    seqs = [make_seq(top_k=2), make_seq(top_p=0.5), make_seq(min_p=0.6)]
+    seen: list[set[int]] = [set(), set(), set()]
+    for _ in range(200):
+        for row, token in enumerate(sampler.sample(logits.clone(), seqs).token_ids):
+            seen[row].add(token)
+    assert seen == [{0, 1}, {0, 1}, {0, 1, 2}]
+
+
+def test_draws_follow_the_distribution() -> None:
+    sampler = Sampler(CPU, (EOS,), seed=1)
+    target = [0.5, 0.3, 0.15, 0.05]
+    logits = probs_logits(target).repeat(4000, 1)
+    seqs = [make_seq()] * 4000
+    tokens = torch.tensor(sampler.sample(logits, seqs).token_ids)
+    freqs = torch.bincount(tokens, minlength=4).float() / 4000
+    assert torch.allclose(freqs, torch.tensor(target), atol=0.03)
+
+
+def test_temperature_sharpens_the_distribution() -> None:
+    sampler = Sampler(CPU, (EOS,), seed=2)
+    logits = probs_logits([0.6, 0.4]).repeat(2000, 1)
+    cold = torch.tensor(
+        sampler.sample(logits.clone(), [make_seq(temperature=0.25)] * 2000).token_ids
+    )
+    # p0 at T=0.25 is .6^4 / (.6^4 + .4^4) = .835
+    assert abs((cold == 0).float().mean().item() - 0.835) < 0.03
+
+
+def test_greedy_rows_take_the_argmax() -> None:
+    sampler = Sampler(CPU, (EOS,))
+    logits = torch.tensor([[0.1, 2.0, 1.9], [3.0, 0.0, 2.9]])
+    out = sampler.sample(logits, [make_seq(temperature=0.0), make_seq(temperature=0.0)])
+    assert out.token_ids == [1, 0]
+
+
+def test_penalties_match_their_definitions() -> None:
+    torch.manual_seed(0)
+    vocab = 12
+    raw = torch.randn(2, vocab)
+    prompt, output = [1, 2, 5], [2, 3, 3, 7]
+    seq = make_seq(prompt, output, temperature=0.0, logprobs=vocab, repetition_penalty=1.5,
+                   frequency_penalty=0.3, presence_penalty=0.7)  # fmt: skip
+    plain = make_seq(prompt, output, temperature=0.0, logprobs=vocab)
+    expected = raw[0].clone()
+    for token in set(prompt) | set(output):
+        value = expected[token]
+        expected[token] = value / 1.5 if value > 0 else value * 1.5
+    for token in set(output):
+        expected[token] -= 0.3 * output.count(token) + 0.7
+    out = Sampler(CPU, (EOS,)).sample(raw.clone(), [seq, plain])
+    assert out.token_ids[0] == int(expected.argmax())
+    got = dict(zip(out.logprobs[0].top_token_ids, out.logprobs[0].top_logprobs, strict=True))  # type: ignore[union-attr]
+    want = torch.log_softmax(expected, dim=-1)
+    assert all(math.isclose(got[t], want[t].item(), abs_tol=1e-5) for t in range(vocab))
+    unpenalised = torch.log_softmax(raw[1], dim=-1)
+    assert out.logprobs[1].token_logprob == pytest.approx(unpenalised.max().item(), abs=1e-5)  # type: ignore[union-attr]
+
+
+def test_min_tokens_masks_eos_and_stop_tokens() -> None:
+    logits = torch.tensor([[5.0, 4.0, 0.0, 1.0]] * 3)
+    seqs = [
+        make_seq(temperature=0.0, min_tokens=2, stop_token_ids=[1]),
+        make_seq(output=[3, 3], temperature=0.0, min_tokens=2),
+        make_seq(temperature=0.0, min_tokens=2, ignore_eos=True),
+    ]
+    assert Sampler(CPU, (EOS,)).sample(logits, seqs).token_ids == [3, 0, 0]
+
+
+def test_seeded_rows_give_the_same_tokens_alone_and_in_a_batch() -> None:
+    torch.manual_seed(3)
+    steps = [torch.randn(9, 50) for _ in range(6)]
+
+    def run(batch_rows: list[int], target_row: int) -> list[int]:
+        sampler = Sampler(CPU, (EOS,), seed=123)
+        seqs = {
+            r: make_seq(temperature=0.9, top_p=0.95, seed=(7 if r == target_row else None))
+            for r in batch_rows
+        }
+        tokens = []
+        for logits in steps:
+            out = sampler.sample(logits[batch_rows].clone(), [seqs[r] for r in batch_rows])
+            tokens.append(out.token_ids[batch_rows.index(target_row)])
+        return tokens
+
+    alone = run([4], 4)
+    assert run(list(range(9)), 4) == alone
+    assert run([8, 4, 0], 4) == alone
+
+
+def test_samples_of_one_request_get_distinct_seeds() -> None:
+    sampler = Sampler(CPU, (EOS,))
+    first, second = make_seq(seed=5), make_seq(seed=5)
+    second.index = 1
+    logits = torch.zeros(2, 1000)
+    a, b = sampler.sample(logits, [first, second]).token_ids
+    assert a != b
+
+
+def test_logprobs_report_the_sampled_token_and_top_alternatives() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    out = Sampler(CPU, (EOS,)).sample(
+        logits.clone(), [make_seq(temperature=0.5, logprobs=2, seed=1)]
+    )
+    row = out.logprobs[0]
+    assert row is not None
+    expected = torch.log_softmax(logits[0] / 0.5, dim=-1)
+    assert row.top_token_ids == [0, 1]
+    assert row.top_logprobs == pytest.approx(expected[:2].tolist(), abs=1e-6)
+    assert row.token_logprob == pytest.approx(expected[out.token_ids[0]].item(), abs=1e-6)
+
+
+def test_non_finite_logits_do_not_crash_and_are_reported() -> None:
+    logits = torch.tensor(
+        [[1.0, float("nan"), 3.0], [float("nan")] * 3, [float("inf"), 0.0, 1.0], [0.0, 2.0, 1.0]]
+    )
+    seqs = [
+        make_seq(top_p=0.9, seed=1),
+        make_seq(),
+        make_seq(temperature=0.0),
+        make_seq(temperature=0.0),
+    ]
+    out = Sampler(CPU, (EOS,)).sample(logits, seqs)
+    assert out.nonfinite_rows == [1]
+    assert out.token_ids[0] in (0, 2) and out.token_ids[2] == 0 and out.token_ids[3] == 1
