@@ -1,0 +1,90 @@
+"""Images and questions for the image workloads.
+
+`scenes` draws from the shipped model's synthetic world (models.scenes, imported
+only when used); `synthetic` draws simple shapes with PIL, for checkpoints that
+were not trained on scenes and for machines without the scenes recipe.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Any, Protocol
+
+from PIL import Image, ImageDraw
+
+CAPTION_PROMPT = "Describe the image."
+_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220)}
+_SHAPES = ("circle", "square")
+_QUESTIONS = ("What colour is the shape?", "What shape is in the image?", "Where is the shape?")
+
+
+class ImageSource(Protocol):
+    def image_png(self, index: int) -> bytes: ...
+
+    def question(self, index: int) -> str: ...
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class SyntheticImages:
+    """One coloured shape on a grey background per index; deterministic in (seed, index)."""
+
+    def __init__(self, seed: int = 0, size: int = 64) -> None:
+        self.seed = seed
+        self.size = size
+
+    def image_png(self, index: int) -> bytes:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        image = Image.new("RGB", (self.size, self.size), (128, 128, 128))
+        side = rng.randint(self.size // 5, self.size // 2)
+        left, top = rng.randint(0, self.size - side), rng.randint(0, self.size - side)
+        box = (left, top, left + side, top + side)
+        colour = _COLOURS[rng.choice(sorted(_COLOURS))]
+        draw = ImageDraw.Draw(image)
+        if rng.choice(_SHAPES) == "circle":
+            draw.ellipse(box, fill=colour)
+        else:
+            draw.rectangle(box, fill=colour)
+        return png_bytes(image)
+
+    def question(self, index: int) -> str:
+        return random.Random(self.seed * 7919 + index).choice(_QUESTIONS)
+
+
+class SceneImages:
+    """Scenes from models.scenes: `sample(seed)` gives `.image` and `.qa` (QA pairs)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        from models import scenes  # the recipe pulls in its own dependencies; import on use only
+
+        self._sample = scenes.sample
+        self.seed = seed
+
+    def image_png(self, index: int) -> bytes:
+        return png_bytes(self._sample(self.seed + index).image)
+
+    def question(self, index: int) -> str:
+        pairs = list(self._sample(self.seed + index).qa)
+        return question_text(pairs[index % len(pairs)])
+
+
+def question_text(pair: Any) -> str:
+    """A question from a QA item, whether stored as (q, a), {"question": q} or `.question`."""
+    if isinstance(pair, dict):
+        return str(pair["question"])
+    if isinstance(pair, (tuple, list)):
+        return str(pair[0])
+    return str(pair.question)
+
+
+def image_source(name: str, seed: int) -> ImageSource:
+    if name == "scenes":
+        return SceneImages(seed)
+    if name == "synthetic":
+        return SyntheticImages(seed)
+    raise ValueError(f"unknown image source {name!r} (scenes or synthetic)")

@@ -1,0 +1,123 @@
+"""The request sets a benchmark sends: random text, scene captions, scene QA, image chat.
+
+Every workload is deterministic in its seed, so each contender of a comparison
+receives exactly the same requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from bench.images import CAPTION_PROMPT, ImageSource, image_source
+
+Api = Literal["completions", "chat", "caption", "qa"]
+WORKLOADS = ("text", "caption", "qa", "chat-image")
+
+# Plain ASCII words: a prefix of their tokens decodes back to the same text.
+_WORD_TEXT = (
+    "the a of and to in is on red blue green small large round square shape image near left "
+    "right above below under over beside picture scene colour bright dark light three two "
+    "one many few model server token stream batch cache block query answer question caption"
+)
+_WORDS = _WORD_TEXT.split()
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request: JSON body (completions, chat) or form fields plus a PNG (caption, qa)."""
+
+    api: Api
+    fields: dict[str, Any]
+    image_png: bytes | None = None
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str = "text"
+    num_prompts: int = 100
+    input_len: int = 32
+    output_len: int = 64
+    seed: int = 0
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    image_source: str = "scenes"
+    tokenizer: str | None = None  # folder or tokenizer.json, for exact text prompt lengths
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+
+def build_requests(spec: WorkloadSpec) -> list[BenchRequest]:
+    if spec.name == "text":
+        return _text_requests(spec)
+    if spec.name not in WORKLOADS:
+        raise ValueError(f"unknown workload {spec.name!r}; choose from {', '.join(WORKLOADS)}")
+    images = image_source(spec.image_source, spec.seed)
+    builder = {"caption": _caption, "qa": _qa, "chat-image": _chat_image}[spec.name]
+    return [builder(spec, images, index) for index in range(spec.num_prompts)]
+
+
+def _sampling_fields(spec: WorkloadSpec) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "max_tokens": spec.output_len,
+        "temperature": spec.temperature,
+        "stream": True,
+    }
+    if spec.ignore_eos:
+        fields["ignore_eos"] = True
+    return fields | spec.extra_body
+
+
+def _json_fields(spec: WorkloadSpec) -> dict[str, Any]:
+    return _sampling_fields(spec) | {"stream_options": {"include_usage": True}}
+
+
+def _text_requests(spec: WorkloadSpec) -> list[BenchRequest]:
+    counter = TokenCounter(spec.tokenizer)
+    rng = random.Random(spec.seed)
+    prompts = [counter.prompt(rng, spec.input_len) for _ in range(spec.num_prompts)]
+    return [BenchRequest("completions", _json_fields(spec) | {"prompt": p}) for p in prompts]
+
+
+def _caption(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
+    return BenchRequest("caption", _sampling_fields(spec), images.image_png(index))
+
+
+def _qa(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
+    fields = _sampling_fields(spec) | {"question": images.question(index)}
+    return BenchRequest("qa", fields, images.image_png(index))
+
+
+def _chat_image(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
+    """Alternates captioning and questions, both as OpenAI chat with a data-URL image part."""
+    text = CAPTION_PROMPT if index % 2 == 0 else images.question(index)
+    url = "data:image/png;base64," + base64.b64encode(images.image_png(index)).decode("ascii")
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
+    return BenchRequest("chat", _json_fields(spec) | {"messages": messages})
+
+
+class TokenCounter:
+    """Builds prompts of an exact token count with the checkpoint's tokenizer, else by words."""
+
+    def __init__(self, tokenizer_path: str | None) -> None:
+        self._tokenizer: Any = None
+        if tokenizer_path is not None:
+            from tokenizers import Tokenizer
+
+            path = Path(tokenizer_path)
+            file = path / "tokenizer.json" if path.is_dir() else path
+            self._tokenizer = Tokenizer.from_file(str(file))
+
+    def prompt(self, rng: random.Random, num_tokens: int) -> str:
+        words = [rng.choice(_WORDS) for _ in range(num_tokens)]
+        text = " ".join(words)
+        if self._tokenizer is None:
+            return text
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        while len(ids) < num_tokens:  # a tokenizer may merge words; pad with more of them
+            text += " " + rng.choice(_WORDS)
+            ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return str(self._tokenizer.decode(ids[:num_tokens]))
