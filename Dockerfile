@@ -1,0 +1,76 @@
+# The mmgpt service with the shipped default model, CPU torch by default.
+#
+#   docker build -t mmgpt .
+#   docker run -p 8000:8000 mmgpt
+#
+# Build arguments:
+#   BASE_IMAGE       a Debian-like image with python3 (3.10+) and its venv module.
+#   TORCH_VERSION    the torch release to install.
+#   TORCH_VARIANT    cpu (default) or cuda. The CUDA variant takes PyPI's Linux torch, whose
+#                    wheels carry the CUDA runtime, so the same slim base serves; the host
+#                    needs the NVIDIA driver and container toolkit (see the `gpu` profile in
+#                    docker-compose.yml):
+#                      docker build --build-arg TORCH_VARIANT=cuda -t mmgpt:cuda .
+#   TORCH_CPU_INDEX_URL  where the CPU variant finds torch when docker/wheels/ holds no torch
+#                    wheel; empty means the default index.
+# docker/wheels/ may hold wheel files (a torch wheel first of all) and a pip.conf for the
+# build's pip; see docker/wheels/README.md.
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS builder
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cpu
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+# A pip.conf that the build context may carry; pip ignores the setting when it is absent.
+ENV PIP_CONFIG_FILE=/build/docker/wheels/pip.conf \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /build
+
+COPY docker/wheels/ docker/wheels/
+COPY docker/install-torch.sh docker/
+
+# torch first, in a layer of its own: it is most of the image and changes least often.
+RUN python3 -m venv /opt/venv \
+    && sh docker/install-torch.sh /opt/venv/bin/pip "${TORCH_VARIANT}" "${TORCH_VERSION}" \
+        docker/wheels "${TORCH_CPU_INDEX_URL}"
+
+COPY pyproject.toml README.md ./
+COPY app/ app/
+COPY models/ models/
+COPY bench/ bench/
+# The resolver also brings in the dependencies of the torch installed above.
+RUN /opt/venv/bin/pip install --no-cache-dir --find-links docker/wheels .
+
+
+FROM ${BASE_IMAGE} AS runtime
+
+RUN groupadd --system --gid 10001 mmgpt \
+    && useradd --system --uid 10001 --gid mmgpt --create-home --shell /usr/sbin/nologin mmgpt
+
+COPY --from=builder /opt/venv /opt/venv
+COPY models/checkpoints/mmgpt-scenes/ /models/checkpoints/mmgpt-scenes/
+COPY docker/healthcheck.py /usr/local/bin/mmgpt-healthcheck
+
+# Other checkpoints: mount a folder over /models and point MMGPT_MODEL into it.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 \
+    MMGPT_HOST=0.0.0.0 \
+    MMGPT_PORT=8000 \
+    MMGPT_MODEL=/models/checkpoints/mmgpt-scenes
+
+USER 10001:10001
+WORKDIR /home/mmgpt
+EXPOSE 8000
+
+# Healthy once the model is loaded: a slow disk or a large checkpoint may take a while.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python3", "/usr/local/bin/mmgpt-healthcheck"]
+
+CMD ["mmgpt", "serve"]
