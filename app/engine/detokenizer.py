@@ -1,0 +1,208 @@
+"""Incremental detokenisation and stop strings.
+
+A token of a byte-level BPE can end in the middle of a UTF-8 character, so
+text is released only once it is complete: a stream never emits a
+replacement character that decoding all tokens at once would not contain.
+
+Byte-level tokenizers (GPT-2, Llama 3 and the like) take a fast path: each
+token id maps to its bytes once, and a sequence's text is those bytes fed to
+an incremental UTF-8 decoder, a few hundred nanoseconds per token. Other
+tokenizers take the general path: decode a short window of recent tokens and
+release what grew, starting from a few prompt tokens so that spacing rules
+that depend on the previous token (SentencePiece's leading space) hold.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from typing import Any, Protocol
+
+from app.engine.sequence import SamplingParams
+
+PROMPT_CONTEXT_TOKENS = 5  # prompt tokens the general path decodes along with the output
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable character standing for each byte in byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TextStream(Protocol):
+    def push(self, token_id: int) -> str:
+        """Text completed by this token (possibly empty)."""
+        ...
+
+    def flush(self) -> str:
+        """Whatever text is still held back, at the end of the sequence."""
+        ...
+
+
+class Detokenizer:
+    """Per-tokenizer tables, shared by every sequence's stream."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
+        self.byte_table = _byte_table(tokenizer)  # None: not byte-level, use the general path
+        self._token_texts: dict[int, str] = {}
+
+    @property
+    def is_byte_level(self) -> bool:
+        return self.byte_table is not None
+
+    def new_stream(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> TextStream:
+        if self.byte_table is not None:
+            skipped = self.special_ids if skip_special_tokens else frozenset()
+            return _ByteStream(self.byte_table, skipped)
+        context = prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
+        return _WindowStream(self.tokenizer, context, skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token on its own, for logprobs (partial characters show as U+FFFD)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            if self.byte_table is not None and 0 <= token_id < len(self.byte_table):
+                text = self.byte_table[token_id].decode("utf-8", errors="replace")
+            else:
+                text = self.tokenizer.decode([token_id])
+            self._token_texts[token_id] = text
+        return text
+
+
+def _byte_table(tokenizer: Any) -> list[bytes] | None:
+    """The bytes of every token id, when the tokenizer decodes byte-level and nothing else."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    spec = json.loads(backend.to_str())
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") != "ByteLevel" or spec.get("normalizer") is not None:
+        return None
+    alphabet = _byte_level_alphabet()
+    table = []
+    for token_id in range(backend.get_vocab_size(with_added_tokens=True)):
+        token = backend.id_to_token(token_id) or ""
+        if all(c in alphabet for c in token):
+            table.append(bytes(alphabet[c] for c in token))
+        else:  # added tokens outside the alphabet decode as their own text
+            table.append(token.encode("utf-8"))
+    return table
+
+
+class _ByteStream:
+    def __init__(self, table: list[bytes], skipped: frozenset[int]) -> None:
+        self._table = table
+        self._skipped = skipped
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        if token_id in self._skipped or not 0 <= token_id < len(self._table):
+            return ""
+        text: str = self._utf8.decode(self._table[token_id])
+        return text
+
+    def flush(self) -> str:
+        text: str = self._utf8.decode(b"", final=True)
+        return text
+
+
+class _WindowStream:
+    """Decodes ids[prefix:] against ids[prefix:read] and releases the growth."""
+
+    def __init__(self, tokenizer: Any, context: list[int], skip_special_tokens: bool) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = list(context)
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+
+    def _decode(self, ids: list[int]) -> str:
+        text: str = self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        return text
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset :])
+        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return full_text[len(prefix_text) :]
+
+
+class SequenceText:
+    """One sample's output text: incremental, cut at the first stop string.
+
+    Text that could be the start of a stop string is held back until the
+    next tokens decide, so no part of a stop string ever reaches the caller.
+    """
+
+    def __init__(self, stream: TextStream, params: SamplingParams) -> None:
+        self._stream = stream
+        self._stops = [s for s in params.stop if s]
+        self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        self.text = ""
+        self._num_emitted = 0
+        self.stopped = False  # a stop string was found
+
+    def append(self, token_id: int) -> bool:
+        """Add one token's text; True when a stop string ends the output here."""
+        new_text = self._stream.push(token_id)
+        if new_text:
+            self._add(new_text)
+        return self.stopped
+
+    def finish(self) -> None:
+        """The sequence ended: release held-back bytes (unless the text already stopped)."""
+        if not self.stopped:
+            tail = self._stream.flush()
+            if tail:
+                self._add(tail)
+
+    def _add(self, new_text: str) -> None:
+        if self.stopped:
+            return
+        search_from = max(0, len(self.text) - self._max_stop_len + 1)
+        self.text += new_text
+        if self._stops:
+            cut = self._first_stop(search_from)
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.stopped = True
+
+    def _first_stop(self, search_from: int) -> int | None:
+        hits = [i for s in self._stops if (i := self.text.find(s, search_from)) >= 0]
+        return min(hits) if hits else None
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet emitted; while running, minus a tail that may begin a stop string."""
+        end = len(self.text) if finished or self.stopped else len(self.text) - self._held_back()
+        delta = self.text[self._num_emitted : end]
+        self._num_emitted = max(self._num_emitted, end)
+        return delta
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        text, longest = self.text, 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
