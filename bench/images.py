@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import random
-from typing import Any, Protocol
+from typing import Protocol
 
 from PIL import Image, ImageDraw
 
@@ -57,29 +57,20 @@ class SyntheticImages:
 
 
 class SceneImages:
-    """Scenes from models.scenes: `sample(seed)` gives `.image` and `.qa` (QA pairs)."""
+    """Held-out scenes from models.scenes: `.image` and `.qa`, a list of (question, answer)."""
 
     def __init__(self, seed: int = 0) -> None:
         from models import scenes  # the recipe pulls in its own dependencies; import on use only
 
         self._sample = scenes.sample
-        self.seed = seed
+        self.first_seed = scenes.EVAL_SEED_START + seed
 
     def image_png(self, index: int) -> bytes:
-        return png_bytes(self._sample(self.seed + index).image)
+        return png_bytes(self._sample(self.first_seed + index).image)
 
     def question(self, index: int) -> str:
-        pairs = list(self._sample(self.seed + index).qa)
-        return question_text(pairs[index % len(pairs)])
-
-
-def question_text(pair: Any) -> str:
-    """A question from a QA item, whether stored as (q, a), {"question": q} or `.question`."""
-    if isinstance(pair, dict):
-        return str(pair["question"])
-    if isinstance(pair, (tuple, list)):
-        return str(pair[0])
-    return str(pair.question)
+        pairs = self._sample(self.first_seed + index).qa
+        return pairs[index % len(pairs)][0] if pairs else CAPTION_PROMPT
 
 
 def image_source(name: str, seed: int) -> ImageSource:

@@ -1,0 +1,100 @@
+"""Random GPT-2-shaped checkpoints for the benchmarks, built offline.
+
+    python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-small --size small   # 124M parameters
+    python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-tiny --size tiny     # 3.4M parameters
+
+Both use GPT-2's vocabulary size (50,257) with a byte-level BPE built here from
+a fixed merge table (letters grouped into 2-, 3- and 4-letter tokens), so the
+tokenizer costs and the output-layer width match GPT-2's without a download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+GPT2_VOCAB_SIZE = 50_257
+END_OF_TEXT = "<|endoftext|>"
+SPACE = "Ġ"  # how byte-level BPE spells a leading space
+SHAPES = {"small": (768, 12, 12), "tiny": (64, 4, 4)}  # (hidden size, layers, heads)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _merges(num_merges: int) -> list[tuple[str, str]]:
+    """Letter pairs first, then triples, then quadruples: lower ranks merge first."""
+    letters = list(string.ascii_lowercase)
+    merges: list[tuple[str, str]] = []
+    level = [SPACE, *letters]
+    while len(merges) < num_merges:
+        grown = [(left, right) for left, right in itertools.product(level, letters)]
+        merges.extend(grown[: num_merges - len(merges)])
+        level = [left + right for left, right in grown]
+    return merges
+
+
+def build_gpt2_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _merges(vocab_size - len(alphabet) - 1)
+    tokens = alphabet + [left + right for left, right in merges] + [END_OF_TEXT]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.add_special_tokens([END_OF_TEXT])
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_gpt2(out_dir: str | Path, size: str = "small", seed: int = 0) -> Path:
+    """GPT-2 with random weights (the model's own initialisation, seeded)."""
+    torch.manual_seed(seed)
+    tokenizer = build_gpt2_tokenizer()
+    eos = tokenizer.eos_token_id
+    hidden, layers, heads = SHAPES[size]
+    config = GPT2Config(
+        vocab_size=GPT2_VOCAB_SIZE,
+        n_positions=1024,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a random GPT-2-shaped checkpoint.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(make_gpt2(args.out_dir, args.size, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""A bare static-batch GPT-2 decode loop: the speed limit the serving stack is measured against.
+
+No server, no scheduler, no paging: every row of the batch has the same prompt
+length, the KV cache is one pre-allocated contiguous tensor per layer, and each
+step runs a hand-written forward over the checkpoint's own weights. Only the
+last position's logits are computed, and sampling is greedy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+@dataclass
+class Gpt2Layer:
+    ln_1: tuple[torch.Tensor, torch.Tensor]  # weight, bias [hidden]
+    qkv: tuple[torch.Tensor, torch.Tensor]  # [hidden, 3 * hidden], [3 * hidden]
+    attn_out: tuple[torch.Tensor, torch.Tensor]  # [hidden, hidden], [hidden]
+    ln_2: tuple[torch.Tensor, torch.Tensor]
+    mlp_in: tuple[torch.Tensor, torch.Tensor]  # [hidden, 4 * hidden], [4 * hidden]
+    mlp_out: tuple[torch.Tensor, torch.Tensor]  # [4 * hidden, hidden], [hidden]
+
+
+@dataclass
+class Gpt2Weights:
+    token_embedding: torch.Tensor  # [vocab, hidden], also the output layer (tied)
+    position_embedding: torch.Tensor  # [max_positions, hidden]
+    layers: list[Gpt2Layer]
+    ln_f: tuple[torch.Tensor, torch.Tensor]
+    num_heads: int
+    eps: float
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.token_embedding.shape[1])
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.position_embedding.shape[0])
+
+
+def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Weights:
+    """Reads a Hugging Face GPT-2 folder (Conv1D weights are stored [in, out])."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors |= {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+
+    def pair(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = tensors[f"{prefix}.weight"], tensors[f"{prefix}.bias"]
+        return weight.to(dtype).contiguous(), bias.to(dtype)
+
+    layers = [
+        Gpt2Layer(*(pair(f"h.{i}.{name}") for name in _LAYER_PARTS))
+        for i in range(config["n_layer"])
+    ]
+    return Gpt2Weights(
+        token_embedding=tensors["wte.weight"].to(dtype).contiguous(),
+        position_embedding=tensors["wpe.weight"].to(dtype),
+        layers=layers,
+        ln_f=pair("ln_f"),
+        num_heads=config["n_head"],
+        eps=config.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+_LAYER_PARTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+
+
+class StaticKVCache:
+    """Keys and values of every layer: [layers, batch, heads, max_len, head_dim], allocated once."""
+
+    def __init__(self, weights: Gpt2Weights, batch_size: int, max_len: int) -> None:
+        head_dim = weights.hidden_size // weights.num_heads
+        shape = (len(weights.layers), batch_size, weights.num_heads, max_len, head_dim)
+        dtype = weights.token_embedding.dtype
+        self.keys = torch.empty(shape, dtype=dtype)
+        self.values = torch.empty(shape, dtype=dtype)
+
+
+def _layer_norm(
+    x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor], eps: float
+) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], params[0], params[1], eps)
+
+
+def _linear(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return torch.addmm(params[1], x, params[0])
+
+
+def _attention(
+    layer: Gpt2Layer, x: torch.Tensor, cache: StaticKVCache, index: int, start: int, heads: int
+) -> torch.Tensor:
+    """Causal self-attention of the new tokens x [B, T, hidden] over cache + themselves."""
+    batch, steps, hidden = x.shape
+    qkv = _linear(x.reshape(batch * steps, hidden), layer.qkv)  # [B*T, 3*hidden]
+    qkv = qkv.view(batch, steps, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv[0], qkv[1], qkv[2]  # [B, heads, T, head_dim]
+    end = start + steps
+    cache.keys[index, :, :, start:end] = key
+    cache.values[index, :, :, start:end] = value
+    keys, values = cache.keys[index, :, :, :end], cache.values[index, :, :, :end]
+    # A prefill starts at 0 (plain causal mask); a decode step sees the whole cache.
+    out = F.scaled_dot_product_attention(query, keys, values, is_causal=steps > 1)
+    out = out.transpose(1, 2).reshape(batch * steps, hidden)  # [B*T, hidden]
+    return _linear(out, layer.attn_out).view(batch, steps, hidden)
+
+
+def forward(
+    weights: Gpt2Weights, cache: StaticKVCache, input_ids: torch.Tensor, start: int
+) -> torch.Tensor:
+    """input_ids [B, T] at positions start..start+T-1 -> logits of the last position [B, vocab]."""
+    batch, steps = input_ids.shape
+    if steps > 1 and start != 0:
+        raise ValueError("multi-token forwards are prefills and must start at position 0")
+    hidden = weights.token_embedding[input_ids] + weights.position_embedding[start : start + steps]
+    for index, layer in enumerate(weights.layers):
+        normed = _layer_norm(hidden, layer.ln_1, weights.eps)
+        hidden = hidden + _attention(layer, normed, cache, index, start, weights.num_heads)
+        normed = _layer_norm(hidden, layer.ln_2, weights.eps).reshape(batch * steps, -1)
+        inner = F.gelu(_linear(normed, layer.mlp_in), approximate="tanh")  # [B*T, 4*hidden]
+        hidden = hidden + _linear(inner, layer.mlp_out).view(batch, steps, -1)
+    last = _layer_norm(hidden[:, -1], weights.ln_f, weights.eps)  # [B, hidden]
+    return last @ weights.token_embedding.T  # [B, vocab]
+
+
+@torch.inference_mode()
+def greedy_decode(
+    weights: Gpt2Weights,
+    prompt_ids: torch.Tensor,
+    new_tokens: int,
+    cache: StaticKVCache | None = None,
+) -> torch.Tensor:
+    """prompt_ids [B, P] -> the next `new_tokens` greedy tokens of every row [B, new_tokens]."""
+    batch, prompt_len = prompt_ids.shape
+    cache = cache or StaticKVCache(weights, batch, prompt_len + new_tokens)
+    tokens = torch.empty(batch, new_tokens, dtype=torch.long)
+    tokens[:, 0] = forward(weights, cache, prompt_ids, 0).argmax(-1)
+    for step in range(1, new_tokens):
+        logits = forward(weights, cache, tokens[:, step - 1 : step], prompt_len + step - 1)
+        tokens[:, step] = logits.argmax(-1)
+    return tokens
