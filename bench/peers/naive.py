@@ -177,11 +177,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    app = create_app(NaiveGenerator(args.model, args.dtype))
+    app = create_app(NaiveGenerator(args.model, args.dtype, args.device))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

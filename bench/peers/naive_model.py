@@ -63,12 +63,14 @@ class TokenQueueStreamer(BaseStreamer):
 class NaiveGenerator:
     """One model, one lock: requests run strictly one after another."""
 
-    def __init__(self, model_path: str, dtype: str = "auto") -> None:
+    def __init__(self, model_path: str, dtype: str = "auto", device: str = "cpu") -> None:
         config = json.loads((Path(model_path) / "config.json").read_text())
         self.is_multimodal = "vision_config" in config
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
         model_class = AutoModelForImageTextToText if self.is_multimodal else AutoModelForCausalLM
-        self.model = model_class.from_pretrained(model_path, dtype=torch_dtype).eval()
+        self.device = torch.device(device)
+        model: Any = model_class.from_pretrained(model_path, dtype=torch_dtype)
+        self.model = model.to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path) if self.is_multimodal else None
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.name = Path(model_path).name
@@ -100,7 +102,8 @@ class NaiveGenerator:
         with self.lock, torch.inference_mode():
             if request.seed is not None:
                 torch.manual_seed(request.seed)
-            self.model.generate(**request.inputs, **options)
+            inputs = {name: tensor.to(self.device) for name, tensor in request.inputs.items()}
+            self.model.generate(**inputs, **options)
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))

@@ -1,0 +1,97 @@
+"""The servers of a comparison, and the one set of thread settings they all get.
+
+Every contender runs on loopback with the same environment: OMP_NUM_THREADS and
+MKL_NUM_THREADS set to `threads` (torch sizes its intra-op pool from them),
+TOKENIZERS_PARALLELISM=false, and the Hugging Face hub switched off. Servers
+that take a thread flag get it as well (mmgpt --num-threads, naive --threads).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench.workloads import WORKLOADS
+
+TEXT_AND_CHAT = frozenset({"text", "chat-image"})
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    model: str
+    port: int
+    threads: int
+    host: str = "127.0.0.1"
+    dtype: str | None = None  # None: each server's default for the checkpoint
+    device: str | None = None
+    extra_args: dict[str, str] = field(default_factory=dict)  # contender name -> extra flags
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    command: Callable[[LaunchSettings], list[str]]
+    ready_path: str
+    workloads: frozenset[str]  # the workloads its API can serve
+
+
+def _optional(flag: str, value: str | None) -> list[str]:
+    return [flag, value] if value else []
+
+
+def _mmgpt(settings: LaunchSettings) -> list[str]:
+    return [
+        *(sys.executable, "-m", "app.cli", "serve", "--model", settings.model),
+        *("--host", settings.host, "--port", str(settings.port)),
+        *("--num-threads", str(settings.threads), "--log-level", "warning"),
+        *_optional("--dtype", settings.dtype),
+        *_optional("--device", settings.device),
+    ]
+
+
+def _transformers(settings: LaunchSettings) -> list[str]:
+    return [
+        *(sys.executable, "-m", "transformers.cli.transformers", "serve", settings.model),
+        "--continuous-batching",
+        *("--host", settings.host, "--port", str(settings.port)),
+        *_optional("--dtype", settings.dtype),
+        *_optional("--device", settings.device or "cpu"),
+    ]
+
+
+def _naive(settings: LaunchSettings) -> list[str]:
+    return [
+        *(sys.executable, "-m", "bench.peers.naive", "--model", settings.model),
+        *("--host", settings.host, "--port", str(settings.port)),
+        *("--threads", str(settings.threads)),
+        *_optional("--dtype", settings.dtype),
+        *_optional("--device", settings.device),
+    ]
+
+
+CONTENDERS = {
+    "mmgpt": Contender("mmgpt", _mmgpt, "/ready", frozenset(WORKLOADS)),
+    # `transformers serve` has no readiness route; /health answers once the preloaded model is in.
+    "transformers": Contender("transformers", _transformers, "/health", TEXT_AND_CHAT),
+    "naive": Contender("naive", _naive, "/ready", TEXT_AND_CHAT),
+}
+
+
+def command_line(contender: Contender, settings: LaunchSettings) -> list[str]:
+    extra = settings.extra_args.get(contender.name, "")
+    return contender.command(settings) + shlex.split(extra)
+
+
+def server_env(threads: int) -> dict[str, str]:
+    """The environment every contender starts with (see the module docstring)."""
+    return os.environ | {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
