@@ -1,0 +1,138 @@
+"""Training batches: scene text for language pretraining, image conversations for fine-tuning.
+
+Every prompt is rendered with the tokenizer's own chat template, exactly as the server
+renders a caption or QA request, so training and serving see the same tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+from transformers.image_processing_utils import BaseImageProcessor
+
+from models.scenes.sample import sample
+from models.scenes.tokenizer import CAPTION_PROMPT
+from models.scenes.world import Scene
+
+CAPTION_TASK = "caption"
+
+
+@dataclass
+class Example:
+    """One token sequence with the answer spans its loss is taken on."""
+
+    input_ids: list[int]
+    answers: list[tuple[str, int, int]]  # (task, first, end): positions of answer tokens
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    targets: torch.Tensor  # [B, L] next token at each position
+    weights: torch.Tensor  # [B, L] each answer's tokens share weight 1 / answers in batch
+    pixel_values: torch.Tensor | None  # [B, 3, H, W]
+    answers: list[list[tuple[str, int, int]]]  # per row, spans in target positions
+
+
+def user_message(text: str, with_image: bool) -> dict[str, Any]:
+    if not with_image:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+
+
+def render_ids(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, Any]]) -> list[int]:
+    generation_prompt = messages[-1]["role"] == "user"
+    text = tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=generation_prompt,
+        tokenize=False,
+    )
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def conversation(scene: Scene) -> list[tuple[str, str, str]]:
+    """The caption request and every question, in an order drawn from the scene's seed."""
+    turns = [(CAPTION_TASK, CAPTION_PROMPT, scene.caption)]
+    turns += [(task, question, answer) for task, (question, answer) in scene.qa_by_task.items()]
+    random.Random(f"turns-{scene.seed}").shuffle(turns)
+    return turns
+
+
+def conversation_example(
+    tokenizer: PreTrainedTokenizerFast, scene: Scene, image_seq_length: int
+) -> Example:
+    """A multi-turn chat about one image; the image sits in the first user turn."""
+    messages: list[dict[str, Any]] = []
+    answers: list[tuple[str, int, int]] = []
+    ids: list[int] = []
+    for index, (task, prompt, answer) in enumerate(conversation(scene)):
+        messages.append(user_message(prompt, with_image=index == 0))
+        prompt_end = len(render_ids(tokenizer, messages))
+        messages.append({"role": "assistant", "content": answer})
+        ids = render_ids(tokenizer, messages)
+        answers.append((task, prompt_end, len(ids)))
+    return expand_image(Example(ids, answers), tokenizer, image_seq_length)
+
+
+def expand_image(
+    example: Example, tokenizer: PreTrainedTokenizerFast, image_seq_length: int
+) -> Example:
+    """Repeat the single image token `image_seq_length` times and shift the spans after it."""
+    image_id = int(tokenizer.convert_tokens_to_ids("<image>"))  # type: ignore[arg-type]
+    at = example.input_ids.index(image_id)
+    ids = example.input_ids[:at] + [image_id] * image_seq_length + example.input_ids[at + 1 :]
+    shift = image_seq_length - 1
+    answers = [(task, first + shift, end + shift) for task, first, end in example.answers]
+    return Example(ids, answers)
+
+
+def text_example(tokenizer: PreTrainedTokenizerFast, scene: Scene) -> Example:
+    """BOS, the scene description, EOS; every token after BOS is learned."""
+    ids = [*tokenizer(scene.text).input_ids, tokenizer.eos_token_id]
+    return Example(ids, [("text", 1, len(ids))])
+
+
+def collate(
+    examples: list[Example], pad_id: int, pixel_values: torch.Tensor | None = None
+) -> Batch:
+    """Right-pad; the loss at position t predicts token t + 1 of an answer span."""
+    length = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    weights = torch.zeros((len(examples), length))
+    num_answers = sum(len(example.answers) for example in examples)
+    spans = []
+    for row, example in enumerate(examples):
+        input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention_mask[row, : len(example.input_ids)] = 1
+        row_spans = [(task, first - 1, end - 1) for task, first, end in example.answers]
+        for _, first, end in row_spans:
+            weights[row, first:end] = 1.0 / ((end - first) * num_answers)
+        spans.append(row_spans)
+    targets = torch.roll(input_ids, shifts=-1, dims=1)  # [B, L]; the last column carries no weight
+    return Batch(input_ids, attention_mask, targets, weights, pixel_values, spans)
+
+
+def text_batch(tokenizer: PreTrainedTokenizerFast, seeds: range) -> Batch:
+    examples = [text_example(tokenizer, sample(seed)) for seed in seeds]
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def image_batch(
+    tokenizer: PreTrainedTokenizerFast,
+    processor: BaseImageProcessor,
+    seeds: range,
+    image_seq_length: int,
+    text_seeds: range = range(0),
+) -> Batch:
+    """Image chats for `seeds`, then plain scene text for `text_seeds`."""
+    scenes = [sample(seed) for seed in seeds]
+    examples = [conversation_example(tokenizer, scene, image_seq_length) for scene in scenes]
+    examples += [text_example(tokenizer, sample(seed)) for seed in text_seeds]
+    pixels = processor([scene.image for scene in scenes], return_tensors="pt")["pixel_values"]
+    return collate(examples, tokenizer.pad_token_id, pixels)
