@@ -1,0 +1,102 @@
+"""Model definitions and loading: `load_model(path, device, dtype) -> LoadedModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from models import checkpoint
+from models.base import LoadedModel, ModelInfo
+from models.errors import ModelLoadError
+from models.layers import PagedDecoderModel
+from models.llama import build_llama
+
+Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
+
+BUILDERS: dict[str, Builder] = {
+    "LlamaForCausalLM": build_llama,
+    "Qwen2ForCausalLM": build_llama,
+}
+MULTIMODAL_ARCHITECTURES: frozenset[str] = frozenset()
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+__all__ = ["BUILDERS", "LoadedModel", "ModelInfo", "ModelLoadError", "load_model"]
+
+
+def _resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> LoadedModel:
+    """Load a Hugging Face checkpoint folder; raise `ModelLoadError` if it cannot be served."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(folder, "not a directory")
+    architecture = checkpoint.read_architecture(folder, list(BUILDERS))
+    config = checkpoint.load_config(folder)
+    tokenizer = checkpoint.load_tokenizer(folder)
+    is_multimodal = architecture in MULTIMODAL_ARCHITECTURES
+    image_processor = checkpoint.load_image_processor(folder) if is_multimodal else None
+    target = torch.device(device)
+    model = BUILDERS[architecture](config, folder, _resolve_dtype(dtype, target), target)
+    gen_config = checkpoint.generation_config(folder)
+    model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
+    chat_template = getattr(tokenizer, "chat_template", None) or getattr(
+        image_processor, "chat_template", None
+    )
+    return LoadedModel(
+        model=model,
+        info=model.info,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        chat_template=chat_template,
+        generation_defaults=checkpoint.sampling_defaults(gen_config),
+        path=str(folder),
+    )
+
+
+def _model_info(
+    folder: Path,
+    architecture: str,
+    model: PagedDecoderModel,
+    config: PretrainedConfig,
+    gen_config: dict,
+    tokenizer: object,
+) -> ModelInfo:
+    configs = [config, getattr(config, "text_config", None)]
+    configs = [c for c in configs if c is not None]
+    eos_ids = checkpoint.eos_token_ids(gen_config, configs, tokenizer)
+    if not eos_ids:
+        raise ModelLoadError(folder, "no eos_token_id in generation_config, config or tokenizer")
+    return ModelInfo(
+        name=folder.resolve().name,
+        architecture=architecture,
+        num_layers=model.num_layers,
+        num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim,
+        hidden_size=model.hidden_size,
+        vocab_size=model.vocab_size,
+        max_model_len=model.max_positions,
+        dtype=model.dtype,
+        device=model.device,
+        eos_token_ids=eos_ids,
+        bos_token_id=checkpoint.first_token_id("bos_token_id", gen_config, configs, tokenizer),
+        pad_token_id=checkpoint.first_token_id("pad_token_id", gen_config, configs, tokenizer),
+        image_token_id=model.image_token_id,
+        image_seq_length=model.image_seq_length,
+        image_size=model.image_size,
+        caption_prompt=checkpoint.caption_prompt(folder, ModelInfo.caption_prompt),
+    )

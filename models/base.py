@@ -95,7 +95,9 @@ class PagedModel(Protocol):
         """[B, 3, H, W] -> [B, image_seq_length, hidden], already projected."""
         ...
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, K and V blocks of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
         ...
 

@@ -1,0 +1,80 @@
+"""Small building blocks shared by the decoders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from models.attention import KVCache, allocate_kv_cache
+from models.base import AttentionMetadata, ModelInfo
+from models.errors import ModelLoadError
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: statistics in float32, scale applied in the model dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACT2FN:
+        raise ModelLoadError("config.json", f"unknown activation {name!r}")
+    return ACT2FN[name]
+
+
+class PagedDecoderModel:
+    """What every decoder shares: the model info slot, the cache shape, the output layer."""
+
+    info: ModelInfo
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    dtype: torch.dtype
+    device: torch.device
+    lm_head: torch.Tensor  # [vocab, hidden]
+    image_token_id: int | None = None
+    image_seq_length: int = 0
+    image_size: int = 0
+
+    def adopt_dims(self, decoder: PagedDecoderModel) -> None:
+        """Take the cache and output dimensions of the text decoder this model wraps."""
+        self.num_layers, self.num_kv_heads = decoder.num_layers, decoder.num_kv_heads
+        self.head_dim, self.hidden_size = decoder.head_dim, decoder.hidden_size
+        self.vocab_size, self.max_positions = decoder.vocab_size, decoder.max_positions
+        self.dtype, self.device, self.lm_head = decoder.dtype, decoder.device, decoder.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        attn_metadata: AttentionMetadata,
+        kv_cache: list[KVCache],
+        image_embeds: torch.Tensor | None = None,  # [image tokens in input_ids, hidden]
+    ) -> torch.Tensor:  # [T, hidden]
+        raise NotImplementedError
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[KVCache]:
+        return allocate_kv_cache(
+            self.num_layers,
+            num_blocks,
+            block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32; call it only on the rows that sample."""
+        return F.linear(hidden_states, self.lm_head).float()
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} takes no images")

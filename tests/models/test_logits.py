@@ -1,0 +1,86 @@
+"""Our paged models give transformers' logits: full prefill, chunked prefill, mixed decode."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from tests.models.conftest import CASES, Case
+from tests.models.paged import PagedSession, relative_error
+
+TOLERANCE = 1e-4
+NUM_DECODES = 16
+
+Work = list[tuple[int, list[int]]]
+
+
+class Driver:
+    """Feeds chunks of known full sequences through a session and checks every row's logits."""
+
+    def __init__(self, case: Case, sequences: list[list[int]]) -> None:
+        self.case = case
+        self.sequences = sequences
+        self.session = PagedSession(case.ours.model, block_size=4)
+        self.done = [0] * len(sequences)
+        self.expected = [case.reference_logits(i, seq) for i, seq in enumerate(sequences)]
+        self.embeds = [case.image_embeds(i) for i in range(len(sequences))]
+
+    def step(self, counts: dict[int, int]) -> None:
+        """Run the next `counts[i]` tokens of each sequence i in one flat batch, then check."""
+        work: Work = []
+        image_rows: list[torch.Tensor] = []
+        for i, count in counts.items():
+            start, end = self.done[i], self.done[i] + count
+            work.append((i, self.sequences[i][start:end]))
+            image_rows += self._image_rows(i, start, end)
+        image_embeds = torch.cat(image_rows) if image_rows else None
+        hidden = self.session.step(work, image_embeds)
+        for (i, tokens), rows in zip(work, hidden, strict=True):
+            logits = self.case.ours.model.compute_logits(rows)
+            expected = self.expected[i][self.done[i] : self.done[i] + len(tokens)]
+            assert relative_error(logits, expected) < TOLERANCE, (i, self.done[i], len(tokens))
+            self.done[i] += len(tokens)
+
+    def _image_rows(self, i: int, start: int, end: int) -> list[torch.Tensor]:
+        embeds, image_id = self.embeds[i], self.case.image_token_id
+        if embeds is None or image_id is None:
+            return []
+        before = self.sequences[i][:start].count(image_id)
+        inside = self.sequences[i][start:end].count(image_id)
+        return [embeds[before : before + inside]] if inside else []
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request: pytest.FixtureRequest, case_factory: Callable[[str], Case]) -> Case:
+    return case_factory(request.param)
+
+
+def test_full_prefill(case: Case) -> None:
+    driver = Driver(case, case.prompts)
+    driver.step({i: len(p) for i, p in enumerate(case.prompts)})
+
+
+def test_prefill_in_two_chunks(case: Case) -> None:
+    driver = Driver(case, case.prompts)
+    halves = {i: len(p) // 2 for i, p in enumerate(case.prompts)}  # cuts through image tokens
+    driver.step(halves)
+    driver.step({i: len(p) - halves[i] for i, p in enumerate(case.prompts)})
+
+
+def test_prefill_then_decodes_in_mixed_batches(case: Case) -> None:
+    rng = random.Random(1)
+    vocab = case.ours.info.vocab_size
+    continuations = [[rng.randrange(3, vocab) for _ in range(NUM_DECODES)] for _ in case.prompts]
+    if case.image_token_id is not None:
+        continuations = [[t if t != case.image_token_id else 5 for t in c] for c in continuations]
+    sequences = [p + c for p, c in zip(case.prompts, continuations, strict=True)]
+    driver = Driver(case, sequences)
+    lens = [len(p) for p in case.prompts]
+    driver.step({0: lens[0], 1: lens[1]})
+    driver.step({0: 1, 2: lens[2] // 2, 1: 1})  # decodes around a prefill chunk
+    driver.step({1: 1, 2: lens[2] - lens[2] // 2, 3: lens[3], 0: 1})
+    while any(driver.done[i] < len(seq) for i, seq in enumerate(sequences)):
+        driver.step({i: 1 for i, seq in enumerate(sequences) if driver.done[i] < len(seq)})
