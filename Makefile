@@ -33,3 +33,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: test-compose
+# The compose stack built and run for real, then torn down (as root on Debian; installs
+# docker.io and friends): see docker/test-compose.sh.
+test-compose:
+	bash docker/test-compose.sh
