@@ -1,0 +1,118 @@
+"""`mmgpt serve [flags]`: the one place that parses command-line arguments.
+
+The flags of `serve` are generated from the fields of `Settings`, so every
+setting is a flag (`--max-body-bytes`), an environment variable
+(`MMGPT_MAX_BODY_BYTES`) and a row of the README's table, with one source of truth.
+Flags given on the command line win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from app import __version__
+from app.config import ModelPathError, Settings
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(choice) for choice in typing.get_args(annotation)]
+    return None
+
+
+def _metavar(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [_metavar(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return names[0] if names else "VALUE"
+    if origin is list or annotation is list:
+        return "A,B,..."
+    name = getattr(annotation, "__name__", "value")
+    return "TEXT" if name == "str" else name.upper()
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; absent flags stay absent so the environment applies."""
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        help_text = _help(field)
+        if _is_bool(annotation):
+            parser.add_argument(
+                flag_name(name), action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )  # fmt: skip
+        else:
+            parser.add_argument(
+                flag_name(name), default=argparse.SUPPRESS, choices=_choices(annotation),
+                metavar=None if _choices(annotation) else _metavar(annotation), help=help_text,
+            )  # fmt: skip
+
+
+def _help(field: FieldInfo) -> str:
+    shown = field.default_factory is None and field.default is not None
+    default = f" (default: {field.default})" if shown else ""
+    return ((field.description or "") + default).replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmgpt", description="An OpenAI-compatible server for multimodal GPTs."
+    )
+    parser.add_argument("--version", action="version", version=f"mmgpt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="Serve a model over HTTP.",
+        description="Serve a model over HTTP. Every flag is also an MMGPT_<NAME> variable.",
+    )
+    add_settings_flags(serve)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return Settings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        settings.model_path()  # fail now, with a clear message, rather than after startup
+    except (ValidationError, ModelPathError) as error:
+        print(f"mmgpt serve: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from app.main import create_app  # imports torch: only once the arguments are known good
+    from app.server import serve
+
+    return serve(create_app(settings), settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The one place configuration is read: `Settings` (env prefix MMGPT_), turned into EngineConfig.
+
+Every field is also a flag of `mmgpt serve` (see app/cli.py), so the table in the
+README, the environment and the command line always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.engine.config import EngineConfig
+
+DEFAULT_MODEL_NAME = "mmgpt-scenes"
+MB = 1_000_000
+
+
+class ModelPathError(ValueError):
+    """The configured checkpoint folder does not exist or is not a checkpoint."""
+
+
+class Settings(BaseSettings):
+    """Service settings; each one is read from MMGPT_<NAME> or `mmgpt serve --<name>`."""
+
+    model_config = SettingsConfigDict(env_prefix="MMGPT_", extra="forbid", frozen=True)
+
+    # The model and the engine (the names match EngineConfig's fields).
+    model: str | None = Field(
+        default=None,
+        description="Checkpoint folder in Hugging Face format. Default: the shipped "
+        f"models/checkpoints/{DEFAULT_MODEL_NAME}.",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="Model id clients must name. Default: the checkpoint folder's name.",
+    )
+    device: str = Field(
+        default="auto", description="auto (cuda when available, else cpu), cpu, cuda."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights and KV cache dtype."
+    )
+    block_size: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
+    max_num_seqs: int = Field(default=128, ge=1, description="Most sequences in one engine step.")
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=1, description="Most tokens (decodes + prefill chunks) in one engine step."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Context length. Default: the checkpoint's own."
+    )
+    kv_cache_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="KV cache size. Default: a CPU default or a GPU memory fraction.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="Fraction of GPU memory the engine may use."
+    )
+    max_waiting_requests: int = Field(
+        default=256,
+        ge=0,
+        description="Waiting-queue length beyond which requests get 503 + Retry-After.",
+    )
+    enable_prefix_caching: bool = Field(
+        default=True, description="Share KV blocks of equal prefixes."
+    )
+    image_cache_size: int = Field(
+        default=256, ge=0, description="Image embeddings kept, by content."
+    )
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch threads on CPU. Default: all cores."
+    )
+    max_logprobs: int = Field(
+        default=20, ge=0, description="Most top logprobs a request may ask for."
+    )
+    seed: int = Field(default=0, description="Seed of the engine's default random generator.")
+
+    # The HTTP server.
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="Log level."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys. When set, /v1/* need 'Authorization: Bearer KEY'.",
+    )
+    drain_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds in-flight requests may take to finish after SIGTERM.",
+    )
+
+    # Limits on what a request may carry.
+    max_body_bytes: int = Field(
+        default=32 * MB,
+        ge=1,
+        description="Largest request body; larger ones get 413 before being read.",
+    )
+    max_image_bytes: int = Field(default=20 * MB, ge=1, description="Largest encoded image (413).")
+    max_image_pixels: int = Field(
+        default=40 * MB, ge=1, description="Most pixels in one image, read from its header (413)."
+    )
+    max_images_per_request: int = Field(default=8, ge=0, description="Most images in one request.")
+    allowed_media_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated hosts that http(s) image URLs may name. "
+        "Empty: only data: URLs.",
+    )
+    media_fetch_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to fetch one remote image."
+    )
+
+    @field_validator("api_keys", "allowed_media_domains", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_media_domains")
+    @classmethod
+    def _lower_hosts(cls, hosts: list[str]) -> list[str]:
+        return [host.lower().rstrip(".") for host in hosts]
+
+    def model_path(self) -> Path:
+        """The checkpoint folder to load, checked to exist."""
+        path = Path(self.model) if self.model else default_model_path()
+        if not (path / "config.json").is_file():
+            raise ModelPathError(_missing_model_message(path, default=self.model is None))
+        return path
+
+    def model_id(self) -> str:
+        """The id clients use: --served-model-name, else the checkpoint folder's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).resolve().name if self.model else DEFAULT_MODEL_NAME
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's plain dataclass: every EngineConfig field is copied by name."""
+        values = {
+            spec.name: getattr(self, spec.name)
+            for spec in dataclasses.fields(EngineConfig)
+            if spec.name != "model"
+        }
+        return EngineConfig(model=str(self.model_path()), **values)
+
+
+def default_model_path() -> Path:
+    """models/checkpoints/mmgpt-scenes, found without importing the models package (torch)."""
+    spec = importlib.util.find_spec("models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPathError("The 'models' package is not installed; pass --model PATH.")
+    return Path(next(iter(spec.submodule_search_locations))) / "checkpoints" / DEFAULT_MODEL_NAME
+
+
+def _missing_model_message(path: Path, *, default: bool) -> str:
+    if default:
+        return (
+            f"The default model is missing: {path} has no config.json. Train or copy it there "
+            "(see models/scenes), or serve another checkpoint with --model PATH or MMGPT_MODEL."
+        )
+    return f"No checkpoint at {path}: expected a folder with config.json (Hugging Face format)."

@@ -1,0 +1,161 @@
+"""Image intake: caps before decoding, decode, EXIF orientation, RGB, preprocess.
+
+The one image decoder of the service. Sizes are checked before any pixel is
+decoded (bytes first, then the pixel count from the header), so a small file
+that declares a huge image costs nothing. Decoding and preprocessing run in a
+thread pool with bounded concurrency, never on the event loop, never with torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app import metrics
+from app.engine.sequence import ImageInput
+from app.errors import APIError, bad_request, too_large, unsupported_media
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+ACCEPTED_NAMES = "PNG, JPEG, WebP, BMP or GIF"
+# Decoding is memory-heavy (up to max_image_pixels * 4 bytes per image at once);
+# a small pool bounds that however many requests arrive together.
+DECODE_CONCURRENCY = 2
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+
+
+def check_size(num_bytes: int, limits: ImageLimits, param: str) -> None:
+    if num_bytes > limits.max_bytes:
+        raise too_large(
+            f"The image is {num_bytes} bytes; the limit is {limits.max_bytes} bytes.", param
+        )
+
+
+def decode_image(data: bytes, limits: ImageLimits, param: str = "image") -> Image.Image:
+    """Encoded bytes -> an upright RGB image, or an APIError (400, 413, 415)."""
+    if not data:
+        raise bad_request("The image is empty.", param, code="invalid_image")
+    check_size(len(data), limits, param)
+    image = _open(data, param)
+    _check_pixels(image, limits, param)
+    try:
+        image.seek(0)  # the first frame of an animation
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS as error:
+        message = f"The image could not be decoded: {error}"
+        raise bad_request(message, param, "invalid_image") from None
+    return to_rgb(upright)
+
+
+def _open(data: bytes, param: str) -> Image.Image:
+    """Reads only the header; refuses formats outside ACCEPTED_FORMATS."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise unsupported_media(f"Unsupported image type; send {ACCEPTED_NAMES}.", param) from None
+    except Image.DecompressionBombError as error:
+        raise too_large(f"The image has too many pixels: {error}", param) from None
+    except _DECODE_ERRORS as error:
+        message = f"The image could not be read: {error}"
+        raise bad_request(message, param, "invalid_image") from None
+
+
+def _check_pixels(image: Image.Image, limits: ImageLimits, param: str) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise bad_request("The image has no pixels.", param, code="invalid_image")
+    if width * height > limits.max_pixels:
+        raise too_large(
+            f"The image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {limits.max_pixels} pixels.",
+            param,
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Palette, alpha, 16-bit, CMYK ... -> 8-bit RGB; transparency over white."""
+    if image.mode.startswith("I"):  # 16/32-bit grey: scale, do not clip
+        grey = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if grey.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(grey * (255.0 / peak), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def content_hash(image: Image.Image) -> str:
+    """Hash of the decoded pixels and size: equal pictures share caches whatever the file."""
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def preprocess(image: Image.Image, image_processor: Any) -> ImageInput:
+    """RGB image -> pixel values for the vision tower, float32 [3, H, W]."""
+    batch = image_processor(images=[image], return_tensors="np")["pixel_values"]
+    pixel_values = np.ascontiguousarray(np.asarray(batch[0], dtype=np.float32))  # [3, H, W]
+    return ImageInput(pixel_values=pixel_values, content_hash=content_hash(image))
+
+
+def decode_data_url(url: str, limits: ImageLimits, param: str) -> bytes:
+    """`data:image/...;base64,...` -> the encoded image bytes (size checked before decoding)."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise bad_request("Image data URLs must look like data:image/png;base64,....", param)
+    media_type = header.removeprefix("data:").removesuffix(";base64").split(";")[0].strip()
+    if media_type and not media_type.lower().startswith("image/"):
+        raise unsupported_media(f"The data URL holds {media_type}, not an image.", param)
+    check_size(len(payload) * 3 // 4, limits, param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        message = "The image data URL is not valid base64."
+        raise bad_request(message, param, "invalid_image") from None
+
+
+class ImageIntake:
+    """Decodes and preprocesses images for one loaded model, off the event loop."""
+
+    def __init__(self, image_processor: Any, limits: ImageLimits) -> None:
+        self.image_processor = image_processor
+        self.limits = limits
+        self._limiter = anyio.CapacityLimiter(DECODE_CONCURRENCY)
+
+    async def load(self, data: bytes, param: str = "image") -> ImageInput:
+        check_size(len(data), self.limits, param)
+        started = time.perf_counter()
+        image_input = await anyio.to_thread.run_sync(
+            self._decode_and_preprocess, data, param, limiter=self._limiter
+        )
+        metrics.IMAGE_PREPROCESS_TIME.observe(time.perf_counter() - started)
+        metrics.IMAGES.inc()
+        return image_input
+
+    def _decode_and_preprocess(self, data: bytes, param: str) -> ImageInput:
+        image = decode_image(data, self.limits, param)
+        try:
+            return preprocess(image, self.image_processor)
+        except APIError:
+            raise
+        except Exception as error:  # a processor that cannot handle this picture
+            raise bad_request(f"The image could not be preprocessed: {error}", param) from error

@@ -1,0 +1,114 @@
+"""Prompt building: chat template, image token expansion, caption and QA prompts.
+
+The one tokeniser wrapper of the API. Chat, caption and QA prompts go through the
+checkpoint's chat template with `{"type": "image"}` parts; the rendered string is
+tokenised without adding special tokens again (the template has them), then each
+image token becomes `image_seq_length` copies, the layout the engine expects.
+Completions tokenise the raw prompt the way the tokenizer does by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from jinja2.exceptions import TemplateError
+
+from app.errors import bad_request
+
+if TYPE_CHECKING:
+    from models.base import ModelInfo
+
+# Above this many characters, tokenising moves off the event loop.
+INLINE_TOKENIZE_CHARS = 4096
+Message = dict[str, Any]  # {"role": str, "content": str | list[{"type": "text"|"image", ...}]}
+T = TypeVar("T")
+
+
+def image_message(text: str) -> list[Message]:
+    """One user turn: an image, then `text`."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+class PromptBuilder:
+    """Turns requests into the token ids `engine.submit` takes, for one loaded model."""
+
+    def __init__(self, tokenizer: Any, info: ModelInfo, chat_template: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self._limiter = anyio.CapacityLimiter(1)  # one tokenising thread: no contention
+
+    async def run(self, num_chars: int, build: Callable[..., T], *args: Any) -> T:
+        """Runs `build(*args)` inline for short inputs, in a worker thread for long ones."""
+        if num_chars <= INLINE_TOKENIZE_CHARS:
+            return build(*args)
+        return await anyio.to_thread.run_sync(build, *args, limiter=self._limiter)
+
+    def completion(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """A completions prompt: text tokenised as the tokenizer does (BOS included), or ids."""
+        if isinstance(prompt, str):
+            token_ids: list[int] = self.tokenizer(prompt)["input_ids"]
+        else:
+            token_ids = list(prompt)
+            self._check_vocab(token_ids, param)
+        if not token_ids:
+            raise bad_request("The prompt is empty.", param)
+        if self.info.image_token_id is not None and self.info.image_token_id in token_ids:
+            raise bad_request("Completion prompts cannot hold image tokens; use chat.", param)
+        return token_ids
+
+    def chat(self, messages: list[Message], num_images: int, param: str = "messages") -> list[int]:
+        """Renders the chat template and expands one image token per image part."""
+        if num_images and not self.info.is_multimodal:
+            raise bad_request(f"The model {self.info.name} does not accept images.", param)
+        text = self._render(messages, param)
+        token_ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if num_images and token_ids.count(self._image_token_id) != num_images:
+            raise bad_request(
+                f"The prompt holds {token_ids.count(self._image_token_id)} image tokens for "
+                f"{num_images} images; the image token may not appear in text.",
+                param,
+            )
+        return self._expand_images(token_ids) if num_images else token_ids
+
+    def caption(self, prompt: str | None) -> list[int]:
+        return self.chat(image_message(prompt or self.info.caption_prompt), 1, param="prompt")
+
+    def question(self, question: str) -> list[int]:
+        return self.chat(image_message(question), 1, param="question")
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=False))
+
+    @property
+    def _image_token_id(self) -> int:
+        assert self.info.image_token_id is not None
+        return self.info.image_token_id
+
+    def _render(self, messages: list[Message], param: str) -> str:
+        if not self.chat_template:
+            raise bad_request(f"The model {self.info.name} has no chat template.", param)
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except (TemplateError, ValueError, TypeError, KeyError) as error:
+            raise bad_request(f"The chat template rejected the messages: {error}", param) from None
+        return str(rendered)
+
+    def _expand_images(self, token_ids: list[int]) -> list[int]:
+        image_token, length = self._image_token_id, self.info.image_seq_length
+        expanded: list[int] = []
+        for token_id in token_ids:
+            expanded.extend([image_token] * length if token_id == image_token else [token_id])
+        return expanded
+
+    def _check_vocab(self, token_ids: list[int], param: str) -> None:
+        vocab_size = self.info.vocab_size
+        if any(not 0 <= token_id < vocab_size for token_id in token_ids):
+            raise bad_request(f"Token ids must lie in [0, {vocab_size}).", param)

@@ -1,0 +1,362 @@
+"""Request and response models: OpenAI-compatible shapes, every field documented.
+
+Unknown request fields are ignored (clients send extras such as `user`); known
+fields that would change the result but are not supported are refused with a
+400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_N = 128
+MAX_STOP_STRINGS = 64
+MAX_PROMPTS = 128
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+class SamplingFields(BaseModel):
+    """Sampling controls shared by every generating endpoint. Unset: the model's defaults."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most tokens to generate. Default: 16 for completions, "
+        "the rest of the context otherwise.",
+    )
+    temperature: float | None = Field(
+        default=None,
+        ge=0,
+        le=2,
+        description="Sampling temperature; 0 is greedy. "
+        "Default: the model's generation_config, else 1.",
+    )
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(
+        default=None, ge=-1, description="Sample from the k best tokens; 0 or -1: all."
+    )
+    min_p: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Drop tokens below min_p times the best token's probability.",
+    )
+    n: int = Field(
+        default=1, ge=1, le=MAX_N, description="Completions to generate for each prompt."
+    )
+    seed: int | None = Field(
+        default=None, ge=SEED_MIN, le=SEED_MAX, description="Makes sampling reproducible."
+    )
+    presence_penalty: float = Field(
+        default=0.0, ge=-2, le=2, description="Penalty on tokens seen so far."
+    )
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2, le=2, description="Penalty proportional to how often a token was seen."
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Multiplicative penalty on repeated tokens; 1 is none.",
+    )
+    ignore_eos: bool = Field(
+        default=False, description="Keep generating past the end-of-text token."
+    )
+    min_tokens: int = Field(
+        default=0, ge=0, description="Tokens to generate before EOS or stop may end."
+    )
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(default=False, description="Send a last chunk with token usage.")
+
+
+StopField = Annotated[
+    str | list[str] | None,
+    Field(description="Up to 64 strings that end generation; not included in the output."),
+]
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _refuse_unsupported(values: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        if values.get(name):
+            raise ValueError(f"{name} is not supported by this server")
+
+
+# --- /v1/completions -------------------------------------------------------------------------
+
+
+class CompletionRequest(SamplingFields):
+    model: str | None = Field(
+        default=None, description="Model id; must be the served one if given."
+    )
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, a list of texts, token ids, or a list of token id lists."
+    )
+    stop: StopField = None
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        description="Return the log probabilities of this many top tokens per token.",
+    )
+    echo: bool = Field(default=False, description="Put the prompt before the completion text.")
+    stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
+    user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
+    suffix: str | None = Field(default=None, description="Not supported (must be empty).")
+    best_of: int | None = Field(default=None, description="Not supported beyond n.")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Not supported (must be empty)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        _refuse_unsupported(
+            {"suffix": self.suffix, "logit_bias": self.logit_bias}, ("suffix", "logit_bias")
+        )
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (only best_of == n)")
+        if isinstance(self.prompt, list) and not 0 < len(self.prompt) <= MAX_PROMPTS:
+            raise ValueError(f"prompt must hold 1 to {MAX_PROMPTS} items")
+        if len(self.stop_list) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (prompt logprobs) is not supported")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return _stop_list(self.stop)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each one a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(item, int) for item in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = Field(
+        default=None, description="stop or length; null while streaming."
+    )
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# --- /v1/chat/completions --------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str = Field(description="A data:image/...;base64 URL, or http(s) on allowed hosts.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = Field(
+        default=None, description="Text or content parts."
+    )
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str | None = Field(
+        default=None, description="Model id; must be the served one if given."
+    )
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    stop: StopField = None
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Alias of max_tokens."
+    )
+    logprobs: bool = Field(default=False, description="Return log probabilities of output tokens.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, description="Alternatives per token, with logprobs."
+    )
+    stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
+    user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Not supported (must be empty)."
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Not supported (must be empty)."
+    )
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="Only {'type': 'text'}."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        _refuse_unsupported(
+            {"logit_bias": self.logit_bias, "tools": self.tools}, ("logit_bias", "tools")
+        )
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError("response_format other than text is not supported")
+        if len(self.stop_list) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return _stop_list(self.stop)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# --- /v1/caption and /v1/qa (multipart) ------------------------------------------------------
+
+
+class VisionForm(SamplingFields):
+    image: UploadFile = Field(description="The image: PNG, JPEG, WebP, BMP or GIF (first frame).")
+    model: str | None = Field(
+        default=None, description="Model id; must be the served one if given."
+    )
+    stop: list[str] | None = Field(
+        default=None,
+        max_length=MAX_STOP_STRINGS,
+        description="Strings that end generation (repeatable).",
+    )
+    stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
+
+
+class CaptionForm(VisionForm):
+    prompt: str | None = Field(default=None, description="Instruction. Default: the model's own.")
+
+
+class QAForm(VisionForm):
+    question: str = Field(min_length=1, description="The question about the image.")
+
+
+# --- /v1/models, /health, /ready --------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mmgpt"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthStatus(BaseModel):
+    status: str = Field(description="ok, loading, draining or failed.")
+    detail: str | None = None

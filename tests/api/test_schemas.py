@@ -1,0 +1,69 @@
+"""Request models: prompt shapes, and unsupported options refused rather than ignored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from app.schemas import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest
+
+
+def test_prompt_shapes() -> None:
+    assert CompletionRequest(prompt="hi").prompts() == ["hi"]
+    assert CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert CompletionRequest(prompt=[1, 2, 3]).prompts() == [[1, 2, 3]]
+    assert CompletionRequest(prompt=[[1, 2], [3]]).prompts() == [[1, 2], [3]]
+    assert CompletionRequest(prompt="x", stop="END").stop_list == ["END"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": []},
+        {"prompt": "x", "suffix": "tail"},
+        {"prompt": "x", "logit_bias": {"5": 10}},
+        {"prompt": "x", "best_of": 3},
+        {"prompt": "x", "echo": True, "logprobs": 2},
+        {"prompt": "x", "stop": ["s"] * (MAX_STOP_STRINGS + 1)},
+        {"prompt": "x", "n": 0},
+        {"prompt": "x", "temperature": -1},
+        {"prompt": "x", "seed": 2**64},
+        {"prompt": "x", "max_tokens": 0},
+        {"prompt": {"nested": ["deep"]}},
+    ],
+)
+def test_completion_requests_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate(fields)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    request = CompletionRequest.model_validate({"prompt": "x", "user": "u", "made_up": 1})
+    assert request.prompts() == ["x"]
+
+
+def test_chat_requests() -> None:
+    message: dict[str, Any] = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": "data:,"}}],
+    }
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [message], "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2}
+    )
+    assert request.requested_max_tokens == 9 and request.logprobs_count == 2
+    bad_requests: list[dict[str, Any]] = [
+        {"messages": []},
+        {"messages": [{"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_object"},
+        },
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+    ]
+    for bad in bad_requests:
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate(bad)
