@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a minute-sized model for smoke runs")
     args = parser.parse_args(argv)
+    if not 0 <= args.text_rows < args.batch_size:
+        parser.error("--text-rows must leave at least one image row in a batch")
     torch.set_num_threads(args.threads)
     return Recipe(
         out=args.out,

@@ -15,7 +15,11 @@ from models.scenes.train import Trainer, parse_args
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, list[float]]:
     out = tmp_path_factory.mktemp("tiny")
     argv = ["--out", str(out), "--tiny", "--text-steps", "3", "--image-steps", "6"]
-    trainer = Trainer(parse_args([*argv, "--batch-size", "4", "--warmup", "2", "--lr", "3e-3"]))
+    trainer = Trainer(
+        parse_args(
+            [*argv, "--batch-size", "4", "--text-rows", "1", "--warmup", "2", "--lr", "3e-3"]
+        )
+    )
     accuracy = TaskAccuracy(window=10)
     losses = [trainer.train_step(step, accuracy) for step in range(9)]
     trainer.save()
