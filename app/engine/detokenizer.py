@@ -67,15 +67,26 @@ class Detokenizer:
         return _WindowStream(self.tokenizer, context, skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """One token on its own, for logprobs (partial characters show as U+FFFD)."""
+        """One token on its own, for logprobs.
+
+        A byte-level token that is not valid UTF-8 on its own (part of a character)
+        is written "bytes:\\xe6\\x9d" as OpenAI does, so that such tokens stay distinct.
+        """
         text = self._token_texts.get(token_id)
         if text is None:
             if self.byte_table is not None and 0 <= token_id < len(self.byte_table):
-                text = self.byte_table[token_id].decode("utf-8", errors="replace")
+                text = _bytes_text(self.byte_table[token_id])
             else:
                 text = self.tokenizer.decode([token_id])
             self._token_texts[token_id] = text
         return text
+
+
+def _bytes_text(token_bytes: bytes) -> str:
+    try:
+        return token_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in token_bytes)
 
 
 def _byte_table(tokenizer: Any) -> list[bytes] | None:

@@ -122,7 +122,6 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         image_spans: tuple[ImageSpan, ...] = (),
-        arrival_time: float = 0.0,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -131,7 +130,6 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.image_spans = image_spans
-        self.arrival_time = arrival_time
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission

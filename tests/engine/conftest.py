@@ -1,11 +1,16 @@
-"""Engine test fixtures."""
+"""Engine test fixtures: tiny random checkpoints, loaded once per session."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+from models.base import LoadedModel
+from tests.checkpoints import make_tiny_llama, make_tiny_llava
+from tests.engine.drive import load
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +20,23 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir: Path) -> LoadedModel:
+    return load(llama_dir)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def llava(llava_dir: Path) -> LoadedModel:
+    return load(llava_dir)

@@ -142,3 +142,9 @@ def test_text_that_only_looks_like_a_stop_is_released_at_the_end() -> None:
     deltas, seq_text = run_text(SamplingParams(stop=["there!"]), "hello there")
     assert deltas[-1].endswith("there")  # held back until the end decided
     assert "".join(deltas) == "hello there" and not seq_text.stopped
+
+
+def test_token_text_names_partial_characters_by_their_bytes() -> None:
+    tokenizer = byte_level()
+    lead_byte = int(tokenizer.convert_tokens_to_ids("æ"))  # type: ignore[arg-type]  # byte 0xE6
+    assert Detokenizer(tokenizer).token_text(lead_byte) == "bytes:\\xe6"

@@ -1,0 +1,320 @@
+"""AsyncEngine: the engine behind an asyncio front end.
+
+One loop thread owns all engine state and makes every torch call. The
+asyncio side only enqueues (a thread-safe inbox) and consumes: each request
+has an asyncio.Queue, fed once per step, per event loop, through
+`loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.engine.config import EngineConfig
+from app.engine.engine_core import Delivery, EngineCore
+from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
+from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
+from app.engine.validation import image_spans, validate_length, validate_params, validate_prompt
+from models.base import LoadedModel, ModelInfo
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_SECONDS = 0.5  # an idle loop wakes this often to show it is alive
+STUCK_AFTER_SECONDS = 120.0  # no heartbeat for this long (one step running on) means unhealthy
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # blocks held by live requests / all blocks
+    num_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int  # tokens, cumulative
+    prefix_cache_hits: int
+    image_cache_queries: int
+    image_cache_hits: int
+    num_preemptions: int
+    num_steps: int
+    last_step_end: float  # time.monotonic() of the last step's end; 0 before the first
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    spans: tuple[ImageSpan, ...]
+    stream: RequestStream
+    arrival_time: float
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+_WAKE = object()
+
+
+class RequestStream:
+    """The outputs of one request, in order; for n > 1 the samples interleave by `.index`."""
+
+    def __init__(self, request_id: str, num_samples: int, engine: AsyncEngine) -> None:
+        self.request_id = request_id
+        self.loop = asyncio.get_running_loop()
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._unread = set(range(num_samples))  # samples whose last output is not yet read
+        self._undelivered = num_samples  # samples whose last output is not yet queued
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._unread or self._closed:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        if output.finished:
+            self._unread.discard(output.index)
+        return output
+
+    async def aclose(self) -> None:
+        """Stop reading; aborts the request if it has not finished."""
+        if self._undelivered and not self._closed:
+            self._engine.abort(self.request_id)
+        self._closed = True
+
+    def _put(self, output: RequestOutput) -> None:
+        """On the event loop: queue one output."""
+        self._queue.put_nowait(output)
+        if output.finished:
+            self._undelivered -= 1
+            if self._undelivered == 0:
+                self._engine._forget(self.request_id)
+
+
+def _put_all(items: list[Delivery]) -> None:
+    for stream, output in items:
+        stream._put(output)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self._loaded = loaded if loaded is not None else _load(config)
+        self._core = EngineCore(config, self._loaded)
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._live: dict[str, RequestStream] = {}  # touched on the event loop only
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain_deadline = 0.0
+        self._heartbeat = time.monotonic()
+        self._stats = self._snapshot()
+
+    # ---- what the API reads ------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return self._loaded.info
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded.tokenizer
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self._loaded
+
+    @property
+    def max_model_len(self) -> int:
+        return self._core.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.is_running and time.monotonic() - self._heartbeat < STUCK_AFTER_SECONDS
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run_loop, name="mmgpt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for up to drain_timeout, abort the rest."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._drain_deadline = time.monotonic() + max(0.0, drain_timeout)
+        self._stopping = True
+        self._inbox.put(_WAKE)
+        thread.join()
+
+    # ---- requests ----------------------------------------------------------------------
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        images: Seq[ImageInput] = (),
+    ) -> RequestStream:
+        """Validate and queue a request; call on the event loop thread."""
+        if not self.is_running:
+            raise EngineNotRunningError("the engine is not running")
+        if request_id in self._live:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        spans = self._validate(prompt_token_ids, params, images)
+        if self._inbox.qsize() + self._stats.num_waiting >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"{self.config.max_waiting_requests} requests are already waiting; retry later"
+            )
+        stream = RequestStream(request_id, params.n, self)
+        self._live[request_id] = stream
+        arrival = time.monotonic()
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, spans, stream, arrival))
+        return stream
+
+    def _validate(
+        self, prompt_token_ids: list[int], params: SamplingParams, images: Seq[ImageInput]
+    ) -> tuple[ImageSpan, ...]:
+        validate_params(params, self.info, self.config.max_logprobs)
+        validate_prompt(prompt_token_ids, self.info)
+        validate_length(
+            len(prompt_token_ids), params.max_tokens, self.max_model_len, self._core.capacity_tokens
+        )
+        return image_spans(prompt_token_ids, images, self.info)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (safe at any time); its blocks are freed at the next step."""
+        self._inbox.put(_Abort(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        self._live.pop(request_id, None)
+
+    # ---- the loop thread ---------------------------------------------------------------
+    def _run_loop(self) -> None:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        reason = "abort"
+        try:
+            while not self._should_exit():
+                self._heartbeat = time.monotonic()
+                self._take_inbox(block=not self._core.has_unfinished)
+                deliveries = self._core.step() if self._core.has_unfinished else []
+                self._stats = self._snapshot()  # before delivery: a caller sees both agree
+                self._deliver(deliveries)
+        except Exception:
+            logger.exception("the engine loop died")
+            reason = "error"
+        finally:
+            self._stopping = True
+            self._end_all(reason)
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT_SECONDS) if block else self._inbox.get_nowait()
+            while True:
+                self._handle(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, _Add):
+            self._add(item)
+        elif isinstance(item, _Abort):
+            deliveries = self._core.abort_request(item.request_id)
+            self._stats = self._snapshot()
+            self._deliver(deliveries)
+
+    def _add(self, item: _Add) -> None:
+        try:
+            self._core.add_request(
+                item.request_id,
+                item.prompt_token_ids,
+                item.params,
+                item.spans,
+                sink=item.stream,
+                arrival_time=item.arrival_time,
+            )
+        except Exception as exc:  # a bug must not take the loop down: fail this request only
+            logger.exception("could not add request %s", item.request_id)
+            error = f"{type(exc).__name__}: {exc}"
+            self._deliver([
+                (item.stream, RequestOutput(item.request_id, i, "", [], "error", error=error))
+                for i in range(item.params.n)
+            ])  # fmt: skip
+
+    def _should_exit(self) -> bool:
+        if not self._stopping:
+            return False
+        if self._core.has_unfinished and time.monotonic() < self._drain_deadline:
+            return False
+        return self._inbox.empty() or time.monotonic() >= self._drain_deadline
+
+    def _end_all(self, reason: str) -> None:
+        """Abort whatever is left (queued or running) so that no stream waits forever."""
+        self._take_inbox(block=False)
+        deliveries = self._core.abort_all()
+        if reason == "error":
+            for _, output in deliveries:
+                output.finish_reason, output.error = "error", "the engine loop died"
+        self._deliver(deliveries)
+        self._stats = self._snapshot()
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_loop.setdefault(delivery[0].loop, []).append(delivery)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                continue
+
+    def _snapshot(self) -> EngineStats:
+        core = self._core
+        manager, images = core.block_manager, core.runner.image_cache
+        return EngineStats(
+            num_running=len(core.scheduler.running),
+            num_waiting=len(core.scheduler.waiting),
+            kv_cache_usage=manager.usage,
+            num_blocks=manager.num_blocks,
+            num_free_blocks=manager.num_free_blocks,
+            prefix_cache_queries=manager.prefix_cache_queries,
+            prefix_cache_hits=manager.prefix_cache_hits,
+            image_cache_queries=images.queries,
+            image_cache_hits=images.hits,
+            num_preemptions=core.scheduler.num_preemptions,
+            num_steps=core.num_steps,
+            last_step_end=core.last_step_end,
+        )
+
+
+def _load(config: EngineConfig) -> LoadedModel:
+    from models import load_model
+
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(config.model, device, config.dtype)

@@ -1,0 +1,127 @@
+"""End-to-end engine runs on a tiny random Llama: batching, chunking, preemption, caching, n."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from app.engine.sequence import SamplingParams
+from models.base import LoadedModel
+from tests.engine.drive import Job, Sample, make_core, run_alone, run_jobs
+
+FIRST_TEXT_TOKEN = 3  # ids below are <pad>, <s>, </s>
+
+
+def random_jobs(count: int, seed: int, **params: object) -> list[Job]:
+    rng = random.Random(seed)
+    jobs = []
+    for _ in range(count):
+        prompt = [rng.randrange(FIRST_TEXT_TOKEN, 384) for _ in range(rng.randint(1, 100))]
+        sampling = SamplingParams(max_tokens=rng.randint(1, 40), **params)  # type: ignore[arg-type]
+        jobs.append(Job(prompt, sampling))
+    return jobs
+
+
+def tokens(results: list[list[Sample]]) -> list[list[list[int]]]:
+    return [[sample.token_ids for sample in samples] for samples in results]
+
+
+def count_differences(a: list[list[Sample]], b: list[list[Sample]]) -> int:
+    return sum(x != y for x, y in zip(tokens(a), tokens(b), strict=True))
+
+
+def test_greedy_matches_transformers_generate(llama: LoadedModel) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(llama.path, dtype=torch.float32)
+    jobs = random_jobs(4, seed=1, temperature=0.0, ignore_eos=True)
+    results = run_jobs(make_core(llama), jobs)
+    for job, samples in zip(jobs, results, strict=True):
+        generated = hf.generate(
+            torch.tensor([job.prompt]),
+            attention_mask=torch.ones(1, len(job.prompt), dtype=torch.long),
+            max_new_tokens=job.params.max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+        )
+        assert samples[0].token_ids == generated[0, len(job.prompt) :].tolist()
+
+
+def test_64_concurrent_greedy_requests_match_each_alone(llama: LoadedModel) -> None:
+    jobs = random_jobs(64, seed=2, temperature=0.0)
+    together = run_jobs(make_core(llama, max_num_batched_tokens=128, max_num_seqs=64), jobs)
+    alone = run_alone(make_core(llama), jobs)
+    assert count_differences(together, alone) <= 1
+    for job, samples in zip(jobs, together, strict=True):
+        sample = samples[0]
+        assert sample.finish_reason in ("stop", "length")
+        if sample.finish_reason == "length":
+            assert len(sample.token_ids) == job.params.max_tokens
+
+
+def test_forced_preemption_gives_the_unconstrained_outputs(llama: LoadedModel) -> None:
+    jobs = random_jobs(24, seed=3, temperature=0.0, ignore_eos=True)
+    unconstrained = run_jobs(make_core(llama), jobs)
+    # 160 tokens of cache (10 blocks of 16): every job fits alone, not all together.
+    per_token = llama.info.kv_bytes_per_token()
+    tight = make_core(llama, kv_cache_bytes=160 * per_token, max_num_batched_tokens=64)
+    constrained = run_jobs(tight, jobs)
+    assert tight.scheduler.num_preemptions > 0
+    assert count_differences(constrained, unconstrained) <= 1
+    assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks
+
+
+def test_prefix_cache_reuses_a_shared_prompt_prefix(llama: LoadedModel) -> None:
+    rng = random.Random(4)
+    system = [rng.randrange(FIRST_TEXT_TOKEN, 384) for _ in range(70)]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    first = Job([*system, 11, 12, 13], params)
+    second = Job([*system, 21, 22], params)
+    core = make_core(llama)
+    run_jobs(core, [first])
+    hits_before = core.block_manager.prefix_cache_hits
+    cached = run_jobs(core, [second])[0][0]
+    assert cached.outputs[-1].num_cached_tokens == 64  # four full blocks of the 70 shared tokens
+    assert core.block_manager.prefix_cache_hits - hits_before == 64
+    uncached = run_jobs(make_core(llama, enable_prefix_caching=False), [second])[0][0]
+    assert cached.token_ids == uncached.token_ids
+
+
+def test_n_greedy_samples_share_the_prompt_and_equal_one_greedy_run(llama: LoadedModel) -> None:
+    prompt = list(range(10, 47))  # 37 tokens: the last prompt block is shared and partial
+    core = make_core(llama)
+    single = run_jobs(core, [Job(prompt, SamplingParams(max_tokens=12, temperature=0.0))])
+    group = run_jobs(core, [Job(prompt, SamplingParams(n=3, max_tokens=12, temperature=0.0))])
+    assert [s.token_ids for s in group[0]] == [single[0][0].token_ids] * 3
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch_of_32(llama: LoadedModel) -> None:
+    jobs = random_jobs(32, seed=5, temperature=0.9, top_p=0.95)
+    for i, job in enumerate(jobs):
+        job.params.seed = 1000 + i if i % 2 == 0 else None
+    together = run_jobs(make_core(llama, max_num_batched_tokens=256), jobs)
+    seeded = [i for i in range(32) if i % 2 == 0]
+    alone = run_alone(make_core(llama), [jobs[i] for i in seeded])
+    assert tokens([together[i] for i in seeded]) == tokens(alone)
+    assert len({tuple(t[0]) for t in tokens(together)}) > 16  # not all the same text
+
+
+def test_n_seeded_samples_differ_and_repeat(llama: LoadedModel) -> None:
+    job = Job(list(range(20, 40)), SamplingParams(n=4, max_tokens=10, seed=7, temperature=1.0))
+    first = tokens(run_jobs(make_core(llama), [job]))
+    again = tokens(run_jobs(make_core(llama), [job]))
+    assert first == again
+    assert len({tuple(t) for t in first[0]}) > 1
+
+
+def test_logprobs_of_greedy_tokens_are_the_top_alternative(llama: LoadedModel) -> None:
+    job = Job(list(range(30, 50)), SamplingParams(max_tokens=5, temperature=0.0, logprobs=3))
+    sample = run_jobs(make_core(llama), [job])[0][0]
+    for output in sample.outputs:
+        assert output.logprobs is not None and len(output.logprobs) == 1
+        entry = output.logprobs[0]
+        assert entry.token_id == output.token_ids[0]
+        assert len(entry.top_logprobs) <= 3
+        assert entry.logprob == max(entry.top_logprobs.values())
+        assert entry.logprob <= 0.0
