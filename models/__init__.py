@@ -11,16 +11,20 @@ from transformers import PretrainedConfig
 from models import checkpoint
 from models.base import LoadedModel, ModelInfo
 from models.errors import ModelLoadError
+from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
+from models.llava import build_llava
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
 
 BUILDERS: dict[str, Builder] = {
+    "LlavaForConditionalGeneration": build_llava,
     "LlamaForCausalLM": build_llama,
     "Qwen2ForCausalLM": build_llama,
+    "GPT2LMHeadModel": build_gpt2,
 }
-MULTIMODAL_ARCHITECTURES: frozenset[str] = frozenset()
+MULTIMODAL_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 __all__ = ["BUILDERS", "LoadedModel", "ModelInfo", "ModelLoadError", "load_model"]

@@ -6,10 +6,11 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from models import LoadedModel, load_model
 from tests.checkpoints import make_tiny_gpt2, make_tiny_llama, make_tiny_llava
@@ -23,7 +24,7 @@ class Case:
 
     folder: Path
     ours: LoadedModel
-    reference: PreTrainedModel
+    reference: Any  # the transformers model
     prompts: list[list[int]]
     pixel_values: list[torch.Tensor | None]  # per prompt, [1, 3, H, W] or None
 
@@ -84,6 +85,9 @@ CASES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Case]]] = {
         lambda d: make_tiny_llama(d, num_kv_heads=4, tie_word_embeddings=True, shards=3),
         _text_case,
     ),
+    "gpt2_tied": (make_tiny_gpt2, _text_case),
+    "llava_clip": (lambda d: make_tiny_llava(d, vision="clip"), _llava_case),
+    "llava_siglip": (lambda d: make_tiny_llava(d, vision="siglip"), _llava_case),
 }
 
 
