@@ -84,7 +84,16 @@ class ServerProcess:
             _signal_group(group, signal.SIGKILL)
             self.process.wait()
         _signal_group(group, signal.SIGKILL)  # children that outlived their parent
+        self._wait_group_gone(group, grace_s)
         self.process = None
+
+    def _wait_group_gone(self, group: int, timeout_s: float) -> None:
+        """The next contender must not share the CPU with this one's leftovers."""
+        give_up = time.monotonic() + timeout_s
+        while group_members(group):
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"processes {group_members(group)} survived SIGKILL")
+            time.sleep(0.05)
 
     def log_tail(self, num_lines: int = 30) -> str:
         if not self.log_path.exists():
@@ -103,6 +112,20 @@ class ServerProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def group_members(group: int) -> list[int]:
+    """Live (not zombie) processes of a process group, read from /proc (empty elsewhere)."""
+    members = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the ")" that closes the command name: state, ppid, pgrp, ...
+            state, _, pgrp = stat_path.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(pgrp) == group and state != "Z":
+            members.append(int(stat_path.parent.name))
+    return members
 
 
 def _signal_group(group: int, signum: signal.Signals) -> None:

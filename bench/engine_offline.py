@@ -1,0 +1,180 @@
+"""Offline decode throughput: the engine against transformers' generate() on a static batch.
+
+For each model and batch size B, B requests with the same prompt length are
+submitted at once and decoded greedily to exactly `--new-tokens` tokens (EOS
+ignored); tokens/s counts generated tokens over wall time, prefill included.
+generate() runs the same shapes as one static batch. Both run in this
+process, one after the other, on the same threads: compare numbers only
+within one run (shared machines are noisy).
+
+    python -m bench.engine_offline                          # gpt2-small and gpt2-tiny (random)
+    python -m bench.engine_offline --models default --batch-sizes 1 8 32 64
+    python -m bench.engine_offline --models /path/to/checkpoint --threads 1
+
+Model names: gpt2-small / gpt2-tiny (random GPT-2 shapes built by bench.checkpoints
+into --cache-dir), default (models/checkpoints/<the one there>), or a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.engine.config import EngineConfig
+from app.engine.engine_core import EngineCore
+from app.engine.sequence import SamplingParams
+from models import load_model
+from models.base import LoadedModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
+
+
+@dataclass
+class Row:
+    model: str
+    batch_size: int
+    engine_tps: float
+    engine_ms_per_step: float
+    generate_tps: float | None
+
+
+def resolve_model(name: str, cache_dir: Path) -> Path:
+    if name in ("gpt2-small", "gpt2-tiny"):
+        from bench.checkpoints import make_gpt2
+
+        folder = cache_dir / name
+        if not (folder / "config.json").exists():
+            make_gpt2(folder, size=name.removeprefix("gpt2-"))
+        return folder
+    if name == "default":
+        found = sorted(
+            p.parent for p in (REPO_ROOT / "models" / "checkpoints").glob("*/config.json")
+        )
+        if not found:
+            raise SystemExit("no shipped checkpoint under models/checkpoints/")
+        return found[0]
+    return Path(name)
+
+
+def prompts(loaded: LoadedModel, batch_size: int, prompt_len: int, seed: int) -> list[list[int]]:
+    """Random text token ids (no special or image tokens)."""
+    rng = random.Random(seed)
+    banned = set(getattr(loaded.tokenizer, "all_special_ids", ())) | {loaded.info.image_token_id}
+    allowed = [t for t in range(min(loaded.info.vocab_size, 5000)) if t not in banned]
+    return [[rng.choice(allowed) for _ in range(prompt_len)] for _ in range(batch_size)]
+
+
+def engine_run(
+    loaded: LoadedModel, batch: list[list[int]], new_tokens: int, block_size: int
+) -> tuple[float, float]:
+    """Tokens/s and ms per step of one engine run over the whole batch."""
+    config = EngineConfig(
+        model=loaded.path,
+        block_size=block_size,
+        max_num_seqs=max(len(batch), 1),
+        max_num_batched_tokens=max(2048, len(batch) * len(batch[0])),
+        kv_cache_bytes=len(batch) * (len(batch[0]) + new_tokens + block_size)
+        * loaded.info.kv_bytes_per_token(),
+    )  # fmt: skip
+    core = EngineCore(config, loaded)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(batch):
+        core.add_request(f"r{i}", prompt, params)
+    start = time.perf_counter()
+    generated = 0
+    while core.has_unfinished:
+        generated += sum(len(output.token_ids) for _, output in core.step())
+    elapsed = time.perf_counter() - start
+    assert generated == len(batch) * new_tokens, generated
+    return generated / elapsed, 1000 * elapsed / core.num_steps
+
+
+def generate_run(hf_model: torch.nn.Module, batch: list[list[int]], new_tokens: int) -> float:
+    input_ids = torch.tensor(batch)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(  # type: ignore[operator]
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == input_ids.shape[1] + new_tokens
+    return len(batch) * new_tokens / elapsed
+
+
+def load_hf(folder: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(folder)
+    if "Llava" in (config.architectures or [""])[0]:
+        return LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def bench_model(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
+    loaded = load_model(folder, "cpu", torch.float32)
+    hf_model = None if args.skip_generate else load_hf(folder)
+    warm = prompts(loaded, 2, args.prompt_len, seed=0)
+    engine_run(loaded, warm, 4, args.block_size)
+    rows = []
+    for batch_size in args.batch_sizes:
+        batch = prompts(loaded, batch_size, args.prompt_len, seed=batch_size)
+        engine_tps, ms_per_step = engine_run(loaded, batch, args.new_tokens, args.block_size)
+        generate_tps = None
+        if hf_model is not None:
+            generate_run(hf_model, warm, 2)
+            generate_tps = generate_run(hf_model, batch, args.new_tokens)
+        rows.append(Row(name, batch_size, engine_tps, ms_per_step, generate_tps))
+        print_row(rows[-1], flush=True)
+    return rows
+
+
+def print_header() -> None:
+    print(f"| {'model':<12} | {'B':>3} | {'engine tok/s':>12} | {'ms/step':>8} | "
+          f"{'generate() tok/s':>16} | {'ratio':>6} |")  # fmt: skip
+    print(f"|{'-' * 14}|{'-' * 5}|{'-' * 14}|{'-' * 10}|{'-' * 18}|{'-' * 8}|")
+
+
+def print_row(row: Row, flush: bool = False) -> None:
+    generate = f"{row.generate_tps:16,.0f}" if row.generate_tps else f"{'-':>16}"
+    ratio = f"{row.engine_tps / row.generate_tps:5.2f}x" if row.generate_tps else f"{'-':>6}"
+    print(
+        f"| {row.model:<12} | {row.batch_size:>3} | {row.engine_tps:12,.0f} | "
+        f"{row.engine_ms_per_step:8.2f} | {generate} | {ratio} |",
+        flush=flush,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["gpt2-small", "gpt2-tiny"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(DEFAULT_BATCH_SIZES))
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--skip-generate", action="store_true", help="engine numbers only")
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU; "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")  # fmt: skip
+    print_header()
+    for name in args.models:
+        bench_model(name, resolve_model(name, args.cache_dir), args)
+
+
+if __name__ == "__main__":
+    main()

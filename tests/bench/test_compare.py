@@ -1,0 +1,93 @@
+"""bench.compare: process lifecycle, the ratio table, and one real run against the naive peer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.compare import ContenderRun, format_comparison
+from bench.compare import main as compare_main
+from bench.peers.process import ServerProcess, ServerStartError, free_port, group_members
+from bench.serve import BenchReport, LoadConfig
+from bench.stats import RequestResult, summarize
+from bench.workloads import WorkloadSpec
+
+# A server that forks a long-lived child first: stopping must reach the child too.
+FORKING_SERVER = """
+import http.server, subprocess, sys
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ready).serve_forever()
+"""
+
+
+def test_stop_ends_the_server_and_its_children(tmp_path: Path) -> None:
+    port = free_port()
+    argv = [sys.executable, "-c", FORKING_SERVER, str(port)]
+    server = ServerProcess(
+        argv, dict(os.environ), f"http://127.0.0.1:{port}", "/ready", tmp_path / "s.log"
+    )
+    with server:
+        server.wait_ready(deadline_s=60)
+        assert server.process is not None
+        group = server.process.pid
+        assert len(group_members(group)) == 2  # the server and its child
+    assert group_members(group) == []
+
+
+def test_a_server_that_exits_fails_fast_with_its_log(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", "print('bad flag'); raise SystemExit(2)"]
+    with (
+        ServerProcess(
+            argv, dict(os.environ), "http://127.0.0.1:9", "/ready", tmp_path / "x.log"
+        ) as server,
+        pytest.raises(ServerStartError, match="bad flag"),
+    ):
+        server.wait_ready(deadline_s=60)
+
+
+def _report(name: str, tokens_per_request: int, ttft: float) -> BenchReport:
+    results = [RequestResult(ok=True, ttft=ttft, e2e=1.0, output_tokens=tokens_per_request)] * 4
+    return BenchReport(name, "m", WorkloadSpec(), LoadConfig("http://x"), summarize(results, 1.0))
+
+
+def test_table_ratios_are_mmgpts_advantage() -> None:
+    runs = [
+        ContenderRun("mmgpt", [], {"text": _report("mmgpt", 30, ttft=0.05)}),
+        ContenderRun("naive", [], {"text": _report("naive", 10, ttft=0.20)}),
+        ContenderRun("transformers", [], failure="not ready after 600 s"),
+    ]
+    lines = format_comparison(runs, ["text"]).splitlines()
+    naive_row = next(line for line in lines if " naive " in line).split()
+    assert naive_row[5] == "3.00"  # x tok/s: 120 / 40
+    assert naive_row[7] == "4.00"  # x TTFT: 200 ms / 50 ms
+    assert "not ready after 600 s" in next(line for line in lines if "transformers" in line)
+
+
+def test_compare_runs_the_naive_peer_end_to_end(tiny_gpt2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    argv = ["--model", str(tiny_gpt2), "--contenders", "naive", "--threads", "1"]
+    argv += [
+        "--num-prompts",
+        "3",
+        "--max-concurrency",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+    ]
+    argv += ["--ignore-eos", "--log-dir", str(tmp_path / "logs"), "--json", str(out)]
+    assert compare_main(argv) == 0
+    report = json.loads(out.read_text())
+    naive = report["contenders"][0]
+    assert naive["name"] == "naive" and naive["failure"] == ""
+    summary = naive["results"]["text"]["summary"]
+    assert summary["completed"] == 3 and summary["total_output_tokens"] == 12
+    assert report["machine"]["cores"] >= 1 and report["threads"] == 1

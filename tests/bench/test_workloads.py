@@ -1,0 +1,60 @@
+"""Workloads are deterministic, hit their prompt lengths and carry real images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+from bench.images import SceneImages, SyntheticImages
+from bench.workloads import WorkloadSpec, build_requests
+
+
+def test_the_same_seed_gives_the_same_requests() -> None:
+    spec = WorkloadSpec("chat-image", num_prompts=4, image_source="synthetic", seed=3)
+    assert build_requests(spec) == build_requests(spec)
+    assert build_requests(spec) != build_requests(
+        WorkloadSpec("chat-image", 4, seed=4, image_source="synthetic")
+    )
+
+
+@pytest.mark.parametrize("input_len", [1, 17, 64])
+def test_text_prompts_have_the_exact_token_count(tiny_gpt2: Path, input_len: int) -> None:
+    spec = WorkloadSpec("text", num_prompts=5, input_len=input_len, tokenizer=str(tiny_gpt2))
+    tokenizer = Tokenizer.from_file(str(tiny_gpt2 / "tokenizer.json"))
+    for request in build_requests(spec):
+        ids = tokenizer.encode(request.fields["prompt"], add_special_tokens=False).ids
+        assert len(ids) == input_len
+
+
+def test_sampling_fields_reach_every_request() -> None:
+    spec = WorkloadSpec(
+        "qa",
+        num_prompts=2,
+        output_len=7,
+        temperature=0.5,
+        ignore_eos=True,
+        image_source="synthetic",
+    )
+    for request in build_requests(spec):
+        assert request.api == "qa"
+        assert request.fields["max_tokens"] == 7 and request.fields["temperature"] == 0.5
+        assert request.fields["ignore_eos"] is True and request.fields["question"].endswith("?")
+
+
+def test_synthetic_images_are_64_pixel_pngs() -> None:
+    images = SyntheticImages(seed=1)
+    first = Image.open(io.BytesIO(images.image_png(0)))
+    assert first.size == (64, 64) and first.format == "PNG"
+    assert images.image_png(0) != images.image_png(1)
+
+
+def test_scene_images_come_from_the_held_out_scenes() -> None:
+    scenes = pytest.importorskip("models.scenes")
+    source = SceneImages(seed=0)
+    expected = scenes.sample(scenes.EVAL_SEED_START + 2)
+    assert Image.open(io.BytesIO(source.image_png(2))).size == expected.image.size
+    assert source.question(2) in [question for question, _ in expected.qa]
