@@ -32,6 +32,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     SiglipImageProcessor,
     SiglipVisionConfig,
 )
@@ -142,9 +144,9 @@ def llama_config(
     hidden_size: int = 64,
     num_layers: int = 2,
     rope_parameters: dict[str, Any] | None = None,
-    attention_bias: bool = False,
+    **overrides: Any,
 ) -> LlamaConfig:
-    return LlamaConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -154,12 +156,12 @@ def llama_config(
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-        attention_bias=attention_bias,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return LlamaConfig(**(fields | overrides))
 
 
 def make_tiny_llama(
@@ -170,8 +172,12 @@ def make_tiny_llama(
     shards: int = 1,
     rope_parameters: dict[str, Any] | None = None,
     seed: int = 0,
+    **overrides: Any,
 ) -> Path:
-    """A 2-layer Llama (4 query heads, `num_kv_heads` KV heads) split over `shards` files."""
+    """A 2-layer Llama (4 query heads, `num_kv_heads` KV heads) split over `shards` files.
+
+    `overrides` go to LlamaConfig (e.g. head_dim, attention_bias, mlp_bias).
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(with_image_token=False)
     config = llama_config(
@@ -179,10 +185,22 @@ def make_tiny_llama(
         num_kv_heads=num_kv_heads,
         tie_word_embeddings=tie_word_embeddings,
         rope_parameters=rope_parameters,
+        **overrides,
     )
     model = LlamaForCausalLM(config)
     _randomise(model, seed)
     return _save(model, tokenizer, Path(out_dir), _shard_size(model, shards))
+
+
+def make_tiny_qwen2(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A 2-layer Qwen2 (q/k/v projections with bias, GQA, tied embeddings)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(with_image_token=False)
+    llama = llama_config(tokenizer, num_kv_heads=2, tie_word_embeddings=True)
+    config = Qwen2Config(**{k: v for k, v in llama.to_dict().items() if k in QWEN2_FIELDS})
+    model = Qwen2ForCausalLM(config)
+    _randomise(model, seed)
+    return _save(model, tokenizer, Path(out_dir))
 
 
 def _shard_size(model: PreTrainedModel, shards: int) -> str | None:
@@ -190,6 +208,23 @@ def _shard_size(model: PreTrainedModel, shards: int) -> str | None:
         return None
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return f"{total // (shards * 1000) + 1}KB"
+
+
+QWEN2_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def make_tiny_gpt2(out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -243,7 +278,7 @@ def make_tiny_llava(
     patch_size: int = 8,
     vision_feature_layer: int | list[int] = -2,
     select_strategy: Literal["default", "full"] | None = None,
-    old_weight_names: bool = False,
+    weight_layout: str = "saved",
     seed: int = 0,
 ) -> Path:
     """LLaVA: a CLIP (CLS dropped, 'default') or SigLIP ('full') tower + projector + Llama."""
@@ -274,27 +309,42 @@ def make_tiny_llava(
         num_additional_image_tokens=int(has_cls),
         chat_template=CHAT_TEMPLATE,
     ).save_pretrained(out)
-    if old_weight_names:
-        rename_to_old_llava_names(out)
+    if weight_layout != "saved":
+        rename_llava_weights(out, weight_layout)
     return out
 
 
-def rename_to_old_llava_names(folder: Path) -> None:
-    """Rewrite weight names to the pre-v5 llava-hf layout (language_model.model.* ...)."""
+# How each layout spells a name that transformers 5 writes as `saved` (language_model.model.*,
+# language_model.lm_head.*, vision_tower.*, multi_modal_projector.*).
+LLAVA_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "saved": (),
+    # the module names of transformers 5 (model.language_model.*, lm_head.*, ...)
+    "modules": (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ),
+    # llava-hf checkpoints written by transformers 4 (vision_tower.vision_model.*)
+    "llava-hf": (("vision_tower.", "vision_tower.vision_model."),),
+}
+
+
+def rename_llava_weights(folder: Path, layout: str) -> None:
+    """Rewrite the weight names of a saved LLaVA folder into another known layout."""
     from safetensors.torch import load_file, save_file
 
     path = folder / "model.safetensors"
     tensors = load_file(str(path))
-    renamed = {_old_llava_name(name): tensor for name, tensor in tensors.items()}
+    renamed = {_renamed(name, LLAVA_LAYOUTS[layout]): t for name, t in tensors.items()}
     save_file(renamed, str(path), metadata={"format": "pt"})
 
 
-def _old_llava_name(name: str) -> str:
-    if name.startswith("model.language_model."):
-        return "language_model.model." + name.removeprefix("model.language_model.")
-    if name.startswith("lm_head."):
-        return "language_model." + name
-    return name.removeprefix("model.")
+def _renamed(name: str, rules: tuple[tuple[str, str], ...]) -> str:
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name.removeprefix(old)
+    return name
 
 
 def write_mmgpt_json(folder: str | Path, **fields: Any) -> None:
@@ -314,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         make_tiny_llava(args.out_dir, vision="siglip")
     elif args.kind == "llama":
         make_tiny_llama(args.out_dir)
+    elif args.kind == "qwen2":
+        make_tiny_qwen2(args.out_dir)
     else:
         make_tiny_gpt2(args.out_dir)
     print(args.out_dir)

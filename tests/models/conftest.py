@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from models import LoadedModel, load_model
-from tests.checkpoints import make_tiny_gpt2, make_tiny_llama, make_tiny_llava
+from tests.checkpoints import make_tiny_gpt2, make_tiny_llama, make_tiny_llava, make_tiny_qwen2
 
 PROMPT_LENGTHS = (5, 11, 17, 23)
 
@@ -85,10 +85,24 @@ CASES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Case]]] = {
         lambda d: make_tiny_llama(d, num_kv_heads=4, tie_word_embeddings=True, shards=3),
         _text_case,
     ),
+    "llama_bias_head_dim": (
+        lambda d: make_tiny_llama(d, head_dim=24, attention_bias=True, mlp_bias=True),
+        _text_case,
+    ),
+    "qwen2_qkv_bias": (make_tiny_qwen2, _text_case),
     "gpt2_tied": (make_tiny_gpt2, _text_case),
     "llava_clip": (lambda d: make_tiny_llava(d, vision="clip"), _llava_case),
     "llava_siglip": (lambda d: make_tiny_llava(d, vision="siglip"), _llava_case),
 }
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and stall when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
