@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -50,12 +51,8 @@ class ContenderRun:
     failure: str = ""  # why it did not start or stopped answering
 
 
-def launch_settings(args: argparse.Namespace, contender: Contender) -> LaunchSettings:
-    extra = {
-        "mmgpt": args.mmgpt_args,
-        "transformers": args.transformers_args,
-        "naive": args.naive_args,
-    }
+def launch_settings(args: argparse.Namespace) -> LaunchSettings:
+    extra = {name: getattr(args, f"{name}_args") for name in CONTENDERS}
     return LaunchSettings(
         model=args.model,
         port=free_port(),
@@ -66,26 +63,38 @@ def launch_settings(args: argparse.Namespace, contender: Contender) -> LaunchSet
     )
 
 
+def run_workloads(
+    contender: Contender, args: argparse.Namespace, base_url: str
+) -> dict[str, BenchReport]:
+    """Every requested workload this contender's API serves, in the order given."""
+    reports = {}
+    for name in args.workloads:
+        if name not in contender.workloads:
+            continue
+        spec = workload_spec(args, name)
+        if not contender.accepts_ignore_eos:
+            spec = dataclasses.replace(spec, ignore_eos=False)
+        load = load_config(args, base_url, None)
+        reports[name] = asyncio.run(run_benchmark(load, spec, contender.name))
+    return reports
+
+
 def run_contender(contender: Contender, args: argparse.Namespace) -> ContenderRun:
-    settings = launch_settings(args, contender)
+    """Start, wait for readiness, run the workloads, and stop (whatever happens)."""
+    settings = launch_settings(args)
     argv = command_line(contender, settings)
     run = ContenderRun(contender.name, argv)
     base_url = f"http://{settings.host}:{settings.port}"
     log_path = args.log_dir / f"{contender.name}.log"
     print(f"--- {contender.name}: {' '.join(argv)}  (log: {log_path})", flush=True)
-    with ServerProcess(
-        argv, server_env(args.threads), base_url, contender.ready_path, log_path
-    ) as server:
+    env = server_env(args.threads)
+    with ServerProcess(argv, env, base_url, contender.ready_path, log_path) as server:
         try:
             server.wait_ready(args.startup_timeout)
         except ServerStartError as exc:
             run.failure = str(exc)
             return run
-        for name in args.workloads:
-            if name in contender.workloads:
-                load = load_config(args, base_url, None)
-                spec = workload_spec(args, name)
-                run.reports[name] = asyncio.run(run_benchmark(load, spec, contender.name))
+        run.reports = run_workloads(contender, args, base_url)
     return run
 
 
@@ -127,6 +136,10 @@ def format_comparison(runs: Sequence[ContenderRun], workloads: Sequence[str]) ->
 
 def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     """The bare decode loop and matmul speeds, measured before any server starts."""
+    model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
+    if model_type != "gpt2":
+        print(f"ceiling: the bare decode loop reads GPT-2 checkpoints, not {model_type}")
+        return {}
     torch.set_num_threads(args.threads)  # the contenders' thread count
     dtypes = [args.dtype or "float32"]
     matmuls = ceiling.measure_matmuls(dtypes, 2048, 768, args.ceiling_batch_sizes, 0.5)

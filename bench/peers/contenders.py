@@ -36,6 +36,7 @@ class Contender:
     command: Callable[[LaunchSettings], list[str]]
     ready_path: str
     workloads: frozenset[str]  # the workloads its API can serve
+    accepts_ignore_eos: bool = True  # the vLLM extension; without it outputs may end at EOS
 
 
 def _optional(flag: str, value: str | None) -> list[str]:
@@ -75,7 +76,10 @@ def _naive(settings: LaunchSettings) -> list[str]:
 CONTENDERS = {
     "mmgpt": Contender("mmgpt", _mmgpt, "/ready", frozenset(WORKLOADS)),
     # `transformers serve` has no readiness route; /health answers once the preloaded model is in.
-    "transformers": Contender("transformers", _transformers, "/health", TEXT_AND_CHAT),
+    # It answers 422 to `ignore_eos` (for models it serves without continuous batching).
+    "transformers": Contender(
+        "transformers", _transformers, "/health", TEXT_AND_CHAT, accepts_ignore_eos=False
+    ),
     "naive": Contender("naive", _naive, "/ready", TEXT_AND_CHAT),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import ContenderRun, format_comparison
+from bench.compare import ContenderRun, format_comparison, parse_args, run_workloads
 from bench.compare import main as compare_main
+from bench.peers.contenders import CONTENDERS
 from bench.peers.process import ServerProcess, ServerStartError, free_port, group_members
 from bench.serve import BenchReport, LoadConfig
 from bench.stats import RequestResult, summarize
 from bench.workloads import WorkloadSpec
+from tests.bench.scripted import ScriptedServer
+from tests.bench.servers import ThreadServer
 
 # A server that forks a long-lived child first: stopping must reach the child too.
 FORKING_SERVER = """
@@ -91,3 +95,15 @@ def test_compare_runs_the_naive_peer_end_to_end(tiny_gpt2: Path, tmp_path: Path)
     summary = naive["results"]["text"]["summary"]
     assert summary["completed"] == 3 and summary["total_output_tokens"] == 12
     assert report["machine"]["cores"] >= 1 and report["threads"] == 1
+
+
+@pytest.mark.parametrize("accepts", [True, False])
+def test_ignore_eos_goes_only_to_contenders_that_accept_it(tiny_gpt2: Path, accepts: bool) -> None:
+    args = parse_args(["--model", str(tiny_gpt2), "--num-prompts", "2", "--output-len", "2"])
+    args.ignore_eos, args.num_warmups = True, 0
+    contender = dataclasses.replace(CONTENDERS["naive"], accepts_ignore_eos=accepts)
+    scripted = ScriptedServer()
+    with ThreadServer(scripted.app) as server:
+        reports = run_workloads(contender, args, server.base_url)
+    assert reports["text"].summary.completed == 2
+    assert all(("ignore_eos" in body) == accepts for body in scripted.bodies)
