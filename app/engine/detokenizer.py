@@ -160,22 +160,23 @@ class _WindowStream:
 class SequenceText:
     """One sample's output text: incremental, cut at the first stop string.
 
-    Text that could be the start of a stop string is held back until the
-    next tokens decide, so no part of a stop string ever reaches the caller.
+    Only text not yet emitted is kept. Text that could be the start of a stop
+    string is held back until the next tokens decide, so no part of a stop
+    string ever reaches the caller; hence a stop string always begins in the
+    unsent text, and only that text is searched.
     """
 
     def __init__(self, stream: TextStream, params: SamplingParams) -> None:
         self._stream = stream
         self._stops = [s for s in params.stop if s]
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
-        self.text = ""
-        self._num_emitted = 0
+        self._unsent = ""
         self.stopped = False  # a stop string was found
 
     def append(self, token_id: int) -> bool:
         """Add one token's text; True when a stop string ends the output here."""
         new_text = self._stream.push(token_id)
-        if new_text:
+        if new_text and not self.stopped:
             self._add(new_text)
         return self.stopped
 
@@ -187,30 +188,29 @@ class SequenceText:
                 self._add(tail)
 
     def _add(self, new_text: str) -> None:
-        if self.stopped:
+        if not self._stops:
+            self._unsent += new_text
             return
-        search_from = max(0, len(self.text) - self._max_stop_len + 1)
-        self.text += new_text
-        if self._stops:
-            cut = self._first_stop(search_from)
-            if cut is not None:
-                self.text = self.text[:cut]
-                self.stopped = True
-
-    def _first_stop(self, search_from: int) -> int | None:
-        hits = [i for s in self._stops if (i := self.text.find(s, search_from)) >= 0]
-        return min(hits) if hits else None
+        search_from = max(0, len(self._unsent) - self._max_stop_len + 1)
+        self._unsent += new_text
+        hits = [i for s in self._stops if (i := self._unsent.find(s, search_from)) >= 0]
+        if hits:
+            self._unsent = self._unsent[: min(hits)]
+            self.stopped = True
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet emitted; while running, minus a tail that may begin a stop string."""
-        end = len(self.text) if finished or self.stopped else len(self.text) - self._held_back()
-        delta = self.text[self._num_emitted : end]
-        self._num_emitted = max(self._num_emitted, end)
-        return delta
+        unsent = self._unsent
+        held = 0 if finished or self.stopped or not self._stops else self._held_back()
+        if held == 0:
+            self._unsent = ""
+            return unsent
+        self._unsent = unsent[len(unsent) - held :]
+        return unsent[: len(unsent) - held]
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        text, longest = self.text, 0
+        """Length of the longest tail of the unsent text that is a proper prefix of a stop."""
+        text, longest = self._unsent, 0
         for stop in self._stops:
             for k in range(min(len(stop) - 1, len(text)), longest, -1):
                 if text.endswith(stop[:k]):

@@ -81,32 +81,39 @@ class ModelRunner:
         logit_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         samples_per_seq: list[int] = []
+        has_forks = False
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            token_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            if num_new == 1:
+            start = seq.num_computed_tokens
+            if num_new == 1:  # a decode, or a prompt whose other tokens were cached
+                token_ids.append(seq.token_ids[start])
+                positions.append(start)
                 slots.append(seq.block_table[start // bs] * bs + start % bs)
             else:
-                slots += _slots(seq.block_table, start, end, bs)
+                token_ids += seq.token_ids[start : start + num_new]
+                positions += range(start, start + num_new)
+                slots += _slots(seq.block_table, start, start + num_new, bs)
             context_lens.append(start)
-            samples = 0
-            if end == seq.num_tokens:
+            if start + num_new < len(seq.token_ids):
+                samples_per_seq.append(0)  # a prefill chunk that does not reach the end
+            elif seq.pending_forks:  # the prompt is done: sample every sample's first token
+                has_forks = True
                 group = [seq, *seq.pending_forks]
-                samples = len(group)
-                logit_rows += [len(token_ids) - 1] * samples
+                logit_rows += [len(token_ids) - 1] * len(group)
                 sample_seqs += group
-            samples_per_seq.append(samples)
-        metadata = self._attention_metadata(batch, context_lens, slots)
-        flat = torch.tensor(token_ids + positions, dtype=torch.int64, device=self.device)
+                samples_per_seq.append(len(group))
+            else:
+                logit_rows.append(len(token_ids) - 1)
+                sample_seqs.append(seq)
+                samples_per_seq.append(1)
         num_tokens = len(token_ids)
-        rows_are_all = logit_rows == list(range(num_tokens))
+        flat = torch.tensor(token_ids + positions, dtype=torch.int64, device=self.device)
+        every_row = not has_forks and len(logit_rows) == num_tokens
         return ModelInputs(
             input_ids=flat[:num_tokens],
             positions=flat[num_tokens:],
-            attn_metadata=metadata,
+            attn_metadata=self._attention_metadata(batch, context_lens, slots),
             image_embeds=self._image_embeds(batch),
-            logit_rows=None if rows_are_all else _long_tensor(logit_rows, self.device),
+            logit_rows=None if every_row else _long_tensor(logit_rows, self.device),
             sample_seqs=sample_seqs,
             samples_per_seq=samples_per_seq,
         )

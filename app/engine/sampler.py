@@ -23,6 +23,7 @@ its tokens depend only on its own logits and seed, not on its batch-mates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -54,11 +55,6 @@ def sample_seed(seed: int, index: int) -> int:
     return (seed + index * 0x9E3779B97F4A7C15) % (1 << 64)
 
 
-def has_penalties(seq: Sequence) -> bool:
-    p = seq.params
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
 class Sampler:
     def __init__(self, device: torch.device, eos_token_ids: tuple[int, ...], seed: int = 0):
         self.device = device
@@ -68,6 +64,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
         """logits: [N, vocab] float32, row i for `seqs[i]`. May modify logits in place."""
         logits, nonfinite = _sanitise(logits)
+        if all(seq.is_plain_greedy for seq in seqs):
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs), nonfinite)
         self._apply_logit_processors(logits, seqs)
         greedy = [seq.is_greedy for seq in seqs]
         wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
@@ -79,7 +77,7 @@ class Sampler:
         return SamplerOutput(token_ids.tolist(), row_logprobs or [None] * len(seqs), nonfinite)
 
     def _apply_logit_processors(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
-        penalised = [i for i, seq in enumerate(seqs) if has_penalties(seq)]
+        penalised = [i for i, seq in enumerate(seqs) if seq.has_penalties]
         if penalised:
             apply_penalties(logits, [seqs[i] for i in penalised], penalised)
         below_min = [
@@ -129,7 +127,7 @@ class Sampler:
 
 def _sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """NaN becomes -inf, +inf a large finite value; rows with nothing finite become uniform."""
-    if bool(torch.isfinite(logits).all()):
+    if math.isfinite(logits.sum().item()):  # one cheap reduction; NaN and inf propagate
         return logits, []
     logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=POSINF_REPLACEMENT)
     dead = ~torch.isfinite(logits).any(dim=-1)  # [N]

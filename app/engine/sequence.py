@@ -141,6 +141,18 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator: Any = None  # the sampler's per-sequence random state, when seeded
         self.is_greedy = params.temperature < GREEDY_TEMPERATURE
+        self.has_penalties = (
+            params.repetition_penalty != 1.0
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+        )
+        # Nothing for the sampler to do but an argmax (its fast path).
+        self.is_plain_greedy = (
+            self.is_greedy
+            and not self.has_penalties
+            and params.logprobs is None
+            and params.min_tokens == 0
+        )
 
     def __repr__(self) -> str:
         return (
