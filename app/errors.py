@@ -145,6 +145,9 @@ def from_engine_error(error: Exception) -> APIError:
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     parts, first_param = [], None
     for item in error.errors():
+        if item.get("type") == "json_invalid":
+            reason = item.get("ctx", {}).get("error", "malformed")
+            return f"The body is not valid JSON: {reason}.", None
         loc = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path")]
         param = ".".join(loc) or None
         first_param = first_param or param

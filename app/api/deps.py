@@ -1,0 +1,35 @@
+"""Dependencies shared by the routes, in one place."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.errors import APIError
+from app.service import Runtime, Service
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def get_runtime(service: Annotated[Service, Depends(get_service)]) -> Runtime:
+    """The loaded model and engine, or a 503 (loading, draining, failed)."""
+    return service.runtime()
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def check_model(runtime: Runtime, requested: str | None) -> None:
+    """Requests may omit the model; naming another one is a 404."""
+    if requested is not None and requested != runtime.model_id:
+        raise APIError(
+            404,
+            f"The model {requested!r} does not exist; this server serves {runtime.model_id!r}.",
+            param="model",
+            code="model_not_found",
+        )

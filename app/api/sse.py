@@ -1,0 +1,46 @@
+"""Server-Sent Events: the wire format and a response that notices a client leaving."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import anyio
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """Streams `text/event-stream`, cancelling the body the moment the client disconnects.
+
+    Listening for the disconnect (rather than waiting for a failed write) matters
+    while a request is queued or prefilling: nothing is written then, yet its
+    engine request must be aborted at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, headers=SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream_then_stop() -> None:
+                with contextlib.suppress(OSError):  # the connection broke while writing
+                    await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream_then_stop)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()

@@ -1,0 +1,70 @@
+"""POST /v1/caption and POST /v1/qa: one uploaded image, answered in the completions shape."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from starlette.responses import Response
+
+from app.api.completions import respond_with_text
+from app.api.deps import RuntimeDep, check_model
+from app.api.generation import Job, fit_to_context, new_request_id, sampling_params
+from app.api.images import load_upload
+from app.engine.sequence import ImageInput
+from app.errors import ERROR_RESPONSES
+from app.schemas import CaptionForm, CompletionResponse, QAForm, VisionForm
+from app.service import Runtime
+
+router = APIRouter(tags=["vision"])
+
+
+@router.post(
+    "/v1/caption",
+    response_model=CompletionResponse,
+    responses=ERROR_RESPONSES,
+    summary="Caption an uploaded image (multipart/form-data)",
+)
+async def caption(
+    form: Annotated[CaptionForm, Form(media_type="multipart/form-data")],
+    request: Request,
+    runtime: RuntimeDep,
+) -> Response:
+    check_model(runtime, form.model)
+    image = await load_upload(runtime, form.image)
+    builder = runtime.prompts
+    prompt_ids = await builder.run(len(form.prompt or ""), builder.caption, form.prompt)
+    return await _describe(request, runtime, form, "caption", prompt_ids, image)
+
+
+@router.post(
+    "/v1/qa",
+    response_model=CompletionResponse,
+    responses=ERROR_RESPONSES,
+    summary="Answer a question about an uploaded image (multipart/form-data)",
+)
+async def answer(
+    form: Annotated[QAForm, Form(media_type="multipart/form-data")],
+    request: Request,
+    runtime: RuntimeDep,
+) -> Response:
+    check_model(runtime, form.model)
+    image = await load_upload(runtime, form.image)
+    builder = runtime.prompts
+    prompt_ids = await builder.run(len(form.question), builder.question, form.question)
+    return await _describe(request, runtime, form, "qa", prompt_ids, image)
+
+
+async def _describe(
+    request: Request,
+    runtime: Runtime,
+    form: VisionForm,
+    endpoint: str,
+    prompt_ids: list[int],
+    image: ImageInput,
+) -> Response:
+    base = sampling_params(form, runtime, stop=form.stop or [], logprobs=None)
+    max_len = runtime.max_model_len
+    params = fit_to_context(base, form.max_tokens, len(prompt_ids), max_len, "max_tokens")
+    job = Job(endpoint, new_request_id(endpoint), runtime.model_id, [prompt_ids], [params], [image])
+    return await respond_with_text(request, runtime, job, form.stream, include_usage=False)

@@ -1,0 +1,216 @@
+"""A real `mmgpt serve` driven by the official openai package and by httpx: what should work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from openai import OpenAI
+
+from tests.api.images import data_url, scene_png
+from tests.e2e.conftest import metric, metrics_text, stream_post
+
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
+FIXED_LENGTH: dict[str, Any] = {"ignore_eos": True}  # every sample runs to max_tokens
+
+
+def _image_chat(text: str) -> list[dict[str, Any]]:
+    image = {"type": "image_url", "image_url": {"url": data_url(scene_png())}}
+    return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
+
+
+def test_models_list_the_served_model(openai_client: OpenAI, model_id: str) -> None:
+    assert [model.id for model in openai_client.models.list()] == [model_id]
+    assert openai_client.models.retrieve(model_id).id == model_id
+
+
+def test_completion_plain_and_streamed_agree(openai_client: OpenAI, model_id: str) -> None:
+    plain = openai_client.completions.create(
+        model=model_id, prompt="a red circle", extra_body=FIXED_LENGTH, **GREEDY
+    )
+    choice = plain.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert plain.usage is not None
+    assert plain.usage.completion_tokens == GREEDY["max_tokens"] and plain.usage.prompt_tokens > 0
+    chunks = list(
+        openai_client.completions.create(
+            model=model_id,
+            prompt="a red circle",
+            stream=True,
+            extra_body=FIXED_LENGTH,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+
+
+def test_n_samples_with_a_seed_are_reproducible(openai_client: OpenAI, model_id: str) -> None:
+    def sample(seed: int) -> list[str]:
+        response = openai_client.completions.create(
+            model=model_id, prompt="the", n=2, seed=seed, temperature=1.0, max_tokens=16,
+            extra_body=FIXED_LENGTH,
+        )  # fmt: skip
+        assert [choice.index for choice in response.choices] == [0, 1]
+        return [choice.text for choice in response.choices]
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert first[0] != first[1]  # two samples, not one twice
+    assert sample(4321) != first
+
+
+def test_stop_strings_end_the_text(openai_client: OpenAI, model_id: str) -> None:
+    def complete(**fields: Any) -> Any:
+        return openai_client.completions.create(
+            model=model_id, prompt="two blue squares", max_tokens=24, temperature=0, **fields
+        ).choices[0]
+
+    full = complete(extra_body=FIXED_LENGTH).text
+    stop = _plain_window(full[len(full) // 3 :])
+    assert stop, f"no usable stop string in {full!r}"
+    stopped = complete(stop=[stop, "never-seen"])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index(stop)]
+
+
+def _plain_window(text: str, width: int = 2) -> str | None:
+    """The first `width` printable ASCII characters in a row: an unambiguous stop string."""
+    for start in range(len(text) - width + 1):
+        window = text[start : start + width]
+        if window.isascii() and window.isprintable() and window.strip():
+            return window
+    return None
+
+
+def test_prompt_lists_token_ids_echo_and_logprobs(http: httpx.Client, model_id: str) -> None:
+    many = http.post(
+        "/v1/completions",
+        json={"model": model_id, "prompt": ["a", "b"], "n": 2, "max_tokens": 3, **FIXED_LENGTH},
+    ).json()
+    assert [choice["index"] for choice in many["choices"]] == [0, 1, 2, 3]
+    assert many["usage"]["completion_tokens"] == 12
+    echoed = http.post(
+        "/v1/completions",
+        json={"prompt": "red circle", "echo": True, "max_tokens": 4, "temperature": 0},
+    ).json()
+    assert echoed["choices"][0]["text"].startswith("red circle")
+    ids = http.post("/v1/completions", json={"prompt": [1, 40, 41], "max_tokens": 2}).json()
+    assert ids["usage"]["prompt_tokens"] == 3
+    scored = http.post(
+        "/v1/completions",
+        json={"prompt": "the", "max_tokens": 5, "logprobs": 2, **FIXED_LENGTH},
+    ).json()["choices"][0]["logprobs"]
+    assert len(scored["tokens"]) == len(scored["token_logprobs"]) == 5
+    assert all(len(top) >= 1 for top in scored["top_logprobs"])
+    assert all(logprob <= 0 for logprob in scored["token_logprobs"])
+
+
+def test_legacy_engines_route(http: httpx.Client, model_id: str) -> None:
+    """What openai<1's Completion.create(engine=..., ...) sends."""
+    response = http.post(
+        f"/v1/engines/{model_id}/completions",
+        json={
+            "prompt": "a green triangle",
+            "max_tokens": 6,
+            "n": 2,
+            "stop": ["\n"],
+            "temperature": 0.5,
+        },
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == model_id
+    assert len(body["choices"]) == 2
+
+
+def test_chat_with_an_image_plain_and_streamed(openai_client: OpenAI, model_id: str) -> None:
+    messages: Any = _image_chat("What is in the picture?")
+    plain = openai_client.chat.completions.create(
+        model=model_id, messages=messages, extra_body=FIXED_LENGTH, **GREEDY
+    )
+    assert plain.choices[0].message.role == "assistant"
+    assert plain.usage is not None and plain.usage.prompt_tokens > 8  # the image's tokens
+    stream = openai_client.chat.completions.create(
+        model=model_id, messages=messages, stream=True, extra_body=FIXED_LENGTH, **GREEDY
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_text_turns(openai_client: OpenAI, model_id: str) -> None:
+    reply = openai_client.chat.completions.create(
+        model=model_id,
+        messages=[
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi"},
+            {"role": "user", "content": [{"type": "text", "text": "Name a shape."}]},
+        ],
+        max_tokens=4,
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def _upload(**fields: Any) -> dict[str, Any]:
+    return {"files": {"image": ("scene.png", scene_png(), "image/png")}, "data": fields}
+
+
+def test_caption_plain_and_streamed(http: httpx.Client, model_id: str) -> None:
+    fields = {"max_tokens": "10", "temperature": "0", "ignore_eos": "true"}
+    plain = http.post("/v1/caption", **_upload(**fields))
+    assert plain.status_code == 200, plain.text
+    body = plain.json()
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert body["model"] == model_id and body["usage"]["completion_tokens"] == 10
+    assert set(body["choices"][0]) >= {"index", "text", "finish_reason"}
+    events = stream_post(http, "/v1/caption", **_upload(stream="true", **fields))
+    assert all(set(event) >= {"id", "object", "created", "model", "choices"} for event in events)
+    assert "".join(e["choices"][0]["text"] for e in events) == body["choices"][0]["text"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_caption_uses_the_chat_template_with_its_prompt(http: httpx.Client, model_id: str) -> None:
+    """A caption with prompt P is the chat turn [image, P]: the same greedy text."""
+    caption = http.post(
+        "/v1/caption",
+        **_upload(prompt="Name the shapes.", **{"max_tokens": "8", "temperature": "0"}),
+    )
+    chat = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model_id,
+            "messages": _image_chat("Name the shapes."),
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+    )
+    assert caption.json()["choices"][0]["text"] == chat.json()["choices"][0]["message"]["content"]
+
+
+def test_qa_plain_and_streamed(http: httpx.Client) -> None:
+    fields = {"question": "What colour is the square?", "max_tokens": "8", "temperature": "0"}
+    plain = http.post("/v1/qa", **_upload(**fields))
+    assert plain.status_code == 200, plain.text
+    events = stream_post(http, "/v1/qa", **_upload(stream="true", **fields))
+    assert "".join(e["choices"][0]["text"] for e in events) == plain.json()["choices"][0]["text"]
+
+
+def test_metrics_export_load_and_http_counters(http: httpx.Client) -> None:
+    text = metrics_text(http)
+    for family in (
+        "mmgpt_num_requests_running",
+        "mmgpt_num_requests_waiting",
+        "mmgpt_kv_cache_usage_ratio",
+    ):
+        assert f"\n{family} " in text, family
+    assert metric(text, "mmgpt_http_requests_total", route="/v1/caption", status="200") >= 1
+    assert metric(text, "mmgpt_request_success_total", endpoint="completions") >= 1
+    assert metric(text, "mmgpt_images_total") >= 1
+    assert metric(text, "mmgpt_model_info") == 1
