@@ -193,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_comparison(runs, args.workloads))
     for run in runs:
         for report in run.reports.values():
-            for message in report.errors:
-                print(f"{run.name} {report.workload.name} error: {message}")
+            for note in report.notes():
+                print(f"{run.name} {report.workload.name}: {note}")
     if args.json is not None:
         args.json.write_text(json.dumps(_report(command, args, runs, ceiling_report), indent=2))
     return 0 if all(run.reports for run in runs) else 1

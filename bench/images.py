@@ -22,7 +22,7 @@ _QUESTIONS = ("What colour is the shape?", "What shape is in the image?", "Where
 class ImageSource(Protocol):
     def image_png(self, index: int) -> bytes: ...
 
-    def question(self, index: int) -> str: ...
+    def question(self, index: int, variant: int = 0) -> str: ...
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -52,8 +52,9 @@ class SyntheticImages:
             draw.rectangle(box, fill=colour)
         return png_bytes(image)
 
-    def question(self, index: int) -> str:
-        return random.Random(self.seed * 7919 + index).choice(_QUESTIONS)
+    def question(self, index: int, variant: int = 0) -> str:
+        first = random.Random(self.seed * 7919 + index).randrange(len(_QUESTIONS))
+        return _QUESTIONS[(first + variant) % len(_QUESTIONS)]
 
 
 class SceneImages:
@@ -68,9 +69,9 @@ class SceneImages:
     def image_png(self, index: int) -> bytes:
         return png_bytes(self._sample(self.first_seed + index).image)
 
-    def question(self, index: int) -> str:
+    def question(self, index: int, variant: int = 0) -> str:
         pairs = self._sample(self.first_seed + index).qa
-        return pairs[index % len(pairs)][0] if pairs else CAPTION_PROMPT
+        return pairs[(index + variant) % len(pairs)][0] if pairs else CAPTION_PROMPT
 
 
 def image_source(name: str, seed: int) -> ImageSource:

@@ -23,7 +23,14 @@ from typing import Any
 import httpx
 
 from bench.client import send_request
-from bench.stats import BenchSummary, RequestResult, format_summary, summarize
+from bench.stats import (
+    BenchSummary,
+    RequestResult,
+    format_repeat,
+    format_summary,
+    repeat_ttft,
+    summarize,
+)
 from bench.workloads import WORKLOADS, BenchRequest, WorkloadSpec, build_requests
 
 
@@ -46,6 +53,7 @@ class BenchReport:
     load: LoadConfig
     summary: BenchSummary
     errors: list[str] = field(default_factory=list)  # distinct messages, at most a few
+    results: list[RequestResult] = field(default_factory=list)  # in request order
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,7 +63,26 @@ class BenchReport:
             "load": asdict(self.load) | {"request_rate": str(self.load.request_rate)},
             "summary": self.summary.to_dict(),
             "errors": self.errors,
+            "requests": [_request_row(result) for result in self.results],
         }
+
+    def notes(self) -> list[str]:
+        """The repeated-image TTFT split when asked for, then the errors."""
+        notes = [f"error: {message}" for message in self.errors]
+        if self.workload.repeat_image > 1:
+            split = repeat_ttft(self.results, self.workload.repeat_image)
+            notes.insert(0, format_repeat(*split))
+        return notes
+
+
+def _request_row(result: RequestResult) -> dict[str, Any]:
+    return {
+        "ok": result.ok,
+        "ttft": result.ttft,
+        "e2e": result.e2e,
+        "output_tokens": result.output_tokens,
+        "error": result.error,
+    }
 
 
 async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
@@ -108,7 +135,7 @@ async def run_benchmark(load: LoadConfig, workload: WorkloadSpec, label: str = "
         results, duration = await run_load(client, load, model, requests)
     errors = sorted({r.error for r in results if not r.ok})[:5]
     summary = summarize(results, duration)
-    return BenchReport(label or workload.name, model, workload, load, summary, errors)
+    return BenchReport(label or workload.name, model, workload, load, summary, errors, results)
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +149,9 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true")
     parser.add_argument("--image-source", choices=["scenes", "synthetic"], default="scenes")
     parser.add_argument("--tokenizer", default=None, help="folder; exact prompt lengths")
+    parser.add_argument(
+        "--repeat-image", type=int, default=1, help="consecutive requests per image (caches)"
+    )
     parser.add_argument("--num-warmups", type=int, default=0, help="unmeasured requests first")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
     parser.add_argument("--seed", type=int, default=0)
@@ -139,6 +169,7 @@ def workload_spec(args: argparse.Namespace, name: str) -> WorkloadSpec:
         ignore_eos=args.ignore_eos,
         image_source=args.image_source,
         tokenizer=args.tokenizer,
+        repeat_image=args.repeat_image,
     )
 
 
@@ -169,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = asyncio.run(run_benchmark(load, workload_spec(args, args.workload)))
     print("$ mmgpt bench " + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_summary(report.summary, f"{report.label} @ {args.base_url}"))
-    for message in report.errors:
-        print(f"error: {message}")
+    for note in report.notes():
+        print(note)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=2))
     return 0 if report.summary.completed else 1

@@ -121,3 +121,18 @@ def format_summary(summary: BenchSummary, title: str) -> str:
             f"{name.upper():<10}{dist.mean:>10.2f}{dist.p50:>10.2f}{dist.p90:>10.2f}{dist.p99:>10.2f}"
         )
     return "\n".join(lines)
+
+
+def repeat_ttft(results: Sequence[RequestResult], repeat: int) -> tuple[Distribution, Distribution]:
+    """TTFT of the first request about each image, and of the `repeat - 1` that follow it."""
+    first = [r.ttft for i, r in enumerate(results) if i % repeat == 0 and r.ttft is not None]
+    later = [r.ttft for i, r in enumerate(results) if i % repeat != 0 and r.ttft is not None]
+    return Distribution.of_seconds(first), Distribution.of_seconds(later)
+
+
+def format_repeat(first: Distribution, later: Distribution) -> str:
+    ratio = first.p50 / later.p50 if later.p50 > 0 else math.nan
+    return (
+        f"TTFT p50, first request per image: {first.p50:.2f} ms; "
+        f"later requests: {later.p50:.2f} ms ({ratio:.2f}x lower)"
+    )

@@ -46,6 +46,7 @@ class WorkloadSpec:
     ignore_eos: bool = False
     image_source: str = "scenes"
     tokenizer: str | None = None  # folder or tokenizer.json, for exact text prompt lengths
+    repeat_image: int = 1  # consecutive requests about one image, each asking something else
     extra_body: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,18 +83,21 @@ def _text_requests(spec: WorkloadSpec) -> list[BenchRequest]:
 
 
 def _caption(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
-    return BenchRequest("caption", _sampling_fields(spec), images.image_png(index))
+    image = index // spec.repeat_image
+    return BenchRequest("caption", _sampling_fields(spec), images.image_png(image))
 
 
 def _qa(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
-    fields = _sampling_fields(spec) | {"question": images.question(index)}
-    return BenchRequest("qa", fields, images.image_png(index))
+    image, variant = divmod(index, spec.repeat_image)
+    fields = _sampling_fields(spec) | {"question": images.question(image, variant)}
+    return BenchRequest("qa", fields, images.image_png(image))
 
 
 def _chat_image(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
     """Alternates captioning and questions, both as OpenAI chat with a data-URL image part."""
-    text = CAPTION_PROMPT if index % 2 == 0 else images.question(index)
-    url = "data:image/png;base64," + base64.b64encode(images.image_png(index)).decode("ascii")
+    image, variant = divmod(index, spec.repeat_image)
+    text = CAPTION_PROMPT if index % 2 == 0 else images.question(image, variant)
+    url = "data:image/png;base64," + base64.b64encode(images.image_png(image)).decode("ascii")
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
     messages = [{"role": "user", "content": content}]
     return BenchRequest("chat", _json_fields(spec) | {"messages": messages})

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from bench.stats import Distribution, RequestResult, format_summary, percentile, summarize
+from bench.stats import (
+    Distribution,
+    RequestResult,
+    format_summary,
+    percentile,
+    repeat_ttft,
+    summarize,
+)
 
 
 @pytest.mark.parametrize(
@@ -67,3 +74,11 @@ def test_summary_table_names_every_metric() -> None:
     table = format_summary(summarize(results, 1.0), "text")
     for label in ("TTFT", "TPOT", "ITL", "E2E", "Output token throughput", "Failed requests"):
         assert label in table
+
+
+def test_repeat_ttft_splits_first_requests_per_image_from_the_rest() -> None:
+    ttfts = [0.9, 0.1, 0.2, 0.7, 0.3, 0.1]  # images of 3 requests each: 0.9 and 0.7 come first
+    results = [RequestResult(ok=True, ttft=t, e2e=1.0, output_tokens=2) for t in ttfts]
+    first, later = repeat_ttft(results, repeat=3)
+    assert first.p50 == pytest.approx(800.0)
+    assert later.p50 == pytest.approx(150.0)

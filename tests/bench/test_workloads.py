@@ -58,3 +58,10 @@ def test_scene_images_come_from_the_held_out_scenes() -> None:
     expected = scenes.sample(scenes.EVAL_SEED_START + 2)
     assert Image.open(io.BytesIO(source.image_png(2))).size == expected.image.size
     assert source.question(2) in [question for question, _ in expected.qa]
+
+
+def test_repeat_image_asks_different_questions_about_one_image() -> None:
+    spec = WorkloadSpec("qa", num_prompts=4, repeat_image=2, image_source="synthetic")
+    first, second, third, _ = build_requests(spec)
+    assert first.image_png == second.image_png != third.image_png
+    assert first.fields["question"] != second.fields["question"]
