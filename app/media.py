@@ -142,13 +142,13 @@ class ImageIntake:
         self._limiter = anyio.CapacityLimiter(DECODE_CONCURRENCY)
 
     async def load(self, data: bytes, param: str = "image") -> ImageInput:
+        metrics.IMAGES.inc()
         check_size(len(data), self.limits, param)
         started = time.perf_counter()
         image_input = await anyio.to_thread.run_sync(
             self._decode_and_preprocess, data, param, limiter=self._limiter
         )
         metrics.IMAGE_PREPROCESS_TIME.observe(time.perf_counter() - started)
-        metrics.IMAGES.inc()
         return image_input
 
     def _decode_and_preprocess(self, data: bytes, param: str) -> ImageInput:

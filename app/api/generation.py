@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,11 +161,15 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
     tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
     try:
-        for _ in range(len(streams)):
-            while (item := await queue.get())[1] is not None:
-                if isinstance(item[1], BaseException):
-                    raise item[1]
-                yield item  # type: ignore[misc]
+        unfinished = len(streams)
+        while unfinished:
+            index, item = await queue.get()
+            if item is None:
+                unfinished -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
     finally:
         for task in tasks:
             task.cancel()
@@ -299,7 +303,7 @@ async def stream_events(
     tally: Tally,
     render: ChunkRenderer,
     usage_chunk: Callable[[Usage], BaseModel] | None,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """SSE lines for the outputs as they come; an error event if generation fails."""
     outcome = "client_disconnect"  # unless the loop below gets to an end
     try:

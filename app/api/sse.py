@@ -34,13 +34,21 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(content, headers=SSE_HEADERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def stream_then_stop() -> None:
-                with contextlib.suppress(OSError):  # the connection broke while writing
-                    await self.stream_response(send)
+                async def stream_then_stop() -> None:
+                    with contextlib.suppress(OSError):  # the connection broke while writing
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
-
-            group.start_soon(stream_then_stop)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+        finally:
+            # A body cancelled while paused at a `yield` is not finalised by the
+            # cancellation; closing it here runs its cleanup (the engine abort) now.
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()

@@ -44,6 +44,7 @@ async def test_health_answers_while_loading_and_ready_says_503(tmp_path: Path) -
         assert response.headers["retry-after"]
         models = await client.get("/v1/models")
         assert models.status_code == 200 and models.json()["data"][0]["id"] == tmp_path.name
+        assert (await client.get("/docs")).status_code == 200
 
 
 async def test_malformed_requests_are_envelopes(tmp_path: Path) -> None:
