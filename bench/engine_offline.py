@@ -10,6 +10,7 @@ within one run (shared machines are noisy).
     python -m bench.engine_offline                          # gpt2-small and gpt2-tiny (random)
     python -m bench.engine_offline --models default --batch-sizes 1 8 32 64
     python -m bench.engine_offline --models /path/to/checkpoint --threads 1
+    python -m bench.engine_offline --device cuda --dtype bfloat16
 
 Model names: gpt2-small / gpt2-tiny (random GPT-2 shapes built by bench.checkpoints
 into --cache-dir), default (models/checkpoints/<the one there>), or a folder.
@@ -23,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,7 +99,9 @@ def engine_run(
 
 
 def generate_run(hf_model: torch.nn.Module, batch: list[list[int]], new_tokens: int) -> float:
-    input_ids = torch.tensor(batch)
+    device = next(hf_model.parameters()).device
+    input_ids = torch.tensor(batch, device=device)
+    _synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf_model.generate(  # type: ignore[operator]
@@ -108,23 +112,33 @@ def generate_run(hf_model: torch.nn.Module, batch: list[list[int]], new_tokens: 
             do_sample=False,
             pad_token_id=0,
         )
+    _synchronize(device)
     elapsed = time.perf_counter() - start
     assert out.shape[1] == input_ids.shape[1] + new_tokens
     return len(batch) * new_tokens / elapsed
 
 
-def load_hf(folder: Path) -> torch.nn.Module:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_hf(folder: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
 
     config = AutoConfig.from_pretrained(folder)
+    model: Any
     if "Llava" in (config.architectures or [""])[0]:
-        return LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.to(device).eval()
 
 
 def bench_model(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
-    loaded = load_model(folder, "cpu", torch.float32)
-    hf_model = None if args.skip_generate else load_hf(folder)
+    dtype = getattr(torch, args.dtype)
+    loaded = load_model(folder, args.device, dtype)
+    hf_model = None if args.skip_generate else load_hf(folder, args.device, dtype)
     warm = prompts(loaded, 2, args.prompt_len, seed=0)
     engine_run(loaded, warm, 4, args.block_size)
     rows = []
@@ -164,12 +178,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--skip-generate", action="store_true", help="engine numbers only")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU; "
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {args.dtype}, {args.device}; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")  # fmt: skip
     print_header()
     for name in args.models:

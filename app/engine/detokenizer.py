@@ -15,8 +15,9 @@ that depend on the previous token (SentencePiece's leading space) hold.
 from __future__ import annotations
 
 import codecs
-import json
 from typing import Any, Protocol
+
+from tokenizers import decoders
 
 from app.engine.sequence import SamplingParams
 
@@ -94,18 +95,16 @@ def _byte_table(tokenizer: Any) -> list[bytes] | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return None
-    spec = json.loads(backend.to_str())
-    decoder = spec.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel" or spec.get("normalizer") is not None:
+    if not isinstance(backend.decoder, decoders.ByteLevel) or backend.normalizer is not None:
         return None
     alphabet = _byte_level_alphabet()
-    table = []
-    for token_id in range(backend.get_vocab_size(with_added_tokens=True)):
-        token = backend.id_to_token(token_id) or ""
-        if all(c in alphabet for c in token):
-            table.append(bytes(alphabet[c] for c in token))
+    to_latin1 = str.maketrans({char: chr(byte) for char, byte in alphabet.items()})
+    table = [b""] * backend.get_vocab_size(with_added_tokens=True)
+    for token, token_id in backend.get_vocab(with_added_tokens=True).items():
+        if alphabet.keys() >= set(token):
+            table[token_id] = token.translate(to_latin1).encode("latin-1")
         else:  # added tokens outside the alphabet decode as their own text
-            table.append(token.encode("utf-8"))
+            table[token_id] = token.encode("utf-8")
     return table
 
 

@@ -48,7 +48,13 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = num_blocks
         self.kv_cache = self.model.allocate_kv_cache(num_blocks, config.block_size)
-        self.sampler = Sampler(self.device, loaded.info.eos_token_ids, config.seed)
+        image_token = loaded.info.image_token_id
+        self.sampler = Sampler(
+            self.device,
+            loaded.info.eos_token_ids,
+            config.seed,
+            banned_token_ids=() if image_token is None else (image_token,),
+        )
         self.image_cache = ImageEmbeddingCache(config.image_cache_size)
 
     @torch.inference_mode()

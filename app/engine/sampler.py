@@ -16,6 +16,9 @@ Logprobs are the log-softmax of the logits after steps 1-2 and the temperature
 every alternative has a finite value. This is vLLM's "processed logprobs"
 minus the truncation.
 
+Banned tokens (a multimodal model's image placeholder, which only images may
+fill) are never sampled.
+
 Draws use the exponential-race form of categorical sampling (argmax of
 probs / Exp(1) noise). A seeded row draws its noise from its own generator, so
 its tokens depend only on its own logits and seed, not on its batch-mates.
@@ -56,14 +59,23 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, eos_token_ids: tuple[int, ...], seed: int = 0):
+    def __init__(
+        self,
+        device: torch.device,
+        eos_token_ids: tuple[int, ...],
+        seed: int = 0,
+        banned_token_ids: tuple[int, ...] = (),
+    ) -> None:
         self.device = device
         self.eos_token_ids = eos_token_ids
+        self.banned_token_ids = list(banned_token_ids)  # never sampled (image placeholders)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded rows
 
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
         """logits: [N, vocab] float32, row i for `seqs[i]`. May modify logits in place."""
         logits, nonfinite = _sanitise(logits)
+        if self.banned_token_ids:
+            logits[:, self.banned_token_ids] = float("-inf")
         if all(seq.is_plain_greedy for seq in seqs):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs), nonfinite)
         self._apply_logit_processors(logits, seqs)

@@ -155,3 +155,14 @@ def test_greedy_image_requests_match_transformers_generate(llava: LoadedModel) -
         )
         assert samples[0].token_ids == generated[0, len(job.prompt) :].tolist()
     assert results[0][0].token_ids != results[1][0].token_ids  # the image matters
+
+
+def test_the_image_placeholder_is_never_generated(llava: LoadedModel) -> None:
+    image_token = llava.info.image_token_id
+    jobs = random_image_jobs(llava, 32, seed=6)
+    for i, job in enumerate(jobs):
+        job.params.temperature, job.params.seed, job.params.max_tokens = 3.0, i, 30
+        job.params.ignore_eos = True
+    results = run_jobs(make_core(llava), jobs)
+    assert all(samples[0].finish_reason == "length" for samples in results)
+    assert all(image_token not in samples[0].token_ids for samples in results)

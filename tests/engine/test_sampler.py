@@ -185,3 +185,11 @@ def test_non_finite_logits_do_not_crash_and_are_reported() -> None:
     out = Sampler(CPU, (EOS,)).sample(logits, seqs)
     assert out.nonfinite_rows == [1]
     assert out.token_ids[0] in (0, 2) and out.token_ids[2] == 0 and out.token_ids[3] == 1
+
+
+def test_banned_tokens_are_never_sampled() -> None:
+    sampler = Sampler(CPU, (EOS,), banned_token_ids=(2,))
+    logits = torch.tensor([[0.0, 1.0, 9.0, 0.5]] * 3)
+    seqs = [make_seq(temperature=0.0), make_seq(seed=3), make_seq(temperature=0.0, logprobs=1)]
+    for _ in range(20):
+        assert 2 not in sampler.sample(logits.clone(), seqs).token_ids

@@ -1,0 +1,200 @@
+"""The engine's correctness checks on a CUDA device, then its offline throughput there.
+
+    python -m bench.gpu_check                 # needs a GPU; exits 2 without one
+    python -m bench.gpu_check --device cpu    # the same checks on the CPU (a dry run)
+
+Checks (tiny random checkpoints built offline, fp32 and bf16):
+- 64 concurrent greedy requests give each request's tokens when run alone;
+- greedy tokens equal transformers' generate() on the same device (fp32);
+- a run forced to preempt equals an unconstrained one;
+- seeded sampling gives the same tokens alone and in a batch of 32;
+- 48 image requests on a tiny LLaVA equal each alone.
+Then `bench.engine_offline` on a GPT-2-small-shaped random checkpoint.
+Exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.engine.config import EngineConfig
+from app.engine.engine_core import EngineCore
+from app.engine.sequence import ImageInput, ImageSpan, SamplingParams
+from app.engine.validation import image_spans
+from models import load_model
+from models.base import LoadedModel
+
+Job = tuple[list[int], SamplingParams, tuple[ImageSpan, ...]]
+MAX_FLIPS_FP32 = 1  # near-tie argmax flips tolerated per batch
+MAX_FLIPS_BF16 = 6  # bf16 rounds batch-shape-dependent sums differently
+
+
+def run(core: EngineCore, jobs: list[Job]) -> list[list[int]]:
+    tokens: list[list[int]] = [[] for _ in jobs]
+    for i, (prompt, params, spans) in enumerate(jobs):
+        core.add_request(f"j{i}", prompt, params, spans, sink=i)
+    while core.has_unfinished:
+        for i, output in core.step():
+            if output.index == 0:
+                tokens[i] += output.token_ids
+    return tokens
+
+
+def alone(loaded: LoadedModel, jobs: list[Job]) -> list[list[int]]:
+    return [run(core_for(loaded), [job])[0] for job in jobs]
+
+
+def core_for(loaded: LoadedModel, **overrides: object) -> EngineCore:
+    return EngineCore(EngineConfig(model=loaded.path, **overrides), loaded)  # type: ignore[arg-type]
+
+
+def flips(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(x != y for x, y in zip(a, b, strict=True))
+
+
+def text_jobs(count: int, seed: int, **params: object) -> list[Job]:
+    rng = random.Random(seed)
+    jobs: list[Job] = []
+    for _ in range(count):
+        prompt = [rng.randrange(4, 384) for _ in range(rng.randint(1, 100))]
+        sampling = SamplingParams(max_tokens=rng.randint(1, 40), **params)  # type: ignore[arg-type]
+        jobs.append((prompt, sampling, ()))
+    return jobs
+
+
+def image_jobs(loaded: LoadedModel, count: int, seed: int) -> list[Job]:
+    info, rng = loaded.info, random.Random(seed)
+    assert info.image_token_id is not None
+    pixels = np.random.default_rng(seed).standard_normal((4, 3, info.image_size, info.image_size))
+    pool = [
+        ImageInput(p.astype(np.float32), hashlib.sha256(p.tobytes()).hexdigest()) for p in pixels
+    ]
+    jobs: list[Job] = []
+    for _ in range(count):
+        images = [rng.choice(pool) for _ in range(rng.randint(1, 2))]
+        prompt = [1]
+        for _image in images:
+            prompt += [rng.randrange(4, 384) for _ in range(rng.randint(0, 20))]
+            prompt += [info.image_token_id] * info.image_seq_length
+        prompt += [rng.randrange(4, 384) for _ in range(rng.randint(1, 20))]
+        params = SamplingParams(max_tokens=rng.randint(1, 30), temperature=0.0)
+        jobs.append((prompt, params, image_spans(prompt, images, info)))
+    return jobs
+
+
+def check_batched_greedy(loaded: LoadedModel, max_flips: int) -> str:
+    jobs = text_jobs(64, seed=1, temperature=0.0)
+    together = run(core_for(loaded, max_num_batched_tokens=128), jobs)
+    count = flips(together, alone(loaded, jobs))
+    assert count <= max_flips, f"{count} of 64 differ"
+    return f"{count} of 64 differ"
+
+
+def check_against_transformers(loaded: LoadedModel) -> str:
+    from transformers import AutoModelForCausalLM
+
+    hf: Any = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.info.dtype)
+    hf = hf.to(loaded.info.device).eval()
+    jobs = text_jobs(4, seed=2, temperature=0.0, ignore_eos=True)
+    ours = run(core_for(loaded), jobs)
+    for (prompt, params, _), tokens in zip(jobs, ours, strict=True):
+        ids = torch.tensor([prompt], device=loaded.info.device)
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=params.max_tokens,
+            do_sample=False,
+            eos_token_id=None,
+        )
+        assert out[0, len(prompt) :].tolist() == tokens, "differs from generate()"
+    return "4 of 4 equal"
+
+
+def check_preemption(loaded: LoadedModel, max_flips: int) -> str:
+    jobs = text_jobs(24, seed=3, temperature=0.0, ignore_eos=True)
+    reference = run(core_for(loaded), jobs)
+    tight = core_for(loaded, kv_cache_bytes=160 * loaded.info.kv_bytes_per_token())
+    count = flips(run(tight, jobs), reference)
+    preemptions = tight.scheduler.num_preemptions
+    assert preemptions > 0 and count <= max_flips, f"{preemptions} preemptions, {count} differ"
+    return f"{preemptions} preemptions, {count} of 24 differ"
+
+
+def check_seeded(loaded: LoadedModel, max_flips: int) -> str:
+    jobs = text_jobs(32, seed=4, temperature=0.9, top_p=0.95)
+    for i, (_, params, _) in enumerate(jobs):
+        params.seed = 100 + i
+    count = flips(run(core_for(loaded), jobs), alone(loaded, jobs))
+    assert count <= max_flips, f"{count} of 32 differ"
+    return f"{count} of 32 differ"
+
+
+def check_images(loaded: LoadedModel, max_flips: int) -> str:
+    jobs = image_jobs(loaded, 48, seed=5)
+    together = run(core_for(loaded, max_num_batched_tokens=64), jobs)
+    count = flips(together, alone(loaded, jobs))
+    assert count <= max_flips, f"{count} of 48 differ"
+    return f"{count} of 48 differ"
+
+
+def run_checks(device: str, folder: Path) -> bool:
+    from tests.checkpoints import make_tiny_llama, make_tiny_llava
+
+    llama_dir = make_tiny_llama(folder / "llama")
+    llava_dir = make_tiny_llava(folder / "llava")
+    passed = True
+    for dtype, max_flips in ((torch.float32, MAX_FLIPS_FP32), (torch.bfloat16, MAX_FLIPS_BF16)):
+        llama = load_model(llama_dir, device, dtype)
+        llava = load_model(llava_dir, device, dtype)
+        checks: list[tuple[str, Callable[[], str]]] = [
+            ("64 batched greedy == alone", partial(check_batched_greedy, llama, max_flips)),
+            ("forced preemption == unconstrained", partial(check_preemption, llama, max_flips)),
+            ("seeded: batch of 32 == alone", partial(check_seeded, llama, max_flips)),
+            ("48 image requests == alone", partial(check_images, llava, max_flips)),
+        ]
+        if dtype == torch.float32:
+            checks.append(("greedy == generate()", partial(check_against_transformers, llama)))
+        for name, check in checks:
+            try:
+                print(f"  ok    {dtype!s:15} {name}: {check()}", flush=True)
+            except AssertionError as exc:
+                passed = False
+                print(f"  FAIL  {dtype!s:15} {name}: {exc}", flush=True)
+    return passed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device; run with --device cpu for a dry run")
+        sys.exit(2)
+    if args.device.startswith("cuda"):
+        print(f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory(prefix="mmgpt-gpu-check-") as scratch:
+        passed = run_checks(args.device, Path(scratch))
+    if not args.skip_throughput:
+        from bench import engine_offline
+
+        for dtype in ("float32", "bfloat16"):
+            engine_offline.main(
+                ["--models", "gpt2-small", "--device", args.device, "--dtype", dtype]
+            )
+    sys.exit(0 if passed else 1)
+
+
+if __name__ == "__main__":
+    main()
