@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import sys
@@ -32,6 +33,8 @@ from bench.stats import (
     summarize,
 )
 from bench.workloads import WORKLOADS, BenchRequest, WorkloadSpec, build_requests
+
+WARMUP_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,19 @@ def _client(load: LoadConfig, num_requests: int) -> httpx.AsyncClient:
     )
 
 
+def warmup_requests(workload: WorkloadSpec, count: int) -> list[BenchRequest]:
+    """Other prompts and images than the measured ones, so that no cache is warmed for them."""
+    if count == 0:
+        return []
+    seed = workload.seed + WARMUP_SEED_OFFSET
+    return build_requests(dataclasses.replace(workload, num_prompts=count, seed=seed))
+
+
 async def run_benchmark(load: LoadConfig, workload: WorkloadSpec, label: str = "") -> BenchReport:
     requests = build_requests(workload)
     async with _client(load, len(requests)) as client:
         model = load.model or await discover_model(client, load.base_url)
-        for request in requests[: load.num_warmups]:
+        for request in warmup_requests(workload, load.num_warmups):
             await send_request(client, load.base_url, model, request)
         results, duration = await run_load(client, load, model, requests)
     errors = sorted({r.error for r in results if not r.ok})[:5]

@@ -106,3 +106,14 @@ def test_arrivals_yield_every_index_in_order() -> None:
 
     assert asyncio.run(collect(float("inf"))) == [0, 1, 2, 3, 4]
     assert asyncio.run(collect(10_000.0)) == [0, 1, 2, 3, 4]
+
+
+def test_warmups_use_other_prompts_than_the_measured_ones() -> None:
+    scripted = ScriptedServer()
+    spec = WorkloadSpec("text", num_prompts=2, output_len=2)
+    with ThreadServer(scripted.app) as server:
+        load = LoadConfig(base_url=server.base_url, num_warmups=2)
+        report = asyncio.run(run_benchmark(load, spec))
+    assert report.summary.completed == 2  # the warm-ups are not measured
+    warmups, measured = scripted.bodies[:2], scripted.bodies[2:]
+    assert not {b["prompt"] for b in warmups} & {b["prompt"] for b in measured}
