@@ -58,3 +58,12 @@ def test_sigterm_drains_then_exits_zero(own_server: ServerProcess) -> None:
         assert payloads[-1]["usage"]["completion_tokens"] == MAX_TOKENS  # not cut off
         assert payloads[-2]["choices"][0]["finish_reason"] == "length"
     assert own_server.process.wait(DEADLINE_S) == 0, own_server.log_tail()
+
+
+def test_a_model_that_fails_to_load_ends_the_process(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-checkpoint"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+    process = start_server(broken, tmp_path)
+    assert process.process.wait(DEADLINE_S) == 1, process.log_tail()
+    assert "failed to load" in process.log_tail()
