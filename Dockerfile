@@ -46,6 +46,11 @@ COPY bench/ bench/
 # The resolver also brings in the dependencies of the torch installed above.
 RUN /opt/venv/bin/pip install --no-cache-dir --find-links docker/wheels .
 
+# The default model, readable by the service's user whatever its modes in the context.
+RUN install -d /opt/mmgpt/checkpoints \
+    && cp -r models/checkpoints/mmgpt-scenes /opt/mmgpt/checkpoints/ \
+    && chmod -R a+rX,go-w /opt/mmgpt
+
 
 FROM ${BASE_IMAGE} AS runtime
 
@@ -53,17 +58,17 @@ RUN groupadd --system --gid 10001 mmgpt \
     && useradd --system --uid 10001 --gid mmgpt --create-home --shell /usr/sbin/nologin mmgpt
 
 COPY --from=builder /opt/venv /opt/venv
-COPY models/checkpoints/mmgpt-scenes/ /models/checkpoints/mmgpt-scenes/
+COPY --from=builder /opt/mmgpt /opt/mmgpt
 COPY docker/healthcheck.py /usr/local/bin/mmgpt-healthcheck
 
-# Other checkpoints: mount a folder over /models and point MMGPT_MODEL into it.
+# Other checkpoints: mount their folder (at /models, say) and point MMGPT_MODEL into it.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     MMGPT_HOST=0.0.0.0 \
     MMGPT_PORT=8000 \
-    MMGPT_MODEL=/models/checkpoints/mmgpt-scenes
+    MMGPT_MODEL=/opt/mmgpt/checkpoints/mmgpt-scenes
 
 USER 10001:10001
 WORKDIR /home/mmgpt

@@ -169,9 +169,9 @@ build_images() {
         -t "$MMGPT_IMAGE" "$ROOT" >/dev/null
 }
 
-compose() {
-    docker compose --project-directory "$ROOT" -f "$ROOT/docker-compose.yml" -p "$PROJECT" "$@"
-}
+COMPOSE=(docker compose --project-directory "$ROOT" -f "$ROOT/docker-compose.yml" -p "$PROJECT")
+
+compose() { "${COMPOSE[@]}" "$@"; }
 
 run_stack_check() {
     local services=(mmgpt prometheus) grafana_args=()
@@ -183,7 +183,7 @@ run_stack_check() {
     fi
     log "docker compose up -d ${services[*]}"
     STACK_UP=1
-    timeout "$DEADLINE_SECONDS" compose up -d --no-build "${services[@]}"
+    compose up -d --no-build --wait --wait-timeout "$DEADLINE_SECONDS" "${services[@]}"
     log "stack up; checking it"
     python3 "$ROOT/docker/check_stack.py" \
         --mmgpt "http://127.0.0.1:$MMGPT_PUBLISH_PORT" \

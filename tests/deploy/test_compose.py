@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from tests.deploy.conftest import DOCKER_DIR, REPO_ROOT, missing_tool, require_tool
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
 # Variables of the shell that would change what the file resolves to.
 STACK_VARIABLES = ("MMGPT_", "PROMETHEUS_", "GRAFANA_", "PUBLISH_ADDRESS", "COMPOSE_")
 
@@ -79,10 +81,20 @@ def test_models_folder_is_mounted_and_can_be_swapped() -> None:
     assert other["services"]["mmgpt"]["volumes"][0]["source"] == "/srv/checkpoints"
 
 
+def image_environment() -> dict[str, str]:
+    """The MMGPT_* variables that the Dockerfile's ENV sets, with their values."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    pairs = re.findall(r"\b(MMGPT_\w+)=(\S+)", text)
+    return dict(pairs)
+
+
 def test_settings_come_from_the_environment() -> None:
     unset = compose_config()["services"]["mmgpt"]["environment"]
-    assert unset["MMGPT_MODEL"] is None  # unset: the image's default model
-    assert unset["MMGPT_API_KEYS"] is None
+    assert unset["MMGPT_API_KEYS"] is None  # passed through only when set
+    # A bare name would drop the image's value, so those the image sets get its default.
+    for name, value in image_environment().items():
+        assert unset.get(name, value) == value, name
+    assert image_environment()["MMGPT_MODEL"] == "/opt/mmgpt/checkpoints/mmgpt-scenes"
     env = {"MMGPT_MODEL": "/models/checkpoints/other", "MMGPT_API_KEYS": "k1,k2"}
     for service in compose_config("gpu", env=env)["services"].values():
         if service["image"].startswith("mmgpt:"):

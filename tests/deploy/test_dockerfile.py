@@ -60,10 +60,12 @@ def test_runtime_runs_the_service_as_a_non_root_user() -> None:
 
 
 def test_default_model_is_inside_and_configured() -> None:
-    copies = arguments(DOCKERFILE, "COPY")
-    assert "models/checkpoints/mmgpt-scenes/ /models/checkpoints/mmgpt-scenes/" in copies
+    runs = " ".join(arguments(DOCKERFILE, "RUN"))
+    assert "cp -r models/checkpoints/mmgpt-scenes /opt/mmgpt/checkpoints/" in runs
+    assert "chmod -R a+rX" in runs  # readable by the non-root user
+    assert "--from=builder /opt/mmgpt /opt/mmgpt" in arguments(DOCKERFILE, "COPY")
     env = " ".join(arguments(DOCKERFILE, "ENV"))
-    assert "MMGPT_MODEL=/models/checkpoints/mmgpt-scenes" in env
+    assert "MMGPT_MODEL=/opt/mmgpt/checkpoints/mmgpt-scenes" in env
     assert "MMGPT_HOST=0.0.0.0" in env
 
 
@@ -110,6 +112,6 @@ def copied_sources() -> list[str]:
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:
     sources = copied_sources()
-    assert "models/checkpoints/mmgpt-scenes" in sources
+    assert "models" in sources
     for source in [*sources, "models/checkpoints/mmgpt-scenes/config.json", "app/cli.py"]:
         assert not dockerignore_excludes(source), source
