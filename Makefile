@@ -39,3 +39,10 @@ clean:
 # docker.io and friends): see docker/test-compose.sh.
 test-compose:
 	bash docker/test-compose.sh
+
+.PHONY: test-ray
+# Ray Serve: two replicas on a local Ray cluster (loopback, 2 CPUs) serve concurrent captions
+# and completions, one is killed and replaced; installs the ray extra when it is missing.
+test-ray: $(STAMP)
+	$(BIN)/python -c "import ray.serve, psutil" 2>/dev/null || $(BIN)/pip install --quiet -e '.[ray,dev]'
+	MMGPT_TEST_RAY=1 $(BIN)/python -m pytest -q tests/ray
