@@ -120,11 +120,12 @@ class EngineCore:
         """Schedule, run, update. A failing step fails only its own requests."""
         started = time.monotonic()
         batch = self.scheduler.schedule()
+        deliveries: list[Delivery] = []  # kept if the update fails part-way: some may be final
         try:
-            deliveries = self._update(batch, self._run(batch, started))
+            self._update(batch, self._run(batch, started), deliveries)
         except Exception as exc:  # a model error or a bug ends this step's requests only
             logger.exception("engine step failed; failing its %d sequences", len(batch.seqs))
-            deliveries = self._fail(batch, exc)
+            deliveries += self._fail(batch, exc)
         self._record_step(batch, deliveries, started)
         return deliveries
 
@@ -134,10 +135,13 @@ class EngineCore:
         self._mark_scheduled(batch, started)
         return self.runner.run(batch)
 
-    def _update(self, batch: ScheduledBatch, result: StepResult) -> list[Delivery]:
+    def _update(
+        self, batch: ScheduledBatch, result: StepResult, deliveries: list[Delivery]
+    ) -> None:
         with_token = self.scheduler.update(batch, result.sampled)
         now = time.monotonic()
-        return [self._on_token(seq, result, now) for seq in with_token]
+        for seq in with_token:
+            deliveries.append(self._on_token(seq, result, now))
 
     def _fail(self, batch: ScheduledBatch, exc: Exception) -> list[Delivery]:
         error = f"{type(exc).__name__}: {exc}"
