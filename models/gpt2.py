@@ -21,18 +21,11 @@ from models.weights import CheckpointWeights
 
 # Causal-mask buffers that old GPT-2 checkpoints store alongside the weights.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def _gpt2_name(stored: str) -> str:
     """Checkpoints name the body `transformer.*` (GPT2LMHeadModel) or leave it bare."""
     return stored.removeprefix("transformer.")
-
-
-def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name in TANH_GELUS:  # one fused op instead of the textbook formula
-        return lambda x: F.gelu(x, approximate="tanh")
-    return activation(name)
 
 
 @dataclass
@@ -88,7 +81,7 @@ class GPT2LMHeadModel(PagedDecoderModel):
         self._weights, self._inner = weights, config.n_inner or 4 * config.n_embd
         self.wte = self._take("wte.weight", self.vocab_size, self.hidden_size)
         self.wpe = self._take("wpe.weight", self.max_positions, self.hidden_size)
-        act = _activation(config.activation_function)
+        act = activation(config.activation_function)
         self.layers = [
             GPT2Layer(self._layer(i), config.n_head, self.eps, _scale(config, i), act)
             for i in range(self.num_layers)

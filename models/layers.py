@@ -20,7 +20,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
 
 
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# Plain functions for the common activations: calling an nn.Module costs microseconds a step.
+FUNCTIONAL_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": _tanh_gelu,
+    "gelu_pytorch_tanh": _tanh_gelu,
+}
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation a config names, as transformers defines it."""
+    if name in FUNCTIONAL_ACTIVATIONS:
+        return FUNCTIONAL_ACTIVATIONS[name]
     if name not in ACT2FN:
         raise ModelLoadError("config.json", f"unknown activation {name!r}")
     return ACT2FN[name]

@@ -152,6 +152,13 @@ def test_bfloat16_runs_close_to_float32(llava_dir: Path) -> None:
     assert relative_error(logits[torch.bfloat16], logits[torch.float32]) < 0.05
 
 
+def test_dtype_names(llama_dir: Path) -> None:
+    assert load_model(llama_dir, dtype="bfloat16").info.dtype == torch.bfloat16
+    assert load_model(llama_dir, "cpu", "auto").info.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model(llama_dir, dtype="float8")
+
+
 # --- broken folders: one clear ModelLoadError naming the file and the problem ---------------
 
 
