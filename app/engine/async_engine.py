@@ -121,6 +121,7 @@ class AsyncEngine:
         self._stopping = False
         self._drain_deadline = 0.0
         self._heartbeat = time.monotonic()
+        self.stuck_after_s = STUCK_AFTER_SECONDS
         self._stats = self._snapshot()
 
     # ---- what the API reads ------------------------------------------------------------
@@ -146,7 +147,7 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self.is_running and time.monotonic() - self._heartbeat < STUCK_AFTER_SECONDS
+        return self.is_running and time.monotonic() - self._heartbeat < self.stuck_after_s
 
     def stats(self) -> EngineStats:
         return self._stats

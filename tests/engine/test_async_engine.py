@@ -329,3 +329,60 @@ def test_concurrent_submits_from_another_thread_loop(engine: AsyncEngine) -> Non
     for thread in threads:
         thread.join()
     assert [results[f"loop{i}"][-1].finish_reason for i in range(2)] == ["length", "length"]
+
+
+class _BlockingRunner:
+    """Wraps the runner: a step holding the 'stuck' request waits for a release."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def run(self, batch: Any) -> Any:
+        if any(seq.request_id == "stuck" for seq in batch.seqs):
+            self.entered.set()
+            assert self.release.wait(timeout=60)
+        return self.runner.run(batch)
+
+
+def test_a_step_that_runs_too_long_makes_the_engine_unhealthy(llama: LoadedModel) -> None:
+    engine = new_engine(llama)
+    runner = _BlockingRunner(engine._core.runner)
+    engine._core.runner = runner  # type: ignore[assignment]
+    engine.stuck_after_s = 0.2
+    engine.start()
+
+    async def main() -> list[RequestOutput]:
+        stream = engine.submit("stuck", prompt(9), SamplingParams(max_tokens=3))
+        await wait_for(runner.entered.is_set)
+        await wait_for(lambda: not engine.is_healthy)
+        assert engine.is_running
+        runner.release.set()
+        outputs = await collect(stream)
+        await wait_for(lambda: engine.is_healthy)
+        return outputs
+
+    try:
+        assert run(main())[-1].finish_reason == "length"
+    finally:
+        runner.release.set()
+        engine.stop()
+
+
+def test_stop_aborts_requests_still_waiting_for_admission(llama: LoadedModel) -> None:
+    engine = new_engine(llama, max_num_seqs=1)
+    engine.start()
+
+    async def main() -> list[str | None]:
+        streams = [
+            engine.submit(f"queued{i}", prompt(i), SamplingParams(max_tokens=200)) for i in range(3)
+        ]
+        await streams[0].__anext__()
+        await asyncio.to_thread(engine.stop, 0.0)
+        return [(await collect(stream))[-1].finish_reason for stream in streams]
+
+    assert run(main()) == ["abort", "abort", "abort"]
