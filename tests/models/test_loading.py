@@ -110,6 +110,29 @@ def test_llava_weight_layouts_load_the_same_model(
 
 
 @pytest.mark.parametrize(
+    ("vision", "feature_layer", "strategy", "tokens"),
+    [("clip", [-3, -1], "full", 17), ("siglip", -2, "default", 15)],
+)
+def test_llava_feature_layers_and_strategies(
+    tmp_path: Path, vision: str, feature_layer: int | list[int], strategy: str, tokens: int
+) -> None:
+    folder = make_tiny_llava(
+        tmp_path / "llava",
+        vision=vision,  # type: ignore[arg-type]
+        vision_feature_layer=feature_layer,
+        select_strategy=strategy,  # type: ignore[arg-type]
+    )
+    model = load_model(folder).model
+    assert model.info.image_seq_length == tokens
+    prompt = [1, 9, *[3] * tokens, 40, 41]
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rows = PagedSession(model).step([(0, prompt)], model.encode_images(pixels)[0])[0]
+    reference = AutoModelForImageTextToText.from_pretrained(folder)
+    expected = reference(input_ids=torch.tensor([prompt]), pixel_values=pixels).logits[0]
+    assert relative_error(model.compute_logits(rows), expected) < 1e-4
+
+
+@pytest.mark.parametrize(
     "rope",
     [
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
