@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from app.engine.block_manager import BlockManager
 from app.engine.scheduler import ScheduledBatch, Scheduler
 from app.engine.sequence import SamplingParams, Sequence, SequenceStatus
@@ -178,3 +181,11 @@ def test_no_starvation_under_a_stream_of_short_requests() -> None:
         if long.status is not SequenceStatus.WAITING:
             break
     assert long.status is not SequenceStatus.WAITING, "the long request starved"
+
+
+def test_scheduler_and_block_manager_import_no_torch() -> None:
+    code = (
+        "import sys, app.engine.scheduler, app.engine.block_manager; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
