@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ BUILDERS: dict[str, Builder] = {
     "GPT2LMHeadModel": build_gpt2,
 }
 MULTIMODAL_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 __all__ = ["BUILDERS", "LoadedModel", "ModelInfo", "ModelLoadError", "load_model"]
@@ -42,6 +44,10 @@ def _resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtyp
     return DTYPES[dtype]
 
 
+def _cpu_has_fast_half() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -57,7 +63,10 @@ def load_model(
     is_multimodal = architecture in MULTIMODAL_ARCHITECTURES
     image_processor = checkpoint.load_image_processor(folder) if is_multimodal else None
     target = torch.device(device)
-    model = BUILDERS[architecture](config, folder, _resolve_dtype(dtype, target), target)
+    resolved = _resolve_dtype(dtype, target)
+    if resolved != torch.float32 and target.type == "cpu" and not _cpu_has_fast_half():
+        logger.warning("%s on a CPU without AVX-512: expect float32 to be faster", resolved)
+    model = BUILDERS[architecture](config, folder, resolved, target)
     gen_config = checkpoint.generation_config(folder)
     model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
     chat_template = getattr(tokenizer, "chat_template", None) or getattr(
