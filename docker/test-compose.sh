@@ -59,12 +59,17 @@ install_tools() {
     fi
 }
 
+# No default bridge: compose makes the stack's own network, builds use the host's.
 start_dockerd() {
     mkdir -p "$STATE_DIR/data" "$RUN_DIR"
+    if [ -f "$RUN_DIR/dockerd.pid" ] && kill -0 "$(cat "$RUN_DIR/dockerd.pid")" 2>/dev/null; then
+        log "a dockerd on $DOCKER_HOST still runs (pid $(cat "$RUN_DIR/dockerd.pid")): stop it first"
+        return 1
+    fi
     IP_FORWARD_BEFORE="$(cat /proc/sys/net/ipv4/ip_forward)"
     log "starting dockerd (log: $RUN_DIR/dockerd.log)"
     dockerd --data-root "$STATE_DIR/data" --exec-root "$RUN_DIR/exec" \
-        --pidfile "$RUN_DIR/dockerd.pid" --host "$DOCKER_HOST" \
+        --pidfile "$RUN_DIR/dockerd.pid" --host "$DOCKER_HOST" --bridge none \
         >"$RUN_DIR/dockerd.log" 2>&1 &
     DOCKERD_PID=$!
     local deadline=$((SECONDS + 60))
@@ -89,6 +94,8 @@ stop_all() {
         compose down -v --remove-orphans >/dev/null 2>&1 || true
     fi
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
+        # Layers of earlier builds; the tagged images stay as the next run's cache.
+        docker image prune --force >/dev/null 2>&1 || true
         log "stopping dockerd (pid $DOCKERD_PID)"
         kill "$DOCKERD_PID"
         wait "$DOCKERD_PID" 2>/dev/null || true
