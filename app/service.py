@@ -123,6 +123,12 @@ class Service:
             return "The model is loading; retry shortly."
         if self.status in (Status.DRAINING, Status.STOPPED):
             return "The server is shutting down."
+        engine = self.engine
+        if engine is not None and engine.is_running and not engine.is_healthy:
+            return (
+                f"The engine loop has made no progress for over {engine.stuck_after_s:g} s; "
+                "it may be stuck."
+            )
         return "The engine loop is not running."
 
     def _build_runtime(self, engine: AsyncEngine) -> Runtime:

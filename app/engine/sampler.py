@@ -141,7 +141,9 @@ def _sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """NaN becomes -inf, +inf a large finite value; rows with nothing finite become uniform."""
     if math.isfinite(logits.sum().item()):  # one cheap reduction; NaN and inf propagate
         return logits, []
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=POSINF_REPLACEMENT)
+    logits = torch.nan_to_num(
+        logits, nan=float("-inf"), posinf=POSINF_REPLACEMENT, neginf=float("-inf")
+    )  # [N, vocab]; left to itself nan_to_num would make -inf finite, hiding a dead row
     dead = ~torch.isfinite(logits).any(dim=-1)  # [N]
     nonfinite = dead.nonzero().flatten().tolist()
     if nonfinite:
@@ -167,7 +169,11 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int])
     sub = torch.where(seen, penalised, sub)
     sub -= _column([s.params.frequency_penalty for s in seqs], device) * counts
     sub -= _column([s.params.presence_penalty for s in seqs], device) * (counts > 0)
-    logits[rows] = sub
+    # A penalty that underflows float32 (e.g. 1e-300) turns logits into +inf, and a banned
+    # -inf logit into NaN (-inf * 0): keep banned tokens banned and the rest finite.
+    logits[rows] = torch.nan_to_num(
+        sub, nan=float("-inf"), posinf=POSINF_REPLACEMENT, neginf=float("-inf")
+    )  # [R, vocab]
 
 
 def _padded(token_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
