@@ -160,18 +160,6 @@ def replica_tag() -> str:
     return str(serve.get_replica_context().replica_tag)
 
 
-@serve.deployment(
-    name="mmgpt",
-    num_replicas=1,
-    ray_actor_options={"num_cpus": 1},
-    # A continuous-batching engine wants many requests at once; the engine's own queue
-    # limit (max_waiting_requests) answers 503 beyond what it can hold.
-    max_ongoing_requests=128,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=30,
-)
-@serve.ingress()
 class MMGPTReplica:
     """One replica: the mmgpt app with its engine, its metrics port and its health check."""
 
@@ -223,8 +211,22 @@ class MMGPTReplica:
             raise RuntimeError(f"mmgpt replica unhealthy: {reason}")
 
 
+# The Serve deployment: the app comes from `__serve_build_asgi_app__` in each replica.
+# serve.yaml's `deployments:` entry (name: mmgpt) overrides any of these options.
+mmgpt_deployment = serve.deployment(
+    name="mmgpt",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 1},
+    # A continuous-batching engine wants many requests at once; the engine's own queue
+    # limit (max_waiting_requests) answers 503 beyond what it can hold.
+    max_ongoing_requests=128,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)(serve.ingress()(MMGPTReplica))
+
+
 def build_app(args: RayServeArgs) -> Application:
     """The application builder that `serve run` and serve.yaml name (app.ray_serve:build_app)."""
     Settings(**args.settings)  # a misspelt or invalid setting fails here, not in each replica
-    # The decorators made MMGPTReplica a Deployment; mypy still sees the class.
-    return MMGPTReplica.bind(args)  # type: ignore[attr-defined]
+    return mmgpt_deployment.bind(args)

@@ -135,7 +135,7 @@ async def test_a_replica_whose_model_failed_or_is_slow_does_not_start() -> None:
 
 
 def test_the_health_check_raises_until_the_engine_runs() -> None:
-    check_health = ray_serve.MMGPTReplica.func_or_class.check_health
+    check_health = ray_serve.MMGPTReplica.check_health
     with pytest.raises(RuntimeError, match="no app yet"):
         check_health(SimpleNamespace(service=None))
     service = idle_service()

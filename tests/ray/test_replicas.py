@@ -40,7 +40,7 @@ def mmgpt_url(ray_proxy_url: str, ray_model_dir: Path) -> str:
         metrics_port=0,  # any free port: tests may run beside other servers
         load_timeout_s=DEADLINE_S,
     )
-    deployment = ray_serve.MMGPTReplica.options(
+    deployment = ray_serve.mmgpt_deployment.options(
         num_replicas=NUM_REPLICAS, ray_actor_options={"num_cpus": 1}, max_constructor_retry_count=1
     )
     serve.run(deployment.bind(args), name="mmgpt", route_prefix="/")
