@@ -13,12 +13,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
 import pytest
 
 from app.config import default_model_path
 from tests.conftest import free_port
+
+if TYPE_CHECKING:
+    import psutil  # the ray extra brings it; `make test` may run without
 
 NUM_CPUS = 2  # the Ray cluster's CPUs: one per replica
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # mmgpt passes nothing through Ray's object store
@@ -46,6 +49,7 @@ def ray_model_dir(tiny_llava_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def ray_proxy_url() -> Iterator[str]:
     """Starts Ray (2 CPUs, loopback) and Serve's HTTP proxy on a free loopback port."""
+    import psutil
     import ray
     from ray import serve
 
@@ -77,6 +81,8 @@ def ray_proxy_url() -> Iterator[str]:
 
 def assert_all_exited(processes: list[psutil.Process]) -> None:
     """Fails if a process the cluster started outlives its shutdown (and then ends it)."""
+    import psutil
+
     _, alive = psutil.wait_procs(processes, timeout=EXIT_DEADLINE_S)
     names = [f"{process.pid} {process.name()}" for process in alive]
     for process in alive:
