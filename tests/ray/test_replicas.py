@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,13 @@ import pytest
 ray_serve = pytest.importorskip("app.ray_serve", reason="needs the ray extra: pip install '.[ray]'")
 
 from tests.e2e.conftest import metric  # noqa: E402
-from tests.ray.client import ENDPOINTS, Served, concurrent_round, replicas_seen  # noqa: E402
+from tests.ray.client import (  # noqa: E402
+    ENDPOINTS,
+    Served,
+    SteadyLoad,
+    concurrent_round,
+    replicas_seen,
+)
 from tests.ray.conftest import needs_cluster  # noqa: E402
 
 pytestmark = needs_cluster
@@ -82,21 +89,35 @@ def test_each_replica_exports_its_own_metrics(mmgpt_url: str, first_rounds: list
 def test_requests_keep_succeeding_while_ray_replaces_a_killed_replica(mmgpt_url: str) -> None:
     before = replicas_seen(mmgpt_url, NUM_REPLICAS)
     victim, victim_info = sorted(before.items())[0]
-    killed_at = time.monotonic()
-    os.kill(victim_info["pid"], signal.SIGKILL)
-    deadline = killed_at + DEADLINE_S
-    served: list[Served] = []
-    while not set(request.replica for request in served) - set(before):
-        assert time.monotonic() < deadline, "no replacement replica served before the deadline"
-        served += concurrent_round(mmgpt_url, PER_ENDPOINT, deadline)
-    failures = Counter(failure for request in served for failure in request.failures)
+    deadline = time.monotonic() + DEADLINE_S
+    load = SteadyLoad(mmgpt_url, PER_ENDPOINT, deadline)
+    with ThreadPoolExecutor(max_workers=len(load.endpoints)) as pool:
+        clients = load.run(pool)
+        try:
+            # Kill while requests run on both replicas: some are in flight on the victim.
+            assert load.wait_for(lambda served: len(served) >= len(load.endpoints))
+            killed_at = time.monotonic()
+            os.kill(victim_info["pid"], signal.SIGKILL)
+            replaced = load.wait_for(lambda served: bool(replicas(served) - set(before)))
+        finally:
+            load.stopped.set()
+        for client in clients:
+            client.result()  # every request was served, within its retries
+    assert replaced, f"no new replica within {DEADLINE_S} s; served by {replicas(load.served)}"
+    after_kill = [request for request in load.served if request.started > killed_at]
+    failures = Counter(failure for request in load.served for failure in request.failures)
+    first_new = min(r.started for r in load.served if r.replica not in before) - killed_at
     print(
-        f"after the kill: {len(served)} requests served, {sum(failures.values())} retried "
-        f"attempts {dict(failures)}, replacement serving after "
-        f"{time.monotonic() - killed_at:.1f} s"
+        f"{len(after_kill)} requests sent after the kill, all served; {sum(failures.values())} "
+        f"attempts retried {dict(failures)}; the replacement served a request sent "
+        f"{first_new:.1f} s after the kill"
     )
-    assert victim not in {request.replica for request in served}
+    assert victim not in replicas(after_kill)
     wait_until_healthy(deadline)
+
+
+def replicas(served: list[Served]) -> set[str]:
+    return {request.replica for request in served}
 
 
 def wait_until_healthy(deadline: float) -> None:
