@@ -85,7 +85,7 @@ class Scheduler:
                 continue  # over budget, or preempted for an older decode this step
             while not self.block_manager.can_append(seq):
                 victim = self._newest_running(exclude=seq)
-                self._preempt(victim or seq, batch)
+                budget += self._preempt(victim or seq, batch)
                 if victim is None:
                     break
             if seq.status is not SequenceStatus.RUNNING:
@@ -120,11 +120,18 @@ class Scheduler:
         candidates = [s for s in self.running if s is not exclude]
         return max(candidates, key=lambda s: s.seq_id) if candidates else None
 
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        """Free the sequence's blocks and queue it first for recomputation."""
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> int:
+        """Free the sequence's blocks and queue it first for recomputation.
+
+        Returns the tokens it had been given in this batch, now back in the budget.
+        """
+        refund = 0
         if seq in batch.seqs:
             i = batch.seqs.index(seq)
+            refund = batch.num_new_tokens[i]
             del batch.seqs[i], batch.num_new_tokens[i]
+            owned = set(seq.block_table)
+            batch.block_copies = [c for c in batch.block_copies if c[1] not in owned]
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -132,6 +139,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.num_preempted += 1
         self.num_preemptions += 1
+        return refund
 
     # ---- update --------------------------------------------------------------
     def update(self, batch: ScheduledBatch, sampled: list[list[int]]) -> list[Sequence]:

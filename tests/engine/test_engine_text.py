@@ -125,3 +125,16 @@ def test_logprobs_of_greedy_tokens_are_the_top_alternative(llama: LoadedModel) -
         assert len(entry.top_logprobs) <= 3
         assert entry.logprob == max(entry.top_logprobs.values())
         assert entry.logprob <= 0.0
+
+
+def test_forked_samples_under_preemption_equal_one_greedy_run(llama: LoadedModel) -> None:
+    prompts = [list(range(10 + k, 47 + k)) for k in range(4)]  # 37 tokens: shared partial block
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    singles = run_jobs(make_core(llama), [Job(p, greedy) for p in prompts])
+    group_params = SamplingParams(n=3, max_tokens=24, temperature=0.0, ignore_eos=True)
+    tight = make_core(llama, kv_cache_bytes=12 * 16 * llama.info.kv_bytes_per_token())
+    groups = run_jobs(tight, [Job(p, group_params) for p in prompts])
+    assert tight.scheduler.num_preemptions > 0
+    for single, group in zip(singles, groups, strict=True):
+        assert [s.token_ids for s in group] == [single[0].token_ids] * 3
+    assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks

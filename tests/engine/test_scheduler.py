@@ -189,3 +189,20 @@ def test_scheduler_and_block_manager_import_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_preempting_forked_samples_gives_the_unconstrained_tokens() -> None:
+    def outputs(num_blocks: int) -> tuple[list[list[int]], int]:
+        scheduler = make_scheduler(num_blocks=num_blocks)
+        groups = [make_seq(i, prompt_len=6, max_tokens=10, n=3) for i in range(3)]
+        samples = [s for g in groups for s in (g, *g.pending_forks)]
+        for group in groups:
+            scheduler.add(group)
+        run_to_completion(scheduler)
+        assert scheduler.block_manager.num_free_blocks == num_blocks
+        return [s.output_token_ids for s in samples], scheduler.num_preemptions
+
+    reference, _ = outputs(num_blocks=64)
+    constrained, preemptions = outputs(num_blocks=8)
+    assert preemptions > 0
+    assert constrained == reference
