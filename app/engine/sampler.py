@@ -73,11 +73,13 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
         """logits: [N, vocab] float32, row i for `seqs[i]`. May modify logits in place."""
-        logits, nonfinite = _sanitise(logits)
         if self.banned_token_ids:
             logits[:, self.banned_token_ids] = float("-inf")
         if all(seq.is_plain_greedy for seq in seqs):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs), nonfinite)
+            row_max, token_ids = logits.max(dim=-1)  # [N], [N]: one pass gives both
+            if _all_finite(row_max):
+                return SamplerOutput(token_ids.tolist(), [None] * len(seqs), [])
+        logits, nonfinite = _sanitise(logits)
         self._apply_logit_processors(logits, seqs)
         greedy = [seq.is_greedy for seq in seqs]
         wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
@@ -139,7 +141,7 @@ class Sampler:
 
 def _sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """NaN becomes -inf, +inf a large finite value; rows with nothing finite become uniform."""
-    if math.isfinite(logits.sum().item()):  # one cheap reduction; NaN and inf propagate
+    if _all_finite(logits.amax(dim=-1)):
         return logits, []
     logits = torch.nan_to_num(
         logits, nan=float("-inf"), posinf=POSINF_REPLACEMENT, neginf=float("-inf")
@@ -149,6 +151,15 @@ def _sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     if nonfinite:
         logits[nonfinite] = 0.0
     return logits, nonfinite
+
+
+def _all_finite(row_max: torch.Tensor) -> bool:
+    """Whether every row's maximum is finite: no NaN, no +inf, no row without a finite logit.
+
+    NaN and infinities propagate through the row maxima and their sum; -inf entries
+    in a row (masked tokens) do not.
+    """
+    return math.isfinite(row_max.sum().item())
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:

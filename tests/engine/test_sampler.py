@@ -193,3 +193,12 @@ def test_banned_tokens_are_never_sampled() -> None:
     seqs = [make_seq(temperature=0.0), make_seq(seed=3), make_seq(temperature=0.0, logprobs=1)]
     for _ in range(20):
         assert 2 not in sampler.sample(logits.clone(), seqs).token_ids
+
+
+def test_greedy_rows_with_non_finite_logits_take_the_careful_path() -> None:
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[nan, 1.0, 2.0], [0.0, 3.0, -inf], [nan, nan, nan], [-inf, inf, 0.0]])
+    seqs = [make_seq(temperature=0.0) for _ in range(4)]
+    out = Sampler(CPU, (EOS,)).sample(logits, seqs)
+    assert out.token_ids[:2] == [2, 1] and out.token_ids[3] == 1
+    assert out.nonfinite_rows == [2]
