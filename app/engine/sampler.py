@@ -80,6 +80,8 @@ class Sampler:
             if _all_finite(row_max):
                 return SamplerOutput(token_ids.tolist(), [None] * len(seqs), [])
         logits, nonfinite = _sanitise(logits)
+        if nonfinite and self.banned_token_ids:  # rows reset to uniform lost their bans
+            logits[:, self.banned_token_ids] = float("-inf")
         self._apply_logit_processors(logits, seqs)
         greedy = [seq.is_greedy for seq in seqs]
         wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
