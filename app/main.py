@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from app import __version__
 from app.api import chat, completions, health, models, vision
 from app.api.middleware import GateMiddleware
 from app.config import Settings
 from app.errors import install_error_handlers
+from app.schemas import ChatCompletionChunk
 from app.service import Service
 
 if TYPE_CHECKING:
@@ -71,7 +73,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(name, None)
+    _add_component(components.setdefault("schemas", {}), ChatCompletionChunk)  # chat streams
     if needs_key:
         components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
     app.openapi_schema = schema
     return schema
+
+
+def _add_component(schemas: dict[str, Any], model: type[BaseModel]) -> None:
+    """A model that only event streams refer to, with the models it nests, as components."""
+    found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, nested in found.pop("$defs", {}).items():
+        schemas.setdefault(name, nested)
+    schemas.setdefault(model.__name__, found)

@@ -31,6 +31,18 @@ def image_message(text: str) -> list[Message]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
+def check_unicode(text: str, param: str) -> None:
+    """JSON lets lone surrogates ("\\ud800") through; they are no text a tokenizer can encode."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise bad_request(
+            f"The text is not valid Unicode ({error.reason}, at character {error.start}).", param
+        ) from None
+
+
 class PromptBuilder:
     """Turns requests into the token ids `engine.submit` takes, for one loaded model."""
 
@@ -49,6 +61,7 @@ class PromptBuilder:
     def completion(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """A completions prompt: text tokenised as the tokenizer does (BOS included), or ids."""
         if isinstance(prompt, str):
+            check_unicode(prompt, param)
             token_ids: list[int] = self.tokenizer(prompt)["input_ids"]
         else:
             token_ids = list(prompt)
@@ -64,6 +77,7 @@ class PromptBuilder:
         if num_images and not self.info.is_multimodal:
             raise bad_request(f"The model {self.info.name} does not accept images.", param)
         text = self._render(messages, param)
+        check_unicode(text, param)
         token_ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if num_images and token_ids.count(self._image_token_id) != num_images:
             raise bad_request(

@@ -2,16 +2,21 @@
 
 Unknown request fields are ignored (clients send extras such as `user`); known
 fields that would change the result but are not supported are refused with a
-400 rather than silently ignored.
+400 rather than silently ignored. JSON bodies are strictly typed, as the schema
+says: "5" is not an integer and 0 is not a boolean (but 5.0 is the integer 5, as
+in JSON Schema). Multipart forms, whose values are all text, are parsed as usual.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -23,6 +28,29 @@ MAX_N = 128
 MAX_STOP_STRINGS = 64
 MAX_PROMPTS = 128
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: an impossible token's logprob is reported as this
+
+
+def _json_logprob(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+# JSON request bodies: unknown fields ignored, known ones taken only with their own JSON type.
+STRICT_JSON = ConfigDict(extra="ignore", strict=True)
+
+
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer field of a request: JSON Schema counts 5.0 as the integer 5, and so do we.
+JSONInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
+
+
+# A log probability as sent: finite, so that every response serialises as JSON.
+Logprob = Annotated[float, AfterValidator(_json_logprob)]
 
 
 class SamplingFields(BaseModel):
@@ -30,7 +58,7 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    max_tokens: int | None = Field(
+    max_tokens: JSONInt | None = Field(
         default=None,
         ge=1,
         description="Most tokens to generate. Default: 16 for completions, "
@@ -44,7 +72,7 @@ class SamplingFields(BaseModel):
         "Default: the model's generation_config, else 1.",
     )
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(
+    top_k: JSONInt | None = Field(
         default=None, ge=-1, description="Sample from the k best tokens; 0 or -1: all."
     )
     min_p: float | None = Field(
@@ -53,10 +81,10 @@ class SamplingFields(BaseModel):
         le=1,
         description="Drop tokens below min_p times the best token's probability.",
     )
-    n: int = Field(
+    n: JSONInt = Field(
         default=1, ge=1, le=MAX_N, description="Completions to generate for each prompt."
     )
-    seed: int | None = Field(
+    seed: JSONInt | None = Field(
         default=None, ge=SEED_MIN, le=SEED_MAX, description="Makes sampling reproducible."
     )
     presence_penalty: float = Field(
@@ -74,12 +102,14 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = Field(
         default=False, description="Keep generating past the end-of-text token."
     )
-    min_tokens: int = Field(
+    min_tokens: JSONInt = Field(
         default=0, ge=0, description="Tokens to generate before EOS or stop may end."
     )
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT_JSON
+
     include_usage: bool = Field(default=False, description="Send a last chunk with token usage.")
 
 
@@ -105,14 +135,16 @@ def _refuse_unsupported(values: dict[str, Any], names: tuple[str, ...]) -> None:
 
 
 class CompletionRequest(SamplingFields):
+    model_config = STRICT_JSON
+
     model: str | None = Field(
         default=None, description="Model id; must be the served one if given."
     )
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[JSONInt] | list[list[JSONInt]] = Field(
         description="Text, a list of texts, token ids, or a list of token id lists."
     )
     stop: StopField = None
-    logprobs: int | None = Field(
+    logprobs: JSONInt | None = Field(
         default=None,
         ge=0,
         description="Return the log probabilities of this many top tokens per token.",
@@ -122,7 +154,7 @@ class CompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
     suffix: str | None = Field(default=None, description="Not supported (must be empty).")
-    best_of: int | None = Field(default=None, description="Not supported beyond n.")
+    best_of: JSONInt | None = Field(default=None, description="Not supported beyond n.")
     logit_bias: dict[str, float] | None = Field(
         default=None, description="Not supported (must be empty)."
     )
@@ -164,8 +196,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[Logprob] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob]] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -191,16 +223,22 @@ class CompletionResponse(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT_JSON
+
     type: Literal["text"]
     text: str
 
 
 class ImageURL(BaseModel):
+    model_config = STRICT_JSON
+
     url: str = Field(description="A data:image/...;base64 URL, or http(s) on allowed hosts.")
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class ImagePart(BaseModel):
+    model_config = STRICT_JSON
+
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -209,6 +247,8 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
+    model_config = STRICT_JSON
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = Field(
         default=None, description="Text or content parts."
@@ -217,16 +257,18 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = STRICT_JSON
+
     model: str | None = Field(
         default=None, description="Model id; must be the served one if given."
     )
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     stop: StopField = None
-    max_completion_tokens: int | None = Field(
+    max_completion_tokens: JSONInt | None = Field(
         default=None, ge=1, description="Alias of max_tokens."
     )
     logprobs: bool = Field(default=False, description="Return log probabilities of output tokens.")
-    top_logprobs: int | None = Field(
+    top_logprobs: JSONInt | None = Field(
         default=None, ge=0, description="Alternatives per token, with logprobs."
     )
     stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
@@ -270,7 +312,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class TopLogprob(BaseModel):
     token: str
-    logprob: float
+    logprob: Logprob
     bytes: list[int] | None = None
 
 

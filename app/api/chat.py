@@ -19,7 +19,7 @@ from app.api.generation import (
     submit,
 )
 from app.api.images import check_image_count, image_intake, load_image_url
-from app.api.sse import EventStreamResponse
+from app.api.sse import EventStreamResponse, streamed_ok
 from app.engine.sequence import ImageInput, RequestOutput, TokenLogprob
 from app.errors import ERROR_RESPONSES
 from app.prompts import Message
@@ -46,7 +46,7 @@ router = APIRouter(tags=["chat"])
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=ERROR_RESPONSES,
+    responses={**ERROR_RESPONSES, **streamed_ok(ChatCompletionChunk)},
     summary="Chat, with images as image_url content parts (OpenAI Chat Completions)",
 )
 async def create_chat_completion(

@@ -18,7 +18,7 @@ from app.api.generation import (
     stream_events,
     submit,
 )
-from app.api.sse import EventStreamResponse
+from app.api.sse import EventStreamResponse, streamed_ok
 from app.engine.sequence import RequestOutput, TokenLogprob
 from app.errors import ERROR_RESPONSES
 from app.schemas import (
@@ -37,7 +37,7 @@ OPENAI_DEFAULT_MAX_TOKENS = 16
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses=ERROR_RESPONSES,
+    responses={**ERROR_RESPONSES, **streamed_ok(CompletionResponse)},
     summary="Complete a text prompt (OpenAI Completions)",
 )
 async def create_completion(
@@ -49,7 +49,7 @@ async def create_completion(
 @router.post(
     "/v1/engines/{engine}/completions",
     response_model=CompletionResponse,
-    responses=ERROR_RESPONSES,
+    responses={**ERROR_RESPONSES, **streamed_ok(CompletionResponse)},
     summary="Complete a text prompt (legacy engine-style path; engine is the model id)",
 )
 async def create_engine_completion(
@@ -151,11 +151,13 @@ class TextRenderer:
     def _logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs | None:
         if not self.with_logprobs:
             return None
-        result = CompletionLogprobs()
+        text_offset = []
         for entry in entries:
-            result.tokens.append(entry.token)
-            result.token_logprobs.append(entry.logprob)
-            result.top_logprobs.append(entry.top_logprobs)
-            result.text_offset.append(offset)
+            text_offset.append(offset)
             offset += len(entry.token)
-        return result
+        return CompletionLogprobs(  # built in one call so that its fields are validated
+            tokens=[entry.token for entry in entries],
+            token_logprobs=[entry.logprob for entry in entries],
+            top_logprobs=[entry.top_logprobs for entry in entries],
+            text_offset=text_offset,
+        )

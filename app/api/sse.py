@@ -15,6 +15,36 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def streamed_ok(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a generating route: JSON, or with `stream: true` Server-Sent Events.
+
+    Each event's data is a `chunk` (or, after a failure, the error envelope) as
+    JSON, and the last one is `[DONE]`. The schema describes one event, as
+    OpenAPI does for event streams.
+    """
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_ref(chunk.__name__), _ref("ErrorResponse")]},
+    }
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}},
+    }
+    return {
+        200: {
+            "description": "The result; with stream=true, Server-Sent Events of its chunks "
+            "(`data: {...}` lines) ending in `data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": event}},
+        }
+    }
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 def sse(payload: BaseModel | dict[str, Any]) -> str:
     body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {body}\n\n"

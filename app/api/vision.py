@@ -11,6 +11,7 @@ from app.api.completions import respond_with_text
 from app.api.deps import RuntimeDep, check_model
 from app.api.generation import Job, fit_to_context, new_request_id, sampling_params
 from app.api.images import load_upload
+from app.api.sse import streamed_ok
 from app.engine.sequence import ImageInput
 from app.errors import ERROR_RESPONSES
 from app.schemas import CaptionForm, CompletionResponse, QAForm, VisionForm
@@ -22,7 +23,7 @@ router = APIRouter(tags=["vision"])
 @router.post(
     "/v1/caption",
     response_model=CompletionResponse,
-    responses=ERROR_RESPONSES,
+    responses={**ERROR_RESPONSES, **streamed_ok(CompletionResponse)},
     summary="Caption an uploaded image (multipart/form-data)",
 )
 async def caption(
@@ -40,7 +41,7 @@ async def caption(
 @router.post(
     "/v1/qa",
     response_model=CompletionResponse,
-    responses=ERROR_RESPONSES,
+    responses={**ERROR_RESPONSES, **streamed_ok(CompletionResponse)},
     summary="Answer a question about an uploaded image (multipart/form-data)",
 )
 async def answer(

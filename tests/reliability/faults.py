@@ -61,7 +61,8 @@ class FaultyRunner:
 
 
 class BadLogitsModel:
-    """Wraps a model: while `mode` is "nan" or "inf", every logit is that value."""
+    """Wraps a model: while `mode` is "nan" or "inf", every logit is that value; while it is
+    "peak", every logit is -inf but the original best one (a model that rules tokens out)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -72,6 +73,9 @@ class BadLogitsModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.compute_logits(hidden)  # [N, vocab]
+        if self.mode == "peak":
+            best = logits.argmax(dim=-1, keepdim=True)  # [N, 1]
+            return torch.full_like(logits, float("-inf")).scatter_(1, best, 0.0)
         if self.mode is not None:
             logits.fill_(float(self.mode))
         return logits

@@ -21,6 +21,7 @@ from app.engine.async_engine import AsyncEngine, RequestStream
 from app.engine.config import EngineConfig
 from app.engine.sampler import Sampler
 from app.engine.sequence import RequestOutput, SamplingParams, Sequence
+from app.schemas import LOGPROB_FLOOR
 from models import LoadedModel
 from tests.e2e.conftest import assert_error
 from tests.reliability.faults import (
@@ -250,6 +251,17 @@ async def test_nan_and_inf_logits_never_take_the_server_down(tiny_gpt2: LoadedMo
         model.mode = "inf"  # every logit +inf: sanitised to equal finite values, a valid draw
         inf = await client.post("/v1/completions", json={**body, "logprobs": 2})
         assert inf.status_code == 200, inf.text
+        model.mode = "peak"  # -inf logprobs, which JSON cannot carry, are sent as a floor
+        peak = await client.post("/v1/completions", json={**body, "logprobs": 2})
+        assert peak.status_code == 200, peak.text
+        logprobs = peak.json()["choices"][0]["logprobs"]
+        assert logprobs["token_logprobs"][0] == 0.0
+        assert sorted(logprobs["top_logprobs"][0].values()) == [LOGPROB_FLOOR, 0.0]
+        chat = {"messages": [{"role": "user", "content": "hi"}], **GREEDY, "logprobs": True}
+        peak_chat = await client.post("/v1/chat/completions", json={**chat, "top_logprobs": 2})
+        assert peak_chat.status_code == 200, peak_chat.text
+        entry = peak_chat.json()["choices"][0]["logprobs"]["content"][0]
+        assert [top["logprob"] for top in entry["top_logprobs"]] == [0.0, LOGPROB_FLOOR]
         model.mode = None
         again = await client.post("/v1/completions", json=body)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == reference
