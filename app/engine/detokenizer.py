@@ -15,6 +15,7 @@ that depend on the previous token (SentencePiece's leading space) hold.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from tokenizers import decoders
@@ -22,6 +23,8 @@ from tokenizers import decoders
 from app.engine.sequence import SamplingParams
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens the general path decodes along with the output
+MEMO_WINDOW_TOKENS = 3  # the general path remembers the text of windows up to this length
+MEMO_MAX_ENTRIES = 100_000  # and forgets them all past this many
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -55,6 +58,7 @@ class Detokenizer:
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self.byte_table = _byte_table(tokenizer)  # None: not byte-level, use the general path
         self._token_texts: dict[int, str] = {}
+        self._window_texts: dict[tuple[tuple[int, ...], bool], str] = {}
 
     @property
     def is_byte_level(self) -> bool:
@@ -65,7 +69,22 @@ class Detokenizer:
             skipped = self.special_ids if skip_special_tokens else frozenset()
             return _ByteStream(self.byte_table, skipped)
         context = prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]
-        return _WindowStream(self.tokenizer, context, skip_special_tokens)
+        return _WindowStream(self._window_decoder, context, skip_special_tokens)
+
+    def _window_decoder(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """tokenizer.decode, remembered for short windows (most windows are one or two tokens)."""
+        if len(ids) > MEMO_WINDOW_TOKENS:
+            text: str = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+            return text
+        key = (tuple(ids), skip_special_tokens)
+        cached = self._window_texts.get(key)
+        if cached is not None:
+            return cached
+        if len(self._window_texts) >= MEMO_MAX_ENTRIES:
+            self._window_texts.clear()
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        self._window_texts[key] = text
+        return text
 
     def token_text(self, token_id: int) -> str:
         """One token on its own, for logprobs.
@@ -128,16 +147,20 @@ class _ByteStream:
 class _WindowStream:
     """Decodes ids[prefix:] against ids[prefix:read] and releases the growth."""
 
-    def __init__(self, tokenizer: Any, context: list[int], skip_special_tokens: bool) -> None:
-        self._tokenizer = tokenizer
+    def __init__(
+        self,
+        decode: Callable[[list[int], bool], str],
+        context: list[int],
+        skip_special_tokens: bool,
+    ) -> None:
+        self._decode_ids = decode
         self._skip = skip_special_tokens
         self._ids = list(context)
         self._prefix_offset = 0
         self._read_offset = len(context)
 
     def _decode(self, ids: list[int]) -> str:
-        text: str = self._tokenizer.decode(ids, skip_special_tokens=self._skip)
-        return text
+        return self._decode_ids(ids, self._skip)
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
