@@ -4,7 +4,7 @@
 #   docker run -p 8000:8000 mmgpt
 #
 # Build arguments:
-#   BASE_IMAGE       a Debian-like image with python3 (3.10+) and its venv module.
+#   BASE_IMAGE       a Debian-like image with python3 (3.11+) and its venv module.
 #   TORCH_VERSION    the torch release to install.
 #   TORCH_VARIANT    cpu (default) or cuda. The CUDA variant takes PyPI's Linux torch, whose
 #                    wheels carry the CUDA runtime, so the same slim base serves; the host
@@ -18,7 +18,9 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM ${BASE_IMAGE} AS builder
+# Stage 1: torch and the runtime requirements, in layers that only a change of
+# pyproject.toml or of the torch build invalidates.
+FROM ${BASE_IMAGE} AS deps
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
@@ -39,15 +41,20 @@ RUN python3 -m venv /opt/venv \
     && sh docker/install-torch.sh /opt/venv/bin/pip "${TORCH_VARIANT}" "${TORCH_VERSION}" \
         docker/wheels "${TORCH_CPU_INDEX_URL}"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml docker/requirements.py ./
+RUN /opt/venv/bin/python requirements.py pyproject.toml > requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --find-links docker/wheels -r requirements.txt
+
+
+# Stage 2: the project as a wheel, and the default model with modes the service can read.
+FROM deps AS project
+
+COPY README.md ./
 COPY app/ app/
 COPY models/ models/
 COPY bench/ bench/
-# The resolver also brings in the dependencies of the torch installed above.
-RUN /opt/venv/bin/pip install --no-cache-dir --find-links docker/wheels .
-
-# The default model, readable by the service's user whatever its modes in the context.
-RUN install -d /opt/mmgpt/checkpoints \
+RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /build/dist . \
+    && install -d /opt/mmgpt/checkpoints \
     && cp -r models/checkpoints/mmgpt-scenes /opt/mmgpt/checkpoints/ \
     && chmod -R a+rX,go-w /opt/mmgpt
 
@@ -57,8 +64,13 @@ FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 mmgpt \
     && useradd --system --uid 10001 --gid mmgpt --create-home --shell /usr/sbin/nologin mmgpt
 
-COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/mmgpt /opt/mmgpt
+# The requirements' layer stays cached across code changes; the project is a small one.
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=project /build/dist/ /tmp/dist/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.whl \
+    && /opt/venv/bin/pip check \
+    && rm -rf /tmp/dist
+COPY --from=project /opt/mmgpt /opt/mmgpt
 COPY docker/healthcheck.py /usr/local/bin/mmgpt-healthcheck
 
 # Other checkpoints: mount their folder (at /models, say) and point MMGPT_MODEL into it.

@@ -50,7 +50,7 @@ def test_hadolint_catches_a_problem(tmp_path: Path) -> None:
 def test_base_image_is_an_argument_defaulting_to_slim_python() -> None:
     assert "BASE_IMAGE=python:3.11-slim-bookworm" in arguments(DOCKERFILE, "ARG")
     stages = arguments(DOCKERFILE, "FROM")
-    assert stages == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE} AS runtime"]
+    assert stages == ["${BASE_IMAGE} AS deps", "deps AS project", "${BASE_IMAGE} AS runtime"]
 
 
 def test_runtime_runs_the_service_as_a_non_root_user() -> None:
@@ -63,7 +63,7 @@ def test_default_model_is_inside_and_configured() -> None:
     runs = " ".join(arguments(DOCKERFILE, "RUN"))
     assert "cp -r models/checkpoints/mmgpt-scenes /opt/mmgpt/checkpoints/" in runs
     assert "chmod -R a+rX" in runs  # readable by the non-root user
-    assert "--from=builder /opt/mmgpt /opt/mmgpt" in arguments(DOCKERFILE, "COPY")
+    assert "--from=project /opt/mmgpt /opt/mmgpt" in arguments(DOCKERFILE, "COPY")
     env = " ".join(arguments(DOCKERFILE, "ENV"))
     assert "MMGPT_MODEL=/opt/mmgpt/checkpoints/mmgpt-scenes" in env
     assert "MMGPT_HOST=0.0.0.0" in env
