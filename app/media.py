@@ -30,6 +30,9 @@ ACCEPTED_NAMES = "PNG, JPEG, WebP, BMP or GIF"
 # Decoding is memory-heavy (up to max_image_pixels * 4 bytes per image at once);
 # a small pool bounds that however many requests arrive together.
 DECODE_CONCURRENCY = 2
+# Processors scale the shorter side up to their input size, so a 100000x1 strip (0.1 MP)
+# becomes 3.2M x 32 pixels (a GB of floats): the sides may differ by this factor at most.
+MAX_ASPECT_RATIO = 50
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -87,6 +90,18 @@ def _check_pixels(image: Image.Image, limits: ImageLimits, param: str) -> None:
             f"The image is {width}x{height} = {width * height} pixels; "
             f"the limit is {limits.max_pixels} pixels.",
             param,
+        )
+
+
+def check_aspect_ratio(image: Image.Image, param: str) -> None:
+    """Refuses strips that preprocessing would blow up (see MAX_ASPECT_RATIO)."""
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise bad_request(
+            f"The image is {width}x{height}; its longer side may be at most "
+            f"{MAX_ASPECT_RATIO} times its shorter side.",
+            param,
+            code="invalid_image",
         )
 
 
@@ -153,6 +168,7 @@ class ImageIntake:
 
     def _decode_and_preprocess(self, data: bytes, param: str) -> ImageInput:
         image = decode_image(data, self.limits, param)
+        check_aspect_ratio(image, param)
         try:
             return preprocess(image, self.image_processor)
         except APIError:

@@ -28,6 +28,18 @@ def rss_bytes(pid: int) -> int:
     return int(value) * 1024
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """The high-water mark of resident memory since start or the last `reset_peak_rss`."""
+    value, unit = _status_field(pid, "VmHWM").split()
+    assert unit == "kB", unit
+    return int(value) * 1024
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Sets the high-water mark back to the current RSS (Linux: clear_refs 5; root or owner)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def num_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
