@@ -1,9 +1,10 @@
-"""`mmgpt serve [flags]`: the one place that parses command-line arguments.
+"""`mmgpt serve [flags]`, the one place that parses the server's arguments, and `mmgpt bench`.
 
 The flags of `serve` are generated from the fields of `Settings`, so every
 setting is a flag (`--max-body-bytes`), an environment variable
 (`MMGPT_MAX_BODY_BYTES`) and a row of the README's table, with one source of truth.
-Flags given on the command line win over the environment.
+Flags given on the command line win over the environment. `mmgpt bench ...` hands
+its arguments to the serving benchmark (bench/serve.py), which has its own flags.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over HTTP. Every flag is also an MMGPT_<NAME> variable.",
     )
     add_settings_flags(serve)
+    commands.add_parser(
+        "bench",
+        add_help=False,  # `mmgpt bench --help` is the benchmark's own help
+        help="Benchmark a running server (every flag: mmgpt bench --help).",
+    )
     return parser
 
 
@@ -107,8 +113,18 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(create_app(settings), settings)
 
 
+def run_bench(argv: Sequence[str]) -> int:
+    """`mmgpt bench ...`: bench.serve parses its own flags (imported only when asked for)."""
+    from bench.serve import main as bench_main
+
+    return bench_main(list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return run_bench(arguments[1:])
+    args = build_parser().parse_args(arguments)
     if args.command == "serve":
         return run_serve(args)
     return 2

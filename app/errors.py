@@ -39,13 +39,25 @@ ERROR_TYPES = {
 FAILURE_REASON_BY_STATUS = {
     400: "validation",
     401: "unauthorized",
-    404: "validation",
+    404: "not_found",
     405: "validation",
     413: "too_large",
     415: "unsupported_media",
     429: "overloaded",
     503: "overloaded",
 }
+# A 503 is "overloaded" only when the queue is full: these codes mean a server that is not
+# (or no longer) serving: loading, failed, stuck, draining, or aborting at shutdown.
+NOT_READY_CODES = frozenset({"not_ready", "shutting_down", "aborted"})
+# Where an error response leaves its code for the gate middleware (in the ASGI scope state).
+ERROR_CODE_STATE_KEY = "mmgpt_error_code"
+
+
+def failure_reason(status: int, code: str | None) -> str | None:
+    """The metrics reason of a refused request: by its error code, else by its status."""
+    if status == 503 and code in NOT_READY_CODES:
+        return "not_ready"
+    return FAILURE_REASON_BY_STATUS.get(status, "internal" if status >= 500 else None)
 
 
 class ErrorDetail(BaseModel):
@@ -157,6 +169,7 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 
 async def _handle_api_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, APIError)
+    setattr(request.state, ERROR_CODE_STATE_KEY, error.code)
     return error.to_response()
 
 

@@ -86,5 +86,5 @@ MODEL_INFO = Info("mmgpt_model", "The model being served.")
 
 FAILURE_REASONS = (
     "validation", "unsupported_media", "too_large", "unauthorized", "overloaded",
-    "client_disconnect", "internal",
+    "client_disconnect", "internal", "not_found", "not_ready",
 )  # fmt: skip

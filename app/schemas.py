@@ -39,8 +39,6 @@ def _json_logprob(value: float) -> float:
 STRICT_JSON = ConfigDict(extra="ignore", strict=True)
 
 
-
-
 def _integral_float_to_int(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
@@ -384,7 +382,11 @@ class VisionForm(SamplingFields):
         max_length=MAX_STOP_STRINGS,
         description="Strings that end generation (repeatable).",
     )
-    stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
+    stream: bool = Field(
+        default=False,
+        description="Stream Server-Sent Events ending in [DONE]; the last chunk before it "
+        "has no choices and the token usage.",
+    )
 
 
 class CaptionForm(VisionForm):

@@ -17,9 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.errors import (
     CLIENT_CLOSED_REQUEST,
-    FAILURE_REASON_BY_STATUS,
+    ERROR_CODE_STATE_KEY,
     APIError,
     body_cap_message,
+    failure_reason,
 )
 from app.service import Service, draining
 
@@ -65,11 +66,13 @@ class GateMiddleware:
             status = 500
             raise
         finally:
-            record_request(route_template(scope, self.routes), status)
+            code = scope.get("state", {}).get(ERROR_CODE_STATE_KEY)
+            record_request(route_template(scope, self.routes), status, code)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal(scope)
         if refusal is not None:
+            scope.setdefault("state", {})[ERROR_CODE_STATE_KEY] = refusal.code
             await refusal.to_response()(scope, receive, send)
             return
         if not scope["path"].startswith("/v1/"):
@@ -147,9 +150,9 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     return partial or "unmatched"
 
 
-def record_request(route: str, status: int) -> None:
+def record_request(route: str, status: int, code: str | None = None) -> None:
     metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
     endpoint = GENERATING_ROUTES.get(route)
-    reason = FAILURE_REASON_BY_STATUS.get(status, "internal" if status >= 500 else None)
+    reason = failure_reason(status, code)
     if endpoint is not None and reason is not None:
         metrics.REQUEST_FAILURE.labels(endpoint, reason).inc()

@@ -68,4 +68,5 @@ async def _describe(
     max_len = runtime.max_model_len
     params = fit_to_context(base, form.max_tokens, len(prompt_ids), max_len, "max_tokens")
     job = Job(endpoint, new_request_id(endpoint), runtime.model_id, [prompt_ids], [params], [image])
-    return await respond_with_text(request, runtime, job, form.stream, include_usage=False)
+    # Streams always end with a usage chunk (choices: []), as with stream_options.include_usage.
+    return await respond_with_text(request, runtime, job, form.stream, include_usage=True)

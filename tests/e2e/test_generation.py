@@ -172,8 +172,10 @@ def test_caption_plain_and_streamed(http: httpx.Client, model_id: str) -> None:
     assert set(body["choices"][0]) >= {"index", "text", "finish_reason"}
     events = stream_post(http, "/v1/caption", **_upload(stream="true", **fields))
     assert all(set(event) >= {"id", "object", "created", "model", "choices"} for event in events)
-    assert "".join(e["choices"][0]["text"] for e in events) == body["choices"][0]["text"]
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    *chunks, usage = events
+    assert "".join(e["choices"][0]["text"] for e in chunks) == body["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"] == body["usage"]
 
 
 def test_caption_uses_the_chat_template_with_its_prompt(http: httpx.Client, model_id: str) -> None:
@@ -198,8 +200,9 @@ def test_qa_plain_and_streamed(http: httpx.Client) -> None:
     fields = {"question": "What colour is the square?", "max_tokens": "8", "temperature": "0"}
     plain = http.post("/v1/qa", **_upload(**fields))
     assert plain.status_code == 200, plain.text
-    events = stream_post(http, "/v1/qa", **_upload(stream="true", **fields))
-    assert "".join(e["choices"][0]["text"] for e in events) == plain.json()["choices"][0]["text"]
+    *chunks, usage = stream_post(http, "/v1/qa", **_upload(stream="true", **fields))
+    assert "".join(e["choices"][0]["text"] for e in chunks) == plain.json()["choices"][0]["text"]
+    assert usage["choices"] == [] and usage["usage"] == plain.json()["usage"]
 
 
 def test_metrics_export_load_and_http_counters(http: httpx.Client) -> None:
