@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from models.scenes.render import BACKGROUND
 from models.scenes.world import IMAGE_SIZE
+
+BACKGROUND_LEVEL = BACKGROUND[0] / 255
 
 
 @dataclass(frozen=True)
@@ -17,9 +20,9 @@ class ModelSize:
     vision_heads: int = 4
     patch_size: int = 8
     text_layers: int = 4
-    text_width: int = 256
-    text_heads: int = 4
-    text_mlp: int = 768
+    text_width: int = 192
+    text_heads: int = 3
+    text_mlp: int = 576
     max_positions: int = 512
 
     @property
@@ -64,7 +67,9 @@ def llava_config(size: ModelSize, tokenizer: PreTrainedTokenizerFast) -> LlavaCo
         text_config=text,
         image_token_index=image_token_index,
         image_seq_length=size.image_seq_length,
-        vision_feature_layer=-1,  # the tower is shallow: use its last layer
+        # The patch embeddings (layer 0) beside the last layer: a direct path from pixels to
+        # the decoder, so the decoder learns to look before it settles on text-only guesses.
+        vision_feature_layer=[0, -1],
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
@@ -72,7 +77,11 @@ def llava_config(size: ModelSize, tokenizer: PreTrainedTokenizerFast) -> LlavaCo
 
 
 def image_processor() -> CLIPImageProcessorPil:
+    """Normalised around the scenes' background, so that an empty patch is near zero and
+    the objects carry the signal."""
     return CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=[BACKGROUND_LEVEL] * 3,
+        image_std=[0.5] * 3,
     )

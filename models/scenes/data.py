@@ -1,4 +1,4 @@
-"""Training batches: scene text for language pretraining, image conversations for fine-tuning.
+"""Training batches: scene text for language pretraining, image requests for fine-tuning.
 
 Every prompt is rendered with the tokenizer's own chat template, exactly as the server
 renders a caption or QA request, so training and serving see the same tokens.
@@ -55,28 +55,28 @@ def render_ids(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, Any]
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def conversation(scene: Scene) -> list[tuple[str, str, str]]:
-    """The caption request and every question, in an order drawn from the scene's seed."""
-    turns = [(CAPTION_TASK, CAPTION_PROMPT, scene.caption)]
-    turns += [(task, question, answer) for task, (question, answer) in scene.qa_by_task.items()]
-    random.Random(f"turns-{scene.seed}").shuffle(turns)
-    return turns
+def pick_task(scene: Scene, caption_share: float) -> tuple[str, str, str]:
+    """The caption request with probability `caption_share`, else one of the scene's questions."""
+    rng = random.Random(f"task-{scene.seed}")
+    if rng.random() < caption_share or not scene.qa_by_task:
+        return CAPTION_TASK, CAPTION_PROMPT, scene.caption
+    task = rng.choice(sorted(scene.qa_by_task))
+    question, answer = scene.qa_by_task[task]
+    return task, question, answer
 
 
-def conversation_example(
-    tokenizer: PreTrainedTokenizerFast, scene: Scene, image_seq_length: int
+def image_example(
+    tokenizer: PreTrainedTokenizerFast, scene: Scene, image_seq_length: int, caption_share: float
 ) -> Example:
-    """A multi-turn chat about one image; the image sits in the first user turn."""
-    messages: list[dict[str, Any]] = []
-    answers: list[tuple[str, int, int]] = []
-    ids: list[int] = []
-    for index, (task, prompt, answer) in enumerate(conversation(scene)):
-        messages.append(user_message(prompt, with_image=index == 0))
-        prompt_end = len(render_ids(tokenizer, messages))
-        messages.append({"role": "assistant", "content": answer})
-        ids = render_ids(tokenizer, messages)
-        answers.append((task, prompt_end, len(ids)))
-    return expand_image(Example(ids, answers), tokenizer, image_seq_length)
+    """One single-turn request about one image, exactly as the server's caption and QA routes
+    render it. Single turns only: in a longer chat a question asked after the caption could
+    be answered from the caption's words instead of from the image."""
+    task, prompt, answer = pick_task(scene, caption_share)
+    messages = [user_message(prompt, with_image=True)]
+    prompt_end = len(render_ids(tokenizer, messages))
+    messages.append({"role": "assistant", "content": answer})
+    ids = render_ids(tokenizer, messages)
+    return expand_image(Example(ids, [(task, prompt_end, len(ids))]), tokenizer, image_seq_length)
 
 
 def expand_image(
@@ -91,9 +91,12 @@ def expand_image(
     return Example(ids, answers)
 
 
-def text_example(tokenizer: PreTrainedTokenizerFast, scene: Scene) -> Example:
-    """BOS, the scene description, EOS; every token after BOS is learned."""
-    ids = [*tokenizer(scene.text).input_ids, tokenizer.eos_token_id]
+def text_example(
+    tokenizer: PreTrainedTokenizerFast, scene: Scene, caption_only: bool = False
+) -> Example:
+    """BOS, the scene description (or just its caption), EOS; every token after BOS is learned."""
+    text = scene.caption if caption_only else scene.text
+    ids = [*tokenizer(text).input_ids, tokenizer.eos_token_id]
     return Example(ids, [("text", 1, len(ids))])
 
 
@@ -129,10 +132,14 @@ def image_batch(
     seeds: range,
     image_seq_length: int,
     text_seeds: range = range(0),
+    caption_share: float = 0.3,
 ) -> Batch:
-    """Image chats for `seeds`, then plain scene text for `text_seeds`."""
+    """One image request per scene of `seeds`, then plain scene text for `text_seeds`."""
     scenes = [sample(seed) for seed in seeds]
-    examples = [conversation_example(tokenizer, scene, image_seq_length) for scene in scenes]
-    examples += [text_example(tokenizer, sample(seed)) for seed in text_seeds]
+    examples = [
+        image_example(tokenizer, scene, image_seq_length, caption_share) for scene in scenes
+    ]
+    # Captions only: full scene texts would be the longest rows and set the padded length.
+    examples += [text_example(tokenizer, sample(seed), caption_only=True) for seed in text_seeds]
     pixels = processor([scene.image for scene in scenes], return_tensors="pt")["pixel_values"]
     return collate(examples, tokenizer.pad_token_id, pixels)

@@ -1,7 +1,7 @@
 """`python -m models.scenes.train --out DIR`: train the scenes model from scratch on the CPU.
 
-Stage 1 learns the language from scene text alone; stage 2 learns to see, on multi-turn
-chats about an image (its caption and its questions, in a random order per scene).
+Stage 1 learns the language from scene text alone; stage 2 learns to see, on single-turn
+caption and question requests about an image, rendered as the server renders them.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ class Recipe:
 def parse_args(argv: list[str] | None = None) -> Recipe:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--text-steps", type=int, default=150)
-    parser.add_argument("--image-steps", type=int, default=1700)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--text-steps", type=int, default=40)
+    parser.add_argument("--image-steps", type=int, default=2500)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--text-rows", type=int, default=4, help="text rows per stage 2 batch")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -99,7 +99,7 @@ class Trainer:
         self.started = time.monotonic()
 
     def batch(self, step: int) -> Batch:
-        """Stage 1: scene text only. Stage 2: image chats, plus a few text rows so that
+        """Stage 1: scene text only. Stage 2: image requests, plus a few text rows so that
         plain-text completion is not forgotten."""
         size = self.recipe.batch_size
         offset = self.recipe.seed * 1_000_000 + step * size
