@@ -3,9 +3,10 @@
 uvicorn on its own stops listening at the first signal, so a load balancer sees
 refused connections and requests in flight may be cut. Here the first signal
 only starts a drain: the port stays open, /ready and new /v1 requests answer
-503, in-flight requests finish (up to `drain_timeout`), and only then does
-uvicorn shut down and the engine stop. A second signal exits at once. A model
-that fails to load ends the process with status 1.
+503, in-flight requests finish (up to `drain_timeout`; those still running then
+are aborted and answered 503), and only then does uvicorn shut down and the
+engine stop. A second signal exits at once. A model that fails to load ends
+the process with status 1.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class DrainingServer(uvicorn.Server):
         if self.service.status is Status.FAILED:
             logger.error("Exiting: %s", self.service.not_ready_reason())
             self.exit_code, self.should_exit = 1, True
-        elif self.drain_deadline is not None and self._drained():
+        elif self.drain_deadline is not None and await self._drained():
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -56,12 +57,15 @@ class DrainingServer(uvicorn.Server):
     def _timeout(self) -> float:
         return self.service.settings.drain_timeout
 
-    def _drained(self) -> bool:
+    async def _drained(self) -> bool:
         assert self.drain_deadline is not None
         if self.service.in_flight == 0:
             return True
         if time.monotonic() >= self.drain_deadline:
             logger.warning("Drain timeout: %d requests still running", self.service.in_flight)
+            # Abort them in the engine now, so that each gets its 503 envelope (or error event)
+            # within the final grace, rather than being cancelled by uvicorn mid-response.
+            await self.service.stop()
             return True
         return False
 

@@ -1,4 +1,5 @@
-"""Reliability fixtures: the shared real server's clients (from tests/e2e) and a loaded model."""
+"""Reliability fixtures: the shared real server's clients (from tests/e2e), a server that holds
+little, and a loaded model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from models import LoadedModel, load_model
+from tests.conftest import SHARED_SERVER_SETTINGS, ServerProcess, start_server
 from tests.e2e.conftest import http, model_id
 
 __all__ = ["http", "model_id"]  # the e2e clients of the shared server, reused here
@@ -26,3 +28,31 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# A server that holds little: two running sequences and two waiting requests, an API key,
+# and logs at info level (the security tests read its log for keys).
+SMALL_SERVER_SETTINGS: dict[str, object] = {
+    "max_num_seqs": 2,
+    "max_waiting_requests": 2,
+    "log_level": "info",
+    **SHARED_SERVER_SETTINGS,
+}
+SMALL_SERVER_KEY = "sk-small-server-secret-0123456789"
+
+
+@pytest.fixture(scope="package")
+def small_server(
+    tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    process = start_server(
+        tiny_llava_dir,
+        tmp_path_factory.mktemp("small-server"),
+        api_key=SMALL_SERVER_KEY,
+        **SMALL_SERVER_SETTINGS,
+    )
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.terminate()
