@@ -28,10 +28,32 @@ async def resolve_host(host: str, port: int) -> list[str]:
     return [str(sockaddr[0]) for *_, sockaddr in answers]
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address a gateway may forward to:
+# NAT64 (RFC 6052) and the deprecated IPv4-compatible form.
+_IPV4_CARRYING = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+
+
 def is_public_address(address: str) -> bool:
+    """A global unicast address, and so is any IPv4 address it carries (mapped, 6to4, NAT64)."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _is_global(ip.ipv4_mapped)
+        carried = _carried_ipv4(ip)
+        if carried is not None and not _is_global(carried):
+            return False
+    return _is_global(ip)
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in network for network in _IPV4_CARRYING):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return None
+
+
+def _is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
