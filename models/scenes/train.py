@@ -41,6 +41,7 @@ class Recipe:
     max_minutes: float
     save_every: int
     log_every: int
+    init: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Recipe:
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a minute-sized model for smoke runs")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     args = parser.parse_args(argv)
     if not 0 <= args.text_rows < args.batch_size:
         parser.error("--text-rows must leave at least one image row in a batch")
@@ -75,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
         max_minutes=args.max_minutes,
         save_every=args.save_every,
         log_every=args.log_every,
+        init=args.init,
     )
 
 
@@ -92,7 +95,11 @@ class Trainer:
         self.recipe = recipe
         self.tokenizer: PreTrainedTokenizerFast = build_tokenizer()
         self.processor = image_processor()
-        self.model = LlavaForConditionalGeneration(llava_config(recipe.size, self.tokenizer))
+        self.model = (
+            LlavaForConditionalGeneration.from_pretrained(recipe.init)
+            if recipe.init
+            else LlavaForConditionalGeneration(llava_config(recipe.size, self.tokenizer))
+        )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01
         )
