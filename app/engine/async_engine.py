@@ -185,7 +185,7 @@ class AsyncEngine:
         if request_id in self._live:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         spans = self._validate(prompt_token_ids, params, images)
-        if self._inbox.qsize() + self._stats.num_waiting >= self.config.max_waiting_requests:
+        if self._is_full():
             raise EngineOverloadedError(
                 f"{self.config.max_waiting_requests} requests are already waiting; retry later"
             )
@@ -194,6 +194,18 @@ class AsyncEngine:
         arrival = time.monotonic()
         self._inbox.put(_Add(request_id, list(prompt_token_ids), params, spans, stream, arrival))
         return stream
+
+    def _is_full(self) -> bool:
+        """The waiting queue is full: by the inbox and the loop's last count of waiting
+        requests, or by the requests not yet finished, counted here with no race against the
+        loop thread (whose count lags while it moves the inbox into its queue)."""
+        config = self.config
+        waiting = self._inbox.qsize() + self._stats.num_waiting
+        unfinished = len(self._live)
+        return (
+            waiting >= config.max_waiting_requests
+            or unfinished >= config.max_num_seqs + config.max_waiting_requests
+        )
 
     def _validate(
         self, prompt_token_ids: list[int], params: SamplingParams, images: Seq[ImageInput]

@@ -3,10 +3,11 @@
 Text completions, chat (text and image), captions and questions, plain and
 streamed, and some streams left after their first event, CONCURRENCY at a
 time. Every answer is a 200 that finished (or a stream left on purpose); after
-a warm-up fifth, the server's resident memory grows by less than 10% and its
-open file descriptors and threads do not grow. `make test` runs SOAK_REQUESTS
-(default 300); `make soak` runs thousands and records the result in
-RELIABILITY.md (SOAK_RECORD names the file).
+a warm-up fifth, the server's resident memory grows by less than 10%, its open
+file descriptors do not grow, and its threads grow by no more than the worker
+pool's concurrency (a leak would grow with the request count). `make test` runs
+SOAK_REQUESTS (default 400); `make soak` runs thousands and records the result
+in RELIABILITY.md (SOAK_RECORD names the file).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from tests.reliability import load
 from tests.reliability.procstat import ProcessStats, stats
 
 pytestmark = pytest.mark.anyio
-NUM_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
+NUM_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "400"))
 RECORD_PATH = os.environ.get("SOAK_RECORD")
 CONCURRENCY = 8
 WARMUP_FRACTION = 0.2
 RSS_GROWTH_LIMIT = 0.10
+# Worker threads of anyio's bounded pool stay once started: a busier moment after the
+# warm-up may add up to one per concurrent request. A leak would add one per request.
+THREAD_POOL_SLACK = 8
 SETTLE_S = 30.0  # how long closed connections and idle worker threads may take to go
 SEED = 7
 KINDS = (
@@ -129,14 +133,14 @@ async def _run(server: ServerProcess, count: int, seed: int, tally: Tally) -> No
 
 
 async def _settled(server: ServerProcess, limit: ProcessStats | None = None) -> ProcessStats:
-    """The server's stats once idle; with `limit`, waits (bounded) for fds and threads to fall
-    back to it, since closed connections and idle worker threads take a moment to go."""
+    """The server's stats once idle; with `limit`, waits (bounded) for its fds to fall back to
+    the limit's, since the server closes a client's connections a moment after the client."""
     async with load.client(server, connections=1) as http:
         await load.wait_idle(http)
     current = stats(server.process.pid)
     deadline = time.monotonic() + SETTLE_S
     while limit is not None and time.monotonic() < deadline:
-        if current.num_fds <= limit.num_fds and current.num_threads <= limit.num_threads:
+        if current.num_fds <= limit.num_fds:
             break
         await anyio.sleep(load.POLL_S * 4)
         current = stats(server.process.pid)
@@ -158,7 +162,7 @@ async def test_soak(server: ServerProcess) -> None:
     growth = (end.rss_bytes - warm.rss_bytes) / warm.rss_bytes
     assert growth < RSS_GROWTH_LIMIT, f"RSS grew {growth:.1%} after warm-up"
     assert end.num_fds <= warm.num_fds, (warm, end)
-    assert end.num_threads <= warm.num_threads, (warm, end)
+    assert end.num_threads <= warm.num_threads + THREAD_POOL_SLACK, (warm, end)
     summary = _summary(tally, warm, end, seconds)
     print("\n" + summary)
     if RECORD_PATH:
