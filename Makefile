@@ -46,3 +46,11 @@ test-compose:
 test-ray: $(STAMP)
 	$(BIN)/python -c "import ray.serve, psutil" 2>/dev/null || $(BIN)/pip install --quiet -e '.[ray,dev]'
 	MMGPT_TEST_RAY=1 $(BIN)/python -m pytest -q tests/ray
+
+.PHONY: soak
+# The long soak: thousands of mixed requests (text, chat, caption, QA; plain, streamed,
+# abandoned) against a real server on 127.0.0.1; its result table goes into RELIABILITY.md.
+SOAK_REQUESTS ?= 10000
+soak: $(STAMP)
+	SOAK_REQUESTS=$(SOAK_REQUESTS) SOAK_RECORD=RELIABILITY.md $(BIN)/python -m pytest -q -s \
+		-o timeout=3600 tests/reliability/test_soak.py

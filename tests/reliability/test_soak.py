@@ -195,5 +195,5 @@ def record(path: Path, summary: str) -> None:
     head, _, rest = text.partition(MARK_BEGIN)
     _, _, tail = rest.partition(MARK_END)
     when = time.strftime("%Y-%m-%d")
-    command = f"SOAK_REQUESTS={NUM_REQUESTS} (make soak), run on {when}"
+    command = f"`make soak` (SOAK_REQUESTS={NUM_REQUESTS}) on {when}, the tests' tiny LLaVA on CPU"
     path.write_text(f"{head}{MARK_BEGIN}\n{command}:\n\n{summary}\n{MARK_END}{tail}")
