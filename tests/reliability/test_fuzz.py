@@ -124,6 +124,8 @@ def test_every_operation_from_its_schema(case: Case, server: ServerProcess) -> N
 
 
 def test_every_operation_was_fuzzed(capsys: pytest.CaptureFixture[str]) -> None:
+    if not CALLS:
+        pytest.skip("counts the requests of test_every_operation_from_its_schema, not selected")
     operations = {
         f"{method.upper()} {path}" for path, items in SCHEMA["paths"].items() for method in items
     }
