@@ -8,8 +8,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.api.images import scene_png
 from tests.conftest import REPO_ROOT, ServerProcess, free_port
 
 STOP_DEADLINE_S = 60.0
@@ -39,11 +41,13 @@ def _server_pid(make_pid: int) -> int:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_make_serve_reaches_ready(tiny_llava_dir: Path, tmp_path: Path) -> None:
+def test_make_serve_reaches_ready_with_the_default_model(tmp_path: Path) -> None:
     if not _venv_installed_by_make():
         pytest.skip("the .venv is not installed by make (run `make venv`); CI's `make test` is")
     port = free_port()
-    env = {**os.environ, "MMGPT_MODEL": str(tiny_llava_dir), "MMGPT_NUM_THREADS": "1"}
+    # No MMGPT_MODEL: `make serve` must serve the shipped default model by itself.
+    env = {key: value for key, value in os.environ.items() if key != "MMGPT_MODEL"}
+    env["MMGPT_NUM_THREADS"] = "1"
     log_path = tmp_path / "make-serve.log"
     with log_path.open("wb") as log:
         make = subprocess.Popen(
@@ -53,6 +57,15 @@ def test_make_serve_reaches_ready(tiny_llava_dir: Path, tmp_path: Path) -> None:
     server = ServerProcess(make, port, log_path)
     try:
         server.wait_ready()
+        assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "mmgpt-scenes"
+        caption = httpx.post(
+            f"{server.url}/v1/caption",
+            files={"image": ("scene.png", scene_png(), "image/png")},
+            data={"temperature": "0"},
+            timeout=60.0,
+        )
+        assert caption.status_code == 200, caption.text
+        assert caption.json()["choices"][0]["text"].strip()
         os.kill(_server_pid(make.pid), signal.SIGTERM)
         assert make.wait(STOP_DEADLINE_S) == 0, server.log_tail()  # make ends as its server did
     finally:
