@@ -6,8 +6,9 @@ renders a caption or QA request, so training and serving see the same tokens.
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +17,10 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from models.scenes.sample import sample
 from models.scenes.tokenizer import CAPTION_PROMPT
-from models.scenes.world import Scene
+from models.scenes.world import IMAGE_SIZE, Scene
+
+IGNORE = -100  # cross-entropy's ignore_index
+MIN_PATCH_OVERLAP = 0.25  # a patch this much covered by an object is labelled with it
 
 CAPTION_TASK = "caption"
 
@@ -27,6 +31,8 @@ class Example:
 
     input_ids: list[int]
     answers: list[tuple[str, int, int]]  # (task, first, end): positions of answer tokens
+    units: list[float] | None = None  # each answer's share of the loss; None: 1 each
+    patches: list[tuple[int, int, int]] = field(default_factory=list)  # (position, colour, shape)
 
 
 @dataclass
@@ -37,6 +43,8 @@ class Batch:
     weights: torch.Tensor  # [B, L] each answer's tokens share weight 1 / answers in batch
     pixel_values: torch.Tensor | None  # [B, 3, H, W]
     answers: list[list[tuple[str, int, int]]]  # per row, spans in target positions
+    patch_colour: torch.Tensor | None = None  # [B, L] colour word of the object there, or IGNORE
+    patch_shape: torch.Tensor | None = None  # [B, L] shape word of the object there, or IGNORE
 
 
 def user_message(text: str, with_image: bool) -> dict[str, Any]:
@@ -66,7 +74,11 @@ def pick_task(scene: Scene, caption_share: float) -> tuple[str, str, str]:
 
 
 def image_example(
-    tokenizer: PreTrainedTokenizerFast, scene: Scene, image_seq_length: int, caption_share: float
+    tokenizer: PreTrainedTokenizerFast,
+    scene: Scene,
+    image_seq_length: int,
+    caption_share: float,
+    caption_units: float = 1.0,
 ) -> Example:
     """One single-turn request about one image, exactly as the server's caption and QA routes
     render it. Single turns only: in a longer chat a question asked after the caption could
@@ -76,7 +88,42 @@ def image_example(
     prompt_end = len(render_ids(tokenizer, messages))
     messages.append({"role": "assistant", "content": answer})
     ids = render_ids(tokenizer, messages)
-    return expand_image(Example(ids, [(task, prompt_end, len(ids))]), tokenizer, image_seq_length)
+    units = caption_units * len(scene.objects) if task == CAPTION_TASK else 1.0
+    example = expand_image(
+        Example(ids, [(task, prompt_end, len(ids))], [units]), tokenizer, image_seq_length
+    )
+    image_id = int(tokenizer.convert_tokens_to_ids("<image>"))  # type: ignore[arg-type]
+    first_image = example.input_ids.index(image_id)
+    example.patches = patch_labels(tokenizer, scene, image_seq_length, first_image)
+    return example
+
+
+def patch_labels(
+    tokenizer: PreTrainedTokenizerFast, scene: Scene, image_seq_length: int, first: int
+) -> list[tuple[int, int, int]]:
+    """The colour and shape words of the object covering each image token's patch (row-major
+    patches, as the vision tower orders them): targets of the grounding loss."""
+    grid = math.isqrt(image_seq_length)
+    side = IMAGE_SIZE // grid
+    labels = []
+    for index in range(image_seq_length):
+        top, left = divmod(index, grid)
+        patch = (left * side, top * side, (left + 1) * side, (top + 1) * side)
+        cover = [
+            (_overlap(patch, box), obj) for obj, box in zip(scene.objects, scene.boxes, strict=True)
+        ]
+        area, obj = max(cover, key=lambda pair: pair[0])
+        if area >= MIN_PATCH_OVERLAP * side * side:
+            colour = int(tokenizer.convert_tokens_to_ids(obj.colour))  # type: ignore[arg-type]
+            shape = int(tokenizer.convert_tokens_to_ids(obj.shape))  # type: ignore[arg-type]
+            labels.append((first + index, colour, shape))
+    return labels
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0, width) * max(0, height)
 
 
 def expand_image(
@@ -88,7 +135,7 @@ def expand_image(
     ids = example.input_ids[:at] + [image_id] * image_seq_length + example.input_ids[at + 1 :]
     shift = image_seq_length - 1
     answers = [(task, first + shift, end + shift) for task, first, end in example.answers]
-    return Example(ids, answers)
+    return Example(ids, answers, example.units, example.patches)
 
 
 def text_example(
@@ -108,17 +155,25 @@ def collate(
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
     weights = torch.zeros((len(examples), length))
-    num_answers = sum(len(example.answers) for example in examples)
+    units = [example.units or [1.0] * len(example.answers) for example in examples]
+    total_units = sum(sum(row_units) for row_units in units)
     spans = []
     for row, example in enumerate(examples):
         input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
         attention_mask[row, : len(example.input_ids)] = 1
         row_spans = [(task, first - 1, end - 1) for task, first, end in example.answers]
-        for _, first, end in row_spans:
-            weights[row, first:end] = 1.0 / ((end - first) * num_answers)
+        for (_, first, end), share in zip(row_spans, units[row], strict=True):
+            weights[row, first:end] = share / ((end - first) * total_units)
         spans.append(row_spans)
     targets = torch.roll(input_ids, shifts=-1, dims=1)  # [B, L]; the last column carries no weight
-    return Batch(input_ids, attention_mask, targets, weights, pixel_values, spans)
+    patch_colour = torch.full_like(input_ids, IGNORE)
+    patch_shape = torch.full_like(input_ids, IGNORE)
+    for row, example in enumerate(examples):
+        for position, colour, shape in example.patches:
+            patch_colour[row, position], patch_shape[row, position] = colour, shape
+    return Batch(
+        input_ids, attention_mask, targets, weights, pixel_values, spans, patch_colour, patch_shape
+    )
 
 
 def text_batch(tokenizer: PreTrainedTokenizerFast, seeds: range) -> Batch:
@@ -133,11 +188,17 @@ def image_batch(
     image_seq_length: int,
     text_seeds: range = range(0),
     caption_share: float = 0.3,
+    caption_units: float = 1.0,
 ) -> Batch:
-    """One image request per scene of `seeds`, then plain scene text for `text_seeds`."""
+    """One image request per scene of `seeds`, then plain scene text for `text_seeds`.
+
+    A QA answer is one unit of loss; a caption is `caption_units` per object it describes
+    (each object is a few facts, where a QA answer is one), however many tokens either has.
+    """
     scenes = [sample(seed) for seed in seeds]
     examples = [
-        image_example(tokenizer, scene, image_seq_length, caption_share) for scene in scenes
+        image_example(tokenizer, scene, image_seq_length, caption_share, caption_units)
+        for scene in scenes
     ]
     # Captions only: full scene texts would be the longest rows and set the padded length.
     examples += [text_example(tokenizer, sample(seed), caption_only=True) for seed in text_seeds]

@@ -18,6 +18,19 @@ def batch_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (token_loss * batch.weights).sum()
 
 
+def grounding_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """At each image token whose patch an object covers, the logits name the object's colour
+    and its shape: word-aligned features in every patch, which a question's words can then
+    attend to (a lookup by content), where captioning alone teaches lookups by position."""
+    assert batch.patch_colour is not None and batch.patch_shape is not None
+    if not bool((batch.patch_colour != -100).any()):
+        return logits.sum() * 0.0
+    flat = logits.float().flatten(0, 1)  # [B * L, vocab]
+    colour = F.cross_entropy(flat, batch.patch_colour.flatten(), ignore_index=-100)
+    shape = F.cross_entropy(flat, batch.patch_shape.flatten(), ignore_index=-100)
+    return (colour + shape) / 2
+
+
 class TaskAccuracy:
     """Teacher-forced exact match per task over the last `window` answers of each task.
 

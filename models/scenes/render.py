@@ -19,14 +19,21 @@ RGB = {
 SIDE = {"small": 10, "large": 18}  # bounding-box side in pixels
 
 
-def render(objects: list[SceneObject], rng: random.Random) -> Image.Image:
-    """Draw each object at a jittered centre inside its column slot."""
+Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive), in pixels
+
+
+def render(objects: list[SceneObject], rng: random.Random) -> tuple[Image.Image, list[Box]]:
+    """Draw each object at a jittered centre inside its column slot; returns the image and
+    each object's bounding box."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
+    boxes = []
     for obj in objects:
         left, top = _top_left(obj, rng)
         _draw_shape(draw, obj, left, top)
-    return image
+        side = SIDE[obj.size]
+        boxes.append((left, top, left + side, top + side))
+    return image, boxes
 
 
 def _top_left(obj: SceneObject, rng: random.Random) -> tuple[int, int]:

@@ -13,13 +13,14 @@ def sample(seed: int) -> Scene:
     """The scene for `seed`: the same image, caption and questions on every machine."""
     rng = random.Random(seed)
     objects = sample_objects(rng)
-    image = render(objects, rng)
+    image, boxes = render(objects, rng)
     text = caption(objects)
     qa_by_task = questions(objects, rng)
     return Scene(
         seed=seed,
         objects=objects,
         image=image,
+        boxes=boxes,
         caption=text,
         qa_by_task=qa_by_task,
         text=scene_text(text, list(qa_by_task.values())),

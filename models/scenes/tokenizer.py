@@ -24,6 +24,9 @@ CAPTION_PROMPT = "Describe the image."
 VOCAB_SEEDS = range(5_000)  # enough scenes for every word of the world to appear
 
 # One user/assistant turn each; content is a string or a list of image/text parts.
+# A turn's text comes before its images, whatever their order in the message: the image
+# tokens then see the question, so each patch can check itself against what is asked
+# (a causal decoder cannot look back from the image to a question that follows it).
 # Assistant turns end with EOS so that a conversation can continue after them.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -31,8 +34,9 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}<|assistant|>{% else %}<|user|>{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{% endfor %}"

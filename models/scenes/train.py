@@ -19,7 +19,7 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 from models.scenes.checkpoint import save_checkpoint
 from models.scenes.config import TINY, ModelSize, image_processor, llava_config
 from models.scenes.data import Batch, image_batch, text_batch
-from models.scenes.metrics import TaskAccuracy, batch_loss
+from models.scenes.metrics import TaskAccuracy, batch_loss, grounding_loss
 from models.scenes.tokenizer import build_tokenizer
 from models.scenes.world import TRAIN_SEED_END
 
@@ -41,6 +41,8 @@ class Recipe:
     max_minutes: float
     save_every: int
     log_every: int
+    caption_units: float = 2.0
+    grounding: float = 0.0
     init: Path | None = None
 
 
@@ -59,14 +61,27 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a minute-sized model for smoke runs")
+    parser.add_argument("--patch-size", type=int, default=ModelSize.patch_size)
     parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
+    parser.add_argument(
+        "--caption-units",
+        type=float,
+        default=2.0,
+        help="loss units per object described by a caption (a QA answer is 1)",
+    )
+    parser.add_argument(
+        "--grounding",
+        type=float,
+        default=0.0,
+        help="weight of the patch grounding loss (colour and shape words at image tokens)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.text_rows < args.batch_size:
         parser.error("--text-rows must leave at least one image row in a batch")
     torch.set_num_threads(args.threads)
     return Recipe(
         out=args.out,
-        size=TINY if args.tiny else ModelSize(),
+        size=TINY if args.tiny else ModelSize(patch_size=args.patch_size),
         text_steps=args.text_steps,
         image_steps=args.image_steps,
         batch_size=args.batch_size,
@@ -77,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
         max_minutes=args.max_minutes,
         save_every=args.save_every,
         log_every=args.log_every,
+        caption_units=args.caption_units,
+        grounding=args.grounding,
         init=args.init,
     )
 
@@ -124,6 +141,7 @@ class Trainer:
             image_seeds,
             self.recipe.size.image_seq_length,
             text_seeds,
+            caption_units=self.recipe.caption_units,
         )
 
     def progress(self, step: int) -> float:
@@ -146,6 +164,8 @@ class Trainer:
             pixel_values=batch.pixel_values,
         ).logits  # [B, L, vocab]
         loss = batch_loss(logits, batch)
+        if self.recipe.grounding and batch.pixel_values is not None:
+            loss = loss + self.recipe.grounding * grounding_loss(logits, batch)
         accuracy.update(logits.detach(), batch)  # scored before the update: unseen scenes
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -36,6 +36,7 @@ class Scene:
     seed: int
     objects: list[SceneObject]  # ordered left to right
     image: Image.Image
+    boxes: list[tuple[int, int, int, int]]  # per object: left, top, right, bottom (exclusive)
     caption: str
     qa_by_task: dict[str, tuple[str, str]] = field(default_factory=dict)  # task -> (q, a)
     text: str = ""

@@ -82,3 +82,26 @@ def test_text_starts_with_caption_and_states_each_answer() -> None:
     assert scene.text.startswith(scene.caption)
     for question, answer in scene.qa:
         assert f"{question} {answer}." in scene.text
+
+
+def test_boxes_bound_each_objects_pixels() -> None:
+    """Each object's box holds all of its colour's pixels (when no other object shares the
+    colour) and some of them: the boxes the grounding labels are computed from."""
+    for seed in range(60):
+        scene = sample(seed)
+        assert len(scene.boxes) == len(scene.objects)
+        for obj, (left, top, right, bottom) in zip(scene.objects, scene.boxes, strict=True):
+            inside = scene.image.crop((left, top, right, bottom))
+            assert RGB[obj.colour] in {rgb for _, rgb in inside.getcolors(maxcolors=4096) or []}
+            if sum(other.colour == obj.colour for other in scene.objects) == 1:
+                total = sum(
+                    count
+                    for count, rgb in scene.image.getcolors(maxcolors=4096) or []
+                    if rgb == RGB[obj.colour]
+                )
+                within = sum(
+                    count
+                    for count, rgb in inside.getcolors(maxcolors=4096) or []
+                    if rgb == RGB[obj.colour]
+                )
+                assert within == total

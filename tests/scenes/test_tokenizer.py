@@ -42,7 +42,7 @@ def test_chat_template_accepts_strings_and_parts(tokenizer: PreTrainedTokenizerB
     parts = [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]
     messages: list[dict[str, Any]] = [{"role": "user", "content": parts}]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert rendered == f"<s><|user|><image>{CAPTION_PROMPT}<|assistant|>"
+    assert rendered == f"<s><|user|>{CAPTION_PROMPT}<image><|assistant|>"
     plain = tokenizer.apply_chat_template(
         [{"role": "user", "content": CAPTION_PROMPT}], add_generation_prompt=True, tokenize=False
     )
@@ -59,3 +59,16 @@ def test_assistant_turns_end_with_eos(tokenizer: PreTrainedTokenizerBase) -> Non
     assert "<|assistant|>red</s><|user|>" in rendered
     ids = tokenizer(rendered, add_special_tokens=False).input_ids
     assert ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_a_turns_text_comes_before_its_images_in_either_order(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    image, text = {"type": "image"}, {"type": "text", "text": "is there a red circle?"}
+    renders = {
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
+        )
+        for parts in ([image, text], [text, image])
+    }
+    assert renders == {"<s><|user|>is there a red circle?<image><|assistant|>"}

@@ -7,7 +7,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from models.scenes import sample
 from models.scenes.data import image_batch
-from models.scenes.metrics import TaskAccuracy
+from models.scenes.metrics import TaskAccuracy, grounding_loss
+from models.scenes.render import RGB
 from models.scenes.train import Trainer, parse_args
 
 
@@ -33,15 +34,77 @@ def test_loss_falls(trained: tuple[Trainer, list[float]]) -> None:
     assert losses[-1] < losses[3]
 
 
-def test_each_answer_weighs_the_same(trained: tuple[Trainer, list[float]]) -> None:
+def test_each_answer_weighs_its_units_not_its_tokens(trained: tuple[Trainer, list[float]]) -> None:
+    """A QA answer is one unit of loss, a caption `caption_units` per object it describes."""
     trainer, _ = trained
-    batch = image_batch(trainer.tokenizer, trainer.processor, range(4), 16)
-    num_answers = sum(len(spans) for spans in batch.answers)
+    seeds = range(40)
+    batch = image_batch(trainer.tokenizer, trainer.processor, seeds, 16, caption_units=2.0)
+    scenes = [sample(seed) for seed in seeds]
+    units = [
+        2.0 * len(scenes[row].objects) if task == "caption" else 1.0
+        for row, spans in enumerate(batch.answers)
+        for task, _, _ in spans
+    ]
+    assert {"caption", "colour"} <= {task for spans in batch.answers for task, _, _ in spans}
     assert torch.isclose(batch.weights.sum(), torch.tensor(1.0))
-    for row, spans in enumerate(batch.answers):
-        for _, first, end in spans:
-            answer_weight = batch.weights[row, first:end].sum()
-            assert torch.isclose(answer_weight, torch.tensor(1.0 / num_answers))
+    weights = [
+        float(batch.weights[row, first:end].sum())
+        for row, spans in enumerate(batch.answers)
+        for _, first, end in spans
+    ]
+    assert weights == pytest.approx([unit / sum(units) for unit in units])
+
+
+def test_grounding_labels_name_the_object_under_each_patch(
+    trained: tuple[Trainer, list[float]],
+) -> None:
+    """Image tokens whose 16-pixel patch is mostly covered by an object are labelled with its
+    colour and shape words; background patches and text carry no label."""
+    trainer, _ = trained
+    tokenizer, seeds = trainer.tokenizer, range(100, 120)
+    batch = image_batch(tokenizer, trainer.processor, seeds, 16)
+    assert batch.patch_colour is not None and batch.patch_shape is not None
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    rows_labelled = 0
+    for row, seed in enumerate(seeds):
+        scene = sample(seed)
+        first = batch.input_ids[row].tolist().index(image_id)
+        labelled = (batch.patch_colour[row] != -100).nonzero().flatten().tolist()
+        rows_labelled += bool(labelled)
+        assert (batch.patch_shape[row] != -100).nonzero().flatten().tolist() == labelled
+        for position in labelled:
+            assert 0 <= position - first < 16
+            top, left = divmod(position - first, 4)
+            patch = scene.image.crop((left * 16, top * 16, (left + 1) * 16, (top + 1) * 16))
+            colour = tokenizer.convert_ids_to_tokens(int(batch.patch_colour[row, position]))
+            shape = tokenizer.convert_ids_to_tokens(int(batch.patch_shape[row, position]))
+            named = [obj for obj in scene.objects if (obj.colour, obj.shape) == (colour, shape)]
+            assert named, (scene.caption, colour, shape)
+            assert RGB[colour] in {rgb for _, rgb in patch.getcolors(maxcolors=256) or []}
+    # A small object can straddle four 16-pixel patches, a quarter of none of them.
+    assert rows_labelled >= len(seeds) // 2
+
+
+def test_grounding_loss_falls_when_trained_with_it(tmp_path: Path) -> None:
+    argv = ["--out", str(tmp_path), "--tiny", "--text-steps", "0", "--image-steps", "8"]
+    flags = ["--batch-size", "8", "--text-rows", "1", "--warmup", "1", "--lr", "1e-2"]
+    trainer = Trainer(parse_args([*argv, *flags, "--grounding", "1.0"]))
+    fixed = trainer.batch(0)
+
+    def measured() -> float:
+        with torch.no_grad():
+            logits = trainer.model(
+                input_ids=fixed.input_ids,
+                attention_mask=fixed.attention_mask,
+                pixel_values=fixed.pixel_values,
+            ).logits
+        return float(grounding_loss(logits, fixed))
+
+    before = measured()
+    accuracy = TaskAccuracy(window=10)
+    for step in range(8):
+        trainer.train_step(step, accuracy)
+    assert measured() < before
 
 
 def test_checkpoint_loads_with_transformers_and_generates(
