@@ -42,7 +42,7 @@ class Recipe:
     save_every: int
     log_every: int
     caption_units: float = 2.0
-    grounding: float = 0.0
+    grounding: float = 1.0
     init: Path | None = None
 
 
@@ -50,16 +50,16 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--text-steps", type=int, default=40)
-    parser.add_argument("--image-steps", type=int, default=2500)
+    parser.add_argument("--image-steps", type=int, default=4500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--text-rows", type=int, default=4, help="text rows per stage 2 batch")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-minutes", type=float, default=75.0)
+    parser.add_argument("--max-minutes", type=float, default=95.0)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a minute-sized model for smoke runs")
     parser.add_argument("--patch-size", type=int, default=ModelSize.patch_size)
     parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
     parser.add_argument(
         "--grounding",
         type=float,
-        default=0.0,
+        default=1.0,
         help="weight of the patch grounding loss (colour and shape words at image tokens)",
     )
     args = parser.parse_args(argv)
