@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every CPU table of BENCHMARKS.md in one run, on a quiet machine (about 15 minutes on
+# 2 cores): the machine, its ceilings, and each side-by-side comparison. Reports (JSON)
+# and server logs go to $OUT (default bench-results/); each table is printed as it ends.
+#
+#   bash bench/cpu_suite.sh [OUT]
+#
+# Needs the bench extra for the peer: pip install -e '.[bench]'.
+set -euo pipefail
+
+OUT=${1:-bench-results}
+PY=${PYTHON:-.venv/bin/python}
+CKPT=${CKPT:-/tmp/mmgpt-bench}
+SCENES=models/checkpoints/mmgpt-scenes
+THREADS=${THREADS:-$(nproc)}
+mkdir -p "$OUT" "$CKPT"
+
+for size in tiny small; do
+    [ -f "$CKPT/gpt2-$size/config.json" ] || "$PY" -m bench.checkpoints "$CKPT/gpt2-$size" --size "$size"
+done
+
+compare() {  # name, then bench.compare flags
+    local name=$1
+    shift
+    echo "== $name"
+    "$PY" -m bench.compare --threads "$THREADS" --log-dir "$OUT/logs-$name" \
+        --json "$OUT/$name.json" "$@"
+}
+
+"$PY" -m bench.machine | tee "$OUT/machine.txt"
+
+echo "== ceilings"
+"$PY" -m bench.ceiling --model "$CKPT/gpt2-small" --batch-sizes 1,8,32,64 --dtypes float32 \
+    --threads "$THREADS" --json "$OUT/ceiling-small.json"
+"$PY" -m bench.ceiling --model "$CKPT/gpt2-tiny" --batch-sizes 1,8,32,64 --dtypes float32 \
+    --threads "$THREADS" --json "$OUT/ceiling-tiny.json"
+
+compare scenes-chat-image --model "$SCENES" --workloads chat-image --num-prompts 48 \
+    --max-concurrency 16 --output-len 32 --ignore-eos --image-source scenes
+compare scenes-vision --model "$SCENES" --contenders mmgpt --workloads caption,qa \
+    --num-prompts 48 --max-concurrency 16 --output-len 32
+compare repeat-image --model "$SCENES" --contenders mmgpt --workloads qa --repeat-image 2 \
+    --num-prompts 32 --max-concurrency 1 --output-len 16
+
+compare tiny-c32 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 128 \
+    --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
+# The naive server decodes GPT-2 small at a few tokens/s: it would take a quarter of an hour.
+compare small-c32 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers --workloads text \
+    --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
+
+compare tiny-c1 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 16 \
+    --max-concurrency 1 --input-len 32 --output-len 128 --ignore-eos
+compare small-c1 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers --workloads text \
+    --num-prompts 4 --max-concurrency 1 --input-len 32 --output-len 128 --ignore-eos
+
+compare efficiency-small --model "$CKPT/gpt2-small" --contenders mmgpt --workloads text \
+    --num-prompts 128 --max-concurrency 64 --input-len 32 --output-len 128 --ignore-eos
+compare efficiency-tiny --model "$CKPT/gpt2-tiny" --contenders mmgpt --workloads text \
+    --num-prompts 256 --max-concurrency 64 --input-len 32 --output-len 128 --ignore-eos
