@@ -17,10 +17,11 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from models.scenes.sample import sample
 from models.scenes.tokenizer import CAPTION_PROMPT
-from models.scenes.world import IMAGE_SIZE, Scene
+from models.scenes.world import IMAGE_SIZE, Box, Scene
 
 IGNORE = -100  # cross-entropy's ignore_index
 MIN_PATCH_OVERLAP = 0.25  # a patch this much covered by an object is labelled with it
+CAPTION_UNITS = 2.0  # loss units per object a caption describes; a QA answer is one unit
 
 CAPTION_TASK = "caption"
 
@@ -78,7 +79,7 @@ def image_example(
     scene: Scene,
     image_seq_length: int,
     caption_share: float,
-    caption_units: float = 1.0,
+    caption_units: float = CAPTION_UNITS,
 ) -> Example:
     """One single-turn request about one image, exactly as the server's caption and QA routes
     render it. Single turns only: in a longer chat a question asked after the caption could
@@ -120,7 +121,7 @@ def patch_labels(
     return labels
 
 
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+def _overlap(a: Box, b: Box) -> int:
     width = min(a[2], b[2]) - max(a[0], b[0])
     height = min(a[3], b[3]) - max(a[1], b[1])
     return max(0, width) * max(0, height)
@@ -188,7 +189,7 @@ def image_batch(
     image_seq_length: int,
     text_seeds: range = range(0),
     caption_share: float = 0.3,
-    caption_units: float = 1.0,
+    caption_units: float = CAPTION_UNITS,
 ) -> Batch:
     """One image request per scene of `seeds`, then plain scene text for `text_seeds`.
 

@@ -7,7 +7,7 @@ from collections import defaultdict, deque
 import torch
 import torch.nn.functional as F
 
-from models.scenes.data import Batch
+from models.scenes.data import IGNORE, Batch
 
 
 def batch_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -23,11 +23,11 @@ def grounding_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     and its shape: word-aligned features in every patch, which a question's words can then
     attend to (a lookup by content), where captioning alone teaches lookups by position."""
     assert batch.patch_colour is not None and batch.patch_shape is not None
-    if not bool((batch.patch_colour != -100).any()):
+    if not bool((batch.patch_colour != IGNORE).any()):  # cross-entropy over nothing is NaN
         return logits.sum() * 0.0
     flat = logits.float().flatten(0, 1)  # [B * L, vocab]
-    colour = F.cross_entropy(flat, batch.patch_colour.flatten(), ignore_index=-100)
-    shape = F.cross_entropy(flat, batch.patch_shape.flatten(), ignore_index=-100)
+    colour = F.cross_entropy(flat, batch.patch_colour.flatten(), ignore_index=IGNORE)
+    shape = F.cross_entropy(flat, batch.patch_shape.flatten(), ignore_index=IGNORE)
     return (colour + shape) / 2
 
 

@@ -6,7 +6,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from models.scenes.world import IMAGE_SIZE, POSITIONS, SceneObject
+from models.scenes.world import IMAGE_SIZE, POSITIONS, Box, SceneObject
 
 BACKGROUND = (245, 245, 245)
 RGB = {
@@ -17,9 +17,6 @@ RGB = {
     "purple": (140, 40, 170),
 }
 SIDE = {"small": 10, "large": 18}  # bounding-box side in pixels
-
-
-Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive), in pixels
 
 
 def render(objects: list[SceneObject], rng: random.Random) -> tuple[Image.Image, list[Box]]:

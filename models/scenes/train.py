@@ -18,7 +18,7 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from models.scenes.checkpoint import save_checkpoint
 from models.scenes.config import TINY, ModelSize, image_processor, llava_config
-from models.scenes.data import Batch, image_batch, text_batch
+from models.scenes.data import CAPTION_UNITS, Batch, image_batch, text_batch
 from models.scenes.metrics import TaskAccuracy, batch_loss, grounding_loss
 from models.scenes.tokenizer import build_tokenizer
 from models.scenes.world import TRAIN_SEED_END
@@ -41,8 +41,8 @@ class Recipe:
     max_minutes: float
     save_every: int
     log_every: int
-    caption_units: float = 2.0
-    grounding: float = 1.0
+    caption_units: float
+    grounding: float
     init: Path | None = None
 
 
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
     parser.add_argument(
         "--caption-units",
         type=float,
-        default=2.0,
+        default=CAPTION_UNITS,
         help="loss units per object described by a caption (a QA answer is 1)",
     )
     parser.add_argument(

@@ -19,6 +19,9 @@ TRAIN_SEED_END = 10_000_000
 EVAL_SEED_START = 1_000_000_000
 
 
+Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive), in pixels
+
+
 @dataclass(frozen=True)
 class SceneObject:
     shape: str
@@ -36,7 +39,7 @@ class Scene:
     seed: int
     objects: list[SceneObject]  # ordered left to right
     image: Image.Image
-    boxes: list[tuple[int, int, int, int]]  # per object: left, top, right, bottom (exclusive)
+    boxes: list[Box]  # per object, in the order of `objects`
     caption: str
     qa_by_task: dict[str, tuple[str, str]] = field(default_factory=dict)  # task -> (q, a)
     text: str = ""
