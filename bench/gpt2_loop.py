@@ -3,7 +3,10 @@
 No server, no scheduler, no paging: every row of the batch has the same prompt
 length, the KV cache is one pre-allocated contiguous tensor per layer, and each
 step runs a hand-written forward over the checkpoint's own weights. Only the
-last position's logits are computed, and sampling is greedy.
+last position's logits are computed, and sampling is greedy. The output layer
+and the argmax are the engine's fastest CPU forms (vocab-major product, two-pass
+argmax: see models/layers.py and app/engine/argmax.py), so that the loop stays
+a limit rather than a baseline the engine could pass.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+from app.engine.argmax import argmax
+from models.layers import TRANSPOSED_LOGITS_MIN_ROWS
 
 
 @dataclass
@@ -128,6 +134,8 @@ def forward(
         inner = F.gelu(_linear(normed, layer.mlp_in), approximate="tanh")  # [B*T, 4*hidden]
         hidden = hidden + _linear(inner, layer.mlp_out).view(batch, steps, -1)
     last = _layer_norm(hidden[:, -1], weights.ln_f, weights.eps)  # [B, hidden]
+    if batch >= TRANSPOSED_LOGITS_MIN_ROWS:
+        return (weights.token_embedding @ last.T).T  # [B, vocab], a transposed view
     return last @ weights.token_embedding.T  # [B, vocab]
 
 
@@ -142,8 +150,8 @@ def greedy_decode(
     batch, prompt_len = prompt_ids.shape
     cache = cache or StaticKVCache(weights, batch, prompt_len + new_tokens)
     tokens = torch.empty(batch, new_tokens, dtype=torch.long)
-    tokens[:, 0] = forward(weights, cache, prompt_ids, 0).argmax(-1)
+    tokens[:, 0] = argmax(forward(weights, cache, prompt_ids, 0))
     for step in range(1, new_tokens):
         logits = forward(weights, cache, tokens[:, step - 1 : step], prompt_len + step - 1)
-        tokens[:, step] = logits.argmax(-1)
+        tokens[:, step] = argmax(logits)
     return tokens

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from app.engine.argmax import argmax, max_and_argmax
 from app.engine.sequence import Sequence
 
 POSINF_REPLACEMENT = 1e30  # +inf logits become this, so that softmax stays defined
@@ -76,17 +77,17 @@ class Sampler:
         if self.banned_token_ids:
             logits[:, self.banned_token_ids] = float("-inf")
         if all(seq.is_plain_greedy for seq in seqs):
-            row_max, token_ids = logits.max(dim=-1)  # [N], [N]: one pass gives both
+            row_max, token_ids = max_and_argmax(logits)  # [N], [N]
             if _all_finite(row_max):
                 return SamplerOutput(token_ids.tolist(), [None] * len(seqs), [])
-        logits, nonfinite = _sanitise(logits)
+        logits, nonfinite = _sanitise(logits.contiguous())  # the rest works row by row
         if nonfinite and self.banned_token_ids:  # rows reset to uniform lost their bans
             logits[:, self.banned_token_ids] = float("-inf")
         self._apply_logit_processors(logits, seqs)
         greedy = [seq.is_greedy for seq in seqs]
         wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         if all(greedy) and not wants_logprobs:
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs), nonfinite)
+            return SamplerOutput(argmax(logits).tolist(), [None] * len(seqs), nonfinite)
         scaled = _scale_by_temperature(logits, seqs, greedy)  # [N, vocab]
         token_ids = self._draw(scaled, seqs, greedy)  # [N]
         row_logprobs = _gather_logprobs(scaled, token_ids, seqs) if wants_logprobs else None
@@ -107,7 +108,7 @@ class Sampler:
 
     def _draw(self, scaled: torch.Tensor, seqs: Seq[Sequence], greedy: list[bool]) -> torch.Tensor:
         """One token per row: argmax for greedy rows, a truncated categorical draw for others."""
-        token_ids = scaled.argmax(dim=-1)  # [N]
+        token_ids = argmax(scaled)  # [N]
         rows = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
         if not rows:
             return token_ids
@@ -116,7 +117,7 @@ class Sampler:
         _truncate(sub, sub_seqs)
         probs = torch.softmax(sub, dim=-1)  # [R, vocab]
         noise = self._exponential_noise(probs, sub_seqs)  # [R, vocab]
-        token_ids[rows] = probs.div_(noise).argmax(dim=-1)
+        token_ids[rows] = argmax(probs.div_(noise))
         return token_ids
 
     def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""The two-pass CPU argmax against torch.argmax: same indices, ties, NaN and -inf included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine.argmax import BLOCK, max_and_argmax
+
+
+def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed))
+    logits[0, vocab // 3] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie: the first wins
+    if rows > 2:
+        logits[1, vocab // 2] = float("nan")  # NaN wins, as in torch.argmax
+        logits[2] = float("-inf")
+        logits[2, vocab - 1] = 0.0  # the only finite logit is in the last, shorter block
+    if rows > 3:
+        logits[3] = 7.0  # every logit ties
+    return logits
+
+
+@pytest.mark.parametrize("vocab", [BLOCK - 1, BLOCK, BLOCK + 1, 5 * BLOCK, 50257])
+@pytest.mark.parametrize("rows", [1, 4, 17, 40])
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_matches_torch(vocab: int, rows: int, layout: str) -> None:
+    logits = _logits(rows, vocab, seed=vocab + rows)
+    view = logits if layout == "rows" else logits.t().contiguous().t()  # same values, [V, N]
+    values, indices = max_and_argmax(view)
+    expected_values, _ = logits.max(dim=-1)
+    assert torch.equal(indices, logits.argmax(dim=-1))
+    assert torch.equal(values.isnan(), expected_values.isnan())
+    finite = ~expected_values.isnan()
+    assert torch.equal(values[finite], expected_values[finite])
+
+
+def test_a_maximum_in_a_later_block_is_found() -> None:
+    logits = torch.zeros(8, 3 * BLOCK)
+    for row in range(8):
+        logits[row, row * 97 % (3 * BLOCK)] = 1.0 + row
+    assert max_and_argmax(logits)[1].tolist() == [row * 97 % (3 * BLOCK) for row in range(8)]
