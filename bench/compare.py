@@ -14,7 +14,6 @@ contender's p50 TTFT over mmgpt's; above 1 means mmgpt is ahead.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import math
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from bench import ceiling
+from bench.client import run_async
 from bench.machine import machine_info
 from bench.peers.contenders import (
     CONTENDERS,
@@ -75,7 +75,7 @@ def run_workloads(
         if not contender.accepts_ignore_eos:
             spec = dataclasses.replace(spec, ignore_eos=False)
         load = load_config(args, base_url, None)
-        reports[name] = asyncio.run(run_benchmark(load, spec, contender.name))
+        reports[name] = run_async(run_benchmark(load, spec, contender.name))
     return reports
 
 

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
-from bench.client import send_request
+from bench.client import run_async, send_request, session
 from bench.stats import (
     BenchSummary,
     RequestResult,
@@ -88,10 +88,10 @@ def _request_row(result: RequestResult) -> dict[str, Any]:
     }
 
 
-async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
-    response = await client.get(base_url.rstrip("/") + "/v1/models")
-    response.raise_for_status()
-    return str(response.json()["data"][0]["id"])
+async def discover_model(client: aiohttp.ClientSession, base_url: str) -> str:
+    async with client.get(base_url.rstrip("/") + "/v1/models") as response:
+        response.raise_for_status()
+        return str((await response.json())["data"][0]["id"])
 
 
 async def arrivals(count: int, rate: float, rng: random.Random) -> AsyncIterator[int]:
@@ -103,7 +103,7 @@ async def arrivals(count: int, rate: float, rng: random.Random) -> AsyncIterator
 
 
 async def run_load(
-    client: httpx.AsyncClient, load: LoadConfig, model: str, requests: Sequence[BenchRequest]
+    client: aiohttp.ClientSession, load: LoadConfig, model: str, requests: Sequence[BenchRequest]
 ) -> tuple[list[RequestResult], float]:
     """Sends every request on the arrival schedule; returns results and wall time."""
     limit = asyncio.Semaphore(load.max_concurrency or len(requests) or 1)
@@ -120,13 +120,8 @@ async def run_load(
     return results, time.perf_counter() - start
 
 
-def _client(load: LoadConfig, num_requests: int) -> httpx.AsyncClient:
-    connections = max(load.max_concurrency or num_requests, 1)
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(load.timeout_s, connect=30.0),
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        trust_env=False,  # loopback benchmarks must not go through a configured proxy
-    )
+def _client(load: LoadConfig, num_requests: int) -> aiohttp.ClientSession:
+    return session(max(load.max_concurrency or num_requests, 1), load.timeout_s)
 
 
 def warmup_requests(workload: WorkloadSpec, count: int) -> list[BenchRequest]:
@@ -208,7 +203,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load = load_config(args, args.base_url, args.model)
-    report = asyncio.run(run_benchmark(load, workload_spec(args, args.workload)))
+    report = run_async(run_benchmark(load, workload_spec(args, args.workload)))
     print("$ mmgpt bench " + " ".join(sys.argv[1:] if argv is None else argv))
     print(format_summary(report.summary, f"{report.label} @ {args.base_url}"))
     for note in report.notes():
