@@ -18,6 +18,7 @@ mkdir -p "$OUT" "$CKPT"
 for size in tiny small; do
     [ -f "$CKPT/gpt2-$size/config.json" ] || "$PY" -m bench.checkpoints "$CKPT/gpt2-$size" --size "$size"
 done
+[ -f "$CKPT/llava-base/config.json" ] || "$PY" -m bench.llava_checkpoint "$CKPT/llava-base"
 
 compare() {  # name, then bench.compare flags
     local name=$1
@@ -41,12 +42,22 @@ compare scenes-vision --model "$SCENES" --contenders mmgpt --workloads caption,q
     --num-prompts 48 --max-concurrency 16 --output-len 32
 compare repeat-image --model "$SCENES" --contenders mmgpt --workloads qa --repeat-image 2 \
     --num-prompts 32 --max-concurrency 1 --output-len 16
+# The same on a ViT-B/16 tower, where encoding and prefilling the image is the real cost.
+compare repeat-image-llava --model "$CKPT/llava-base" --contenders mmgpt --workloads qa \
+    --repeat-image 2 --num-prompts 16 --max-concurrency 1 --output-len 16 --image-source synthetic
 
 compare tiny-c32 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 128 \
     --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
 # The naive server decodes GPT-2 small at a few tokens/s: it would take a quarter of an hour.
 compare small-c32 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers --workloads text \
     --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
+# bf16 (AVX512-BF16 or AMX): mmgpt in bf16 against the peer in its default fp32, then both in bf16.
+compare small-c32-bf16 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers \
+    --mmgpt-args="--dtype bfloat16" --workloads text --num-prompts 64 --max-concurrency 32 \
+    --input-len 32 --output-len 64 --ignore-eos
+compare small-c32-both-bf16 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers \
+    --dtype bfloat16 --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 \
+    --output-len 64 --ignore-eos
 
 compare tiny-c1 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 16 \
     --max-concurrency 1 --input-len 32 --output-len 128 --ignore-eos
