@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 GPT2_VOCAB_SIZE = 50_257
 END_OF_TEXT = "<|endoftext|>"
@@ -78,7 +84,14 @@ def make_gpt2(out_dir: str | Path, size: str = "small", seed: int = 0) -> Path:
         bos_token_id=eos,
         eos_token_id=eos,
     )
-    model = GPT2LMHeadModel(config).eval()
+    return save_checkpoint(GPT2LMHeadModel(config), tokenizer, eos, out_dir)
+
+
+def save_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, eos: int, out_dir: str | Path
+) -> Path:
+    """Writes the model (EOS as BOS, EOS and padding) and its tokenizer into out_dir."""
+    model.eval()
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

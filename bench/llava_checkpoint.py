@@ -20,14 +20,13 @@ import torch
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
-    GenerationConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
 
-from bench.checkpoints import END_OF_TEXT, build_gpt2_tokenizer
+from bench.checkpoints import END_OF_TEXT, build_gpt2_tokenizer, save_checkpoint
 
 IMAGE_TOKEN = "<image>"
 VOCAB_SIZE = 8192
@@ -77,12 +76,7 @@ def make_llava(out_dir: str | Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out = save_checkpoint(LlavaForConditionalGeneration(config), tokenizer, eos, out_dir)
     CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     ).save_pretrained(out)
