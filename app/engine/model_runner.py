@@ -19,6 +19,7 @@ from app.engine.image_cache import ImageEmbeddingCache
 from app.engine.sampler import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, Sequence
+from app.engine.step_threads import StepThreads
 from models.base import AttentionMetadata, LoadedModel
 
 
@@ -56,12 +57,14 @@ class ModelRunner:
             banned_token_ids=() if image_token is None else (image_token,),
         )
         self.image_cache = ImageEmbeddingCache(config.image_cache_size)
+        self.threads = StepThreads(loaded.info)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         if batch.block_copies:
             self._copy_blocks(batch.block_copies)
         inputs = self.prepare(batch)
+        self.threads.apply(inputs.input_ids.shape[0])
         hidden = self.model.forward(
             inputs.input_ids,
             inputs.positions,

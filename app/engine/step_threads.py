@@ -1,0 +1,46 @@
+"""How many intra-op threads a step gets on the CPU: one for a small step, all for a big one.
+
+A decode step of a small model is a hundred tiny ops. Splitting each across
+threads costs a fork and a join per op, and while the other cores run the HTTP
+front end (or a client on the same machine) a join can wait for a descheduled
+thread: the contention trap PERF_NOTES describes. So a step whose work is below
+SMALL_STEP_FLOPS runs on the engine thread alone; bigger steps (prefills,
+large batches, large models) get every thread the engine was given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.base import ModelInfo
+
+# A 3.5M-parameter GPT-2 decoding 4 sequences (about 7 MFLOP each) stays below it; one
+# token through GPT-2 small (about 250 MFLOP) does not.
+SMALL_STEP_FLOPS = 32e6
+
+
+def flops_per_token(info: ModelInfo) -> float:
+    """About 2 x the weights a token meets: 12 h^2 per layer (attention 4 h^2, MLP 8 h^2)
+    and the output layer; exact enough to tell small steps from big ones."""
+    hidden = info.hidden_size
+    return 2.0 * (12 * info.num_layers * hidden * hidden + info.vocab_size * hidden)
+
+
+class StepThreads:
+    def __init__(self, info: ModelInfo) -> None:
+        self.enabled = info.device.type == "cpu"
+        self.flops_per_token = flops_per_token(info)
+        self.most = 0  # the engine thread's setting, read at the first step (on that thread)
+        self.current = 0
+
+    def apply(self, num_tokens: int) -> None:
+        """Set the intra-op threads for a step of `num_tokens` tokens, on the engine thread."""
+        if not self.enabled:
+            return
+        if not self.most:
+            self.most = self.current = torch.get_num_threads()
+        small = num_tokens * self.flops_per_token < SMALL_STEP_FLOPS
+        wanted = 1 if small else self.most
+        if wanted != self.current:
+            torch.set_num_threads(wanted)
+            self.current = wanted
