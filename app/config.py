@@ -73,7 +73,9 @@ class Settings(BaseSettings):
         default=256, ge=0, description="Image embeddings kept, by content."
     )
     num_threads: int | None = Field(
-        default=None, ge=1, description="torch threads on CPU. Default: all cores."
+        default=None,
+        ge=1,
+        description="Most torch threads a CPU step uses (small steps use one). Default: all cores.",
     )
     max_logprobs: int = Field(
         default=20, ge=0, description="Most top logprobs a request may ask for."
