@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import CLIPImageProcessor
 
 from app.errors import APIError
-from app.media import ImageLimits, content_hash, decode_data_url, decode_image, to_rgb
+from app.media import (
+    ImageIntake,
+    ImageLimits,
+    content_hash,
+    decode_data_url,
+    decode_image,
+    to_rgb,
+)
 from tests.api.images import encode, png_declaring, scene, scene_png
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=1_000_000)
@@ -124,3 +135,36 @@ def test_data_urls() -> None:
     ]
     for url, status in bad:
         assert _status(lambda url=url: decode_data_url(url, LIMITS, "url")) == status, url
+
+
+@pytest.mark.parametrize(("side", "in_thread"), [(64, False), (128, False), (129, True)])
+def test_only_larger_images_go_to_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch, side: int, in_thread: bool
+) -> None:
+    """A worker thread's round trip costs more than decoding a small image inline."""
+    threaded: list[bool] = []
+    real_run_sync = anyio.to_thread.run_sync
+
+    async def recording_run_sync(*args: Any, **kwargs: Any) -> Any:
+        threaded.append(True)
+        return await real_run_sync(*args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", recording_run_sync)
+    intake = ImageIntake(
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        LIMITS,
+    )
+    loaded = anyio.run(intake.load, scene_png(side, side))
+    assert loaded.pixel_values.shape == (3, 32, 32)
+    assert threaded == ([True] if in_thread else [])
+
+
+def test_an_inline_decode_fails_as_the_threaded_one_does() -> None:
+    intake = ImageIntake(
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        LIMITS,
+    )
+    truncated = scene_png(64, 64)[:-40]  # a readable header, a broken body
+    with pytest.raises(APIError) as caught:
+        anyio.run(intake.load, truncated)
+    assert caught.value.status_code == 400
