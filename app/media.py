@@ -54,11 +54,21 @@ def check_size(num_bytes: int, limits: ImageLimits, param: str) -> None:
 
 def decode_image(data: bytes, limits: ImageLimits, param: str = "image") -> Image.Image:
     """Encoded bytes -> an upright RGB image, or an APIError (400, 413, 415)."""
+    return decode_pixels(read_header(data, limits, param), param)
+
+
+def read_header(data: bytes, limits: ImageLimits, param: str = "image") -> Image.Image:
+    """Checks the bytes and reads only the header: cheap whatever the picture's size."""
     if not data:
         raise bad_request("The image is empty.", param, code="invalid_image")
     check_size(len(data), limits, param)
     image = _open(data, param)
     _check_pixels(image, limits, param)
+    return image
+
+
+def decode_pixels(image: Image.Image, param: str = "image") -> Image.Image:
+    """An image whose header `read_header` accepted -> upright RGB pixels."""
     try:
         image.seek(0)  # the first frame of an animation
         image.load()
@@ -152,7 +162,8 @@ def decode_data_url(url: str, limits: ImageLimits, param: str) -> bytes:
 
 
 class ImageIntake:
-    """Decodes and preprocesses images for one loaded model, off the event loop."""
+    """Decodes and preprocesses images for one loaded model: small ones inline, the rest in
+    a bounded pool of worker threads (after the header is read and checked, inline)."""
 
     def __init__(self, image_processor: Any, limits: ImageLimits) -> None:
         self.image_processor = image_processor
@@ -161,19 +172,19 @@ class ImageIntake:
 
     async def load(self, data: bytes, param: str = "image") -> ImageInput:
         metrics.IMAGES.inc()
-        check_size(len(data), self.limits, param)
         started = time.perf_counter()
-        if _is_small(data):
-            image_input = self._decode_and_preprocess(data, param)
+        header = read_header(data, self.limits, param)
+        if header.width * header.height <= INLINE_DECODE_PIXELS:
+            image_input = self._decode_and_preprocess(header, param)
         else:
             image_input = await anyio.to_thread.run_sync(
-                self._decode_and_preprocess, data, param, limiter=self._limiter
+                self._decode_and_preprocess, header, param, limiter=self._limiter
             )
         metrics.IMAGE_PREPROCESS_TIME.observe(time.perf_counter() - started)
         return image_input
 
-    def _decode_and_preprocess(self, data: bytes, param: str) -> ImageInput:
-        image = decode_image(data, self.limits, param)
+    def _decode_and_preprocess(self, header: Image.Image, param: str) -> ImageInput:
+        image = decode_pixels(header, param)
         check_aspect_ratio(image, param)
         try:
             return preprocess(image, self.image_processor)
@@ -181,12 +192,3 @@ class ImageIntake:
             raise
         except Exception as error:  # a processor that cannot handle this picture
             raise bad_request(f"The image could not be preprocessed: {error}", param) from error
-
-
-def _is_small(data: bytes) -> bool:
-    """Whether the header promises at most INLINE_DECODE_PIXELS pixels (False if unreadable)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return bool(image.width * image.height <= INLINE_DECODE_PIXELS)
-    except _DECODE_ERRORS:
-        return False

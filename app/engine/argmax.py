@@ -28,9 +28,8 @@ def max_and_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.device.type != "cpu" or vocab <= BLOCK or rows < MIN_ROWS:
         values, indices = logits.max(dim=-1)
         return values, indices
-    if logits.stride(-1) != 1 and logits.stride(0) == 1:  # a transposed [vocab, N] tensor
-        return _columns(logits.t())
-    return _rows(logits)
+    transposed = logits.stride(-1) != 1 and logits.stride(0) == 1  # a [vocab, N] tensor's view
+    return _two_pass(logits.t(), dim=0) if transposed else _two_pass(logits, dim=1)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -38,29 +37,19 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return max_and_argmax(logits)[1]
 
 
-def _rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and first argmax of each row of rows [N, vocab]."""
-    vocab = rows.shape[1]
+def _two_pass(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and first argmax along `dim`, the vocabulary's (and contiguous) dimension of a
+    2-D tensor: [N, vocab] with dim 1, or [vocab, N] with dim 0."""
+    vocab = logits.shape[dim]
     num_blocks = vocab // BLOCK
-    maxima = rows[:, : num_blocks * BLOCK].unflatten(1, (num_blocks, BLOCK)).amax(2)  # [N, n]
+    whole = logits.narrow(dim, 0, num_blocks * BLOCK).unflatten(dim, (num_blocks, BLOCK))
+    maxima = whole.amax(dim + 1)  # the block maxima: n in place of vocab along dim
     if num_blocks * BLOCK < vocab:  # the last, shorter block
-        maxima = torch.cat([maxima, rows[:, num_blocks * BLOCK :].amax(1, keepdim=True)], 1)
-    first_block = maxima.argmax(1, keepdim=True)  # [N, 1]
-    offsets = torch.arange(BLOCK, device=rows.device)  # [BLOCK]
-    positions = (first_block * BLOCK + offsets).clamp_(max=vocab - 1)  # [N, BLOCK]
-    within = rows.gather(1, positions).argmax(1, keepdim=True)  # [N, 1]
-    return maxima.amax(1), positions.gather(1, within).squeeze(1)
-
-
-def _columns(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and first argmax of each column of columns [vocab, N]: `_rows` transposed."""
-    vocab = columns.shape[0]
-    num_blocks = vocab // BLOCK
-    maxima = columns[: num_blocks * BLOCK].unflatten(0, (num_blocks, BLOCK)).amax(1)  # [n, N]
-    if num_blocks * BLOCK < vocab:
-        maxima = torch.cat([maxima, columns[num_blocks * BLOCK :].amax(0, keepdim=True)])
-    first_block = maxima.argmax(0, keepdim=True)  # [1, N]
-    offsets = torch.arange(BLOCK, device=columns.device).unsqueeze(1)  # [BLOCK, 1]
-    positions = (first_block * BLOCK + offsets).clamp_(max=vocab - 1)  # [BLOCK, N]
-    within = columns.gather(0, positions).argmax(0, keepdim=True)  # [1, N]
-    return maxima.amax(0), positions.gather(0, within).squeeze(0)
+        rest = logits.narrow(dim, num_blocks * BLOCK, vocab - num_blocks * BLOCK)
+        maxima = torch.cat([maxima, rest.amax(dim, keepdim=True)], dim)
+    first_block = maxima.argmax(dim, keepdim=True)  # 1 along dim
+    shape = [-1 if d == dim else 1 for d in range(2)]
+    offsets = torch.arange(BLOCK, device=logits.device).view(shape)  # BLOCK along dim
+    positions = (first_block * BLOCK + offsets).clamp_(max=vocab - 1)
+    within = logits.gather(dim, positions).argmax(dim, keepdim=True)
+    return maxima.amax(dim), positions.gather(dim, within).squeeze(dim)
