@@ -3,10 +3,10 @@
 No server, no scheduler, no paging: every row of the batch has the same prompt
 length, the KV cache is one pre-allocated contiguous tensor per layer, and each
 step runs a hand-written forward over the checkpoint's own weights. Only the
-last position's logits are computed, and sampling is greedy. The output layer
-and the argmax are the engine's fastest CPU forms (vocab-major product, two-pass
-argmax: see models/layers.py and app/engine/argmax.py), so that the loop stays
-a limit rather than a baseline the engine could pass.
+last position's logits are computed, and sampling is greedy. The products and
+the argmax are the engine's fastest CPU forms (each product in its faster
+orientation, two-pass argmax: see models/linear.py and app/engine/argmax.py), so
+that the loop stays a limit rather than a baseline the engine could pass.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from app.engine.argmax import argmax
-from models.layers import TRANSPOSED_LOGITS_MIN_ROWS
+from models.linear import linear, logits
 
 
 @dataclass
 class Gpt2Layer:
     ln_1: tuple[torch.Tensor, torch.Tensor]  # weight, bias [hidden]
-    qkv: tuple[torch.Tensor, torch.Tensor]  # [hidden, 3 * hidden], [3 * hidden]
+    qkv: tuple[torch.Tensor, torch.Tensor]  # [3 * hidden, hidden], [3 * hidden]
     attn_out: tuple[torch.Tensor, torch.Tensor]  # [hidden, hidden], [hidden]
     ln_2: tuple[torch.Tensor, torch.Tensor]
-    mlp_in: tuple[torch.Tensor, torch.Tensor]  # [hidden, 4 * hidden], [4 * hidden]
-    mlp_out: tuple[torch.Tensor, torch.Tensor]  # [4 * hidden, hidden], [hidden]
+    mlp_in: tuple[torch.Tensor, torch.Tensor]  # [4 * hidden, hidden], [4 * hidden]
+    mlp_out: tuple[torch.Tensor, torch.Tensor]  # [hidden, 4 * hidden], [hidden]
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Gpt2Weights:
 
 
 def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Weights:
-    """Reads a Hugging Face GPT-2 folder (Conv1D weights are stored [in, out])."""
+    """Reads a Hugging Face GPT-2 folder (Conv1D weights, stored [in, out], are kept [out, in])."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     tensors: dict[str, torch.Tensor] = {}
@@ -61,10 +61,21 @@ def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Wei
 
     def pair(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = tensors[f"{prefix}.weight"], tensors[f"{prefix}.bias"]
-        return weight.to(dtype).contiguous(), bias.to(dtype)
+        return weight.to(dtype), bias.to(dtype)
+
+    def conv1d(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = pair(prefix)
+        return weight.t().contiguous(), bias
 
     layers = [
-        Gpt2Layer(*(pair(f"h.{i}.{name}") for name in _LAYER_PARTS))
+        Gpt2Layer(
+            ln_1=pair(f"h.{i}.ln_1"),
+            qkv=conv1d(f"h.{i}.attn.c_attn"),
+            attn_out=conv1d(f"h.{i}.attn.c_proj"),
+            ln_2=pair(f"h.{i}.ln_2"),
+            mlp_in=conv1d(f"h.{i}.mlp.c_fc"),
+            mlp_out=conv1d(f"h.{i}.mlp.c_proj"),
+        )
         for i in range(config["n_layer"])
     ]
     return Gpt2Weights(
@@ -75,9 +86,6 @@ def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Wei
         num_heads=config["n_head"],
         eps=config.get("layer_norm_epsilon", 1e-5),
     )
-
-
-_LAYER_PARTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 
 
 class StaticKVCache:
@@ -98,7 +106,7 @@ def _layer_norm(
 
 
 def _linear(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return torch.addmm(params[1], x, params[0])
+    return linear(x, *params)
 
 
 def _attention(
@@ -134,9 +142,7 @@ def forward(
         inner = F.gelu(_linear(normed, layer.mlp_in), approximate="tanh")  # [B*T, 4*hidden]
         hidden = hidden + _linear(inner, layer.mlp_out).view(batch, steps, -1)
     last = _layer_norm(hidden[:, -1], weights.ln_f, weights.eps)  # [B, hidden]
-    if batch >= TRANSPOSED_LOGITS_MIN_ROWS:
-        return (weights.token_embedding @ last.T).T  # [B, vocab], a transposed view
-    return last @ weights.token_embedding.T  # [B, vocab]
+    return logits(last, weights.token_embedding)  # [B, vocab], perhaps a transposed view
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """GPT-2 on the paged KV cache, weights read by their Hugging Face names.
 
 GPT-2 stores its projections as Conv1D ([in, out]); they are transposed once at
-load time so every projection is a plain `F.linear`.
+load time so every projection is a plain `linear` ([out, in], models/linear.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention, prepare_attention
 from models.base import AttentionMetadata
 from models.layers import PagedDecoderModel, activation
+from models.linear import linear
 from models.weights import CheckpointWeights
 
 # Causal-mask buffers that old GPT-2 checkpoints store alongside the weights.
@@ -56,12 +57,12 @@ class GPT2Layer:
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = hidden.shape[0]
         normed = F.layer_norm(hidden, (self.hidden_size,), *self.w.ln_1, self.eps)
-        qkv = F.linear(normed, *self.w.qkv).view(num_tokens, 3, self.num_heads, self.head_dim)
+        qkv = linear(normed, *self.w.qkv).view(num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(1)  # each [T, heads, D]
         attended = paged_attention(query, key, value, cache, attn_metadata, self.scale)
-        hidden = hidden + F.linear(attended, *self.w.attn_out)
+        hidden = hidden + linear(attended, *self.w.attn_out)
         normed = F.layer_norm(hidden, (self.hidden_size,), *self.w.ln_2, self.eps)
-        return hidden + F.linear(self.act(F.linear(normed, *self.w.fc_in)), *self.w.fc_out)
+        return hidden + linear(self.act(linear(normed, *self.w.fc_in)), *self.w.fc_out)
 
 
 class GPT2LMHeadModel(PagedDecoderModel):

@@ -11,8 +11,7 @@ from transformers.activations import ACT2FN
 from models.attention import KVCache, allocate_kv_cache
 from models.base import AttentionMetadata, ModelInfo
 from models.errors import ModelLoadError
-
-TRANSPOSED_LOGITS_MIN_ROWS = 16  # below it the two orientations take the same time
+from models.linear import logits
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -95,15 +94,10 @@ class PagedDecoderModel:
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32; call it only on the rows that sample.
 
-        On the CPU, from TRANSPOSED_LOGITS_MIN_ROWS rows on, the product is taken as
-        lm_head @ hidden.T and returned as a transposed view: the same numbers, but the
-        CPU GEMM is faster in that orientation (GPT-2 small, 32 rows, 2 threads: 33 ms
-        against 51 ms; the 64-wide test model: 2.8 against 4.0 ms). Consumers that need
-        contiguous rows call `.contiguous()`.
+        On the CPU the product may come back as a transposed view (see models/linear.py):
+        consumers that need contiguous rows call `.contiguous()`.
         """
-        if self.device.type == "cpu" and hidden_states.shape[0] >= TRANSPOSED_LOGITS_MIN_ROWS:
-            return torch.mm(self.lm_head, hidden_states.t()).t().float()  # [N, vocab] view
-        return F.linear(hidden_states, self.lm_head).float()
+        return logits(hidden_states, self.lm_head).float()
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} takes no images")

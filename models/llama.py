@@ -18,6 +18,7 @@ from models.attention import KVCache, paged_attention, prepare_attention
 from models.base import AttentionMetadata
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel, activation, rms_norm
+from models.linear import linear
 from models.rope import RotaryEmbedding
 from models.weights import CheckpointWeights
 
@@ -103,19 +104,19 @@ class LlamaLayer:
     ) -> torch.Tensor:
         dims, num_tokens = self.dims, hidden.shape[0]
         normed = rms_norm(hidden, self.w.input_norm, dims.eps)
-        qkv = F.linear(normed, self.w.qkv_weight, self.w.qkv_bias)  # [T, (H + 2 * KV) * D]
+        qkv = linear(normed, self.w.qkv_weight, self.w.qkv_bias)  # [T, (H + 2 * KV) * D]
         q_and_k = qkv[:, : self.q_and_k_width].view(num_tokens, -1, dims.head_dim)
         q_and_k = rope.apply(q_and_k, *cos_sin)  # [T, H + KV, D]
         query, key = q_and_k[:, : dims.num_heads], q_and_k[:, dims.num_heads :]
         value = qkv[:, self.q_and_k_width :].view(num_tokens, dims.num_kv_heads, dims.head_dim)
         attended = paged_attention(query, key, value, cache, attn_metadata, self.scale)
-        return F.linear(attended, self.w.o_weight, self.w.o_bias)  # [T, hidden]
+        return linear(attended, self.w.o_weight, self.w.o_bias)  # [T, hidden]
 
     def _mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = rms_norm(hidden, self.w.post_norm, self.dims.eps)
-        gate_up = F.linear(normed, self.w.gate_up_weight, self.w.gate_up_bias)  # [T, 2 * inter]
+        gate_up = linear(normed, self.w.gate_up_weight, self.w.gate_up_bias)  # [T, 2 * inter]
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.w.down_weight, self.w.down_bias)
+        return linear(self.act(gate) * up, self.w.down_weight, self.w.down_bias)
 
 
 class LlamaDecoder(PagedDecoderModel):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+import models.linear
 from tests.models.conftest import CASES, Case
 from tests.models.paged import PagedSession, relative_error
 
@@ -84,3 +85,19 @@ def test_prefill_then_decodes_in_mixed_batches(case: Case) -> None:
     driver.step({1: 1, 2: lens[2] - lens[2] // 2, 3: lens[3], 0: 1})
     while any(driver.done[i] < len(seq) for i, seq in enumerate(sequences)):
         driver.step({i: 1 for i, seq in enumerate(sequences) if driver.done[i] < len(seq)})
+
+
+def test_decodes_taken_weight_major(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The few-row products in the CPU's faster orientation give the same logits. The test
+    models' weights are below the size that takes it, so the size bar is lowered to zero."""
+    taken: list[int] = []
+    real = models.linear._weight_major
+
+    def counting(rows: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        taken.append(rows.shape[0])
+        return real(rows, *args)
+
+    monkeypatch.setattr(models.linear, "WEIGHT_MAJOR_MIN_NUMEL", 0)
+    monkeypatch.setattr(models.linear, "_weight_major", counting)
+    test_prefill_then_decodes_in_mixed_batches(case)
+    assert 1 in taken and max(taken) <= models.linear.WEIGHT_MAJOR_MAX_ROWS
