@@ -24,6 +24,7 @@ from app.engine.config import EngineConfig
 from app.engine.engine_core import Delivery, EngineCore
 from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
 from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
+from app.engine.step_threads import in_passing_thread
 from app.engine.validation import image_spans, validate_length, validate_params, validate_prompt
 from models.base import LoadedModel, ModelInfo
 
@@ -113,8 +114,8 @@ def _put_all(items: list[Delivery]) -> None:
 class AsyncEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self._loaded = loaded if loaded is not None else _load(config)
-        self._core = EngineCore(config, self._loaded)
+        # Loading and the KV cache allocation run parallel ops: on a thread that then ends.
+        self._loaded, self._core = in_passing_thread(lambda: _build(config, loaded))
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, RequestStream] = {}  # touched on the event loop only
         self._thread: threading.Thread | None = None
@@ -322,6 +323,11 @@ class AsyncEngine:
             num_steps=core.num_steps,
             last_step_end=core.last_step_end,
         )
+
+
+def _build(config: EngineConfig, loaded: LoadedModel | None) -> tuple[LoadedModel, EngineCore]:
+    loaded = loaded if loaded is not None else _load(config)
+    return loaded, EngineCore(config, loaded)
 
 
 def _load(config: EngineConfig) -> LoadedModel:

@@ -1,14 +1,23 @@
-"""Small steps run on one intra-op thread, big ones on all the engine was given."""
+"""Small steps run on one intra-op thread, big ones on all the engine was given; set-up work
+runs on a thread that takes its OpenMP pool away when it ends."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from app.engine.step_threads import SMALL_STEP_FLOPS, StepThreads, flops_per_token
+from app.engine.step_threads import (
+    SMALL_STEP_FLOPS,
+    StepThreads,
+    flops_per_token,
+    in_passing_thread,
+)
 from models.base import ModelInfo
 
 
@@ -56,3 +65,45 @@ def test_small_steps_take_one_thread_and_big_steps_take_them_all_back() -> None:
 def test_other_devices_leave_the_threads_alone() -> None:
     StepThreads(dataclasses.replace(_info(), device=torch.device("meta"))).apply(1)
     assert torch.get_num_threads() == 2
+
+
+def _num_os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_passing_thread_returns_the_result_from_another_thread() -> None:
+    seen: list[threading.Thread] = []
+
+    def work() -> int:
+        seen.append(threading.current_thread())
+        return 42
+
+    assert in_passing_thread(work) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
+def test_passing_thread_raises_the_error_on_the_caller() -> None:
+    def work() -> None:
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        in_passing_thread(work)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_parallel_work_leaves_no_openmp_workers_behind(two_threads: None) -> None:
+    """A parallel op starts OpenMP workers for its thread; they must end with that thread."""
+
+    def parallel_op() -> int:
+        torch.set_num_threads(2)  # this thread's own setting; the fixture restores the default
+        torch.ones(1 << 22).mul_(2)  # far above the grain size: a parallel region
+        return _num_os_threads()
+
+    before = _num_os_threads()
+    during = in_passing_thread(parallel_op)
+    assert during > before  # the set-up thread, and its worker where there are 2+ cores
+    # join() returns before the ending thread's destructors stop its workers: wait for them.
+    deadline = time.monotonic() + 10
+    while _num_os_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _num_os_threads() == before
