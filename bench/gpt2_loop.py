@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from app.engine.argmax import argmax
-from models.linear import linear, logits
+from models.layers import dataclass_tensors
+from models.linear import Product, decode_product, logits
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Gpt2Weights:
     ln_f: tuple[torch.Tensor, torch.Tensor]
     num_heads: int
     eps: float
+    product: Product  # the engine's choice of matrix product for this model
 
     @property
     def hidden_size(self) -> int:
@@ -78,13 +80,16 @@ def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Wei
         )
         for i in range(config["n_layer"])
     ]
+    token_embedding = tensors["wte.weight"].to(dtype).contiguous()
+    streamed = [t for layer in layers for t in dataclass_tensors(layer)] + [token_embedding]
     return Gpt2Weights(
-        token_embedding=tensors["wte.weight"].to(dtype).contiguous(),
+        token_embedding=token_embedding,
         position_embedding=tensors["wpe.weight"].to(dtype),
         layers=layers,
         ln_f=pair("ln_f"),
         num_heads=config["n_head"],
         eps=config.get("layer_norm_epsilon", 1e-5),
+        product=decode_product(streamed),
     )
 
 
@@ -105,16 +110,18 @@ def _layer_norm(
     return F.layer_norm(x, x.shape[-1:], params[0], params[1], eps)
 
 
-def _linear(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return linear(x, *params)
-
-
 def _attention(
-    layer: Gpt2Layer, x: torch.Tensor, cache: StaticKVCache, index: int, start: int, heads: int
+    weights: Gpt2Weights,
+    layer: Gpt2Layer,
+    x: torch.Tensor,
+    cache: StaticKVCache,
+    index: int,
+    start: int,
 ) -> torch.Tensor:
     """Causal self-attention of the new tokens x [B, T, hidden] over cache + themselves."""
     batch, steps, hidden = x.shape
-    qkv = _linear(x.reshape(batch * steps, hidden), layer.qkv)  # [B*T, 3*hidden]
+    heads, product = weights.num_heads, weights.product
+    qkv = product(x.reshape(batch * steps, hidden), *layer.qkv)  # [B*T, 3*hidden]
     qkv = qkv.view(batch, steps, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
     query, key, value = qkv[0], qkv[1], qkv[2]  # [B, heads, T, head_dim]
     end = start + steps
@@ -124,7 +131,7 @@ def _attention(
     # A prefill starts at 0 (plain causal mask); a decode step sees the whole cache.
     out = F.scaled_dot_product_attention(query, keys, values, is_causal=steps > 1)
     out = out.transpose(1, 2).reshape(batch * steps, hidden)  # [B*T, hidden]
-    return _linear(out, layer.attn_out).view(batch, steps, hidden)
+    return product(out, *layer.attn_out).view(batch, steps, hidden)
 
 
 def forward(
@@ -137,12 +144,14 @@ def forward(
     hidden = weights.token_embedding[input_ids] + weights.position_embedding[start : start + steps]
     for index, layer in enumerate(weights.layers):
         normed = _layer_norm(hidden, layer.ln_1, weights.eps)
-        hidden = hidden + _attention(layer, normed, cache, index, start, weights.num_heads)
+        hidden = hidden + _attention(weights, layer, normed, cache, index, start)
         normed = _layer_norm(hidden, layer.ln_2, weights.eps).reshape(batch * steps, -1)
-        inner = F.gelu(_linear(normed, layer.mlp_in), approximate="tanh")  # [B*T, 4*hidden]
-        hidden = hidden + _linear(inner, layer.mlp_out).view(batch, steps, -1)
+        inner = F.gelu(weights.product(normed, *layer.mlp_in), approximate="tanh")  # [B*T, 4h]
+        hidden = hidden + weights.product(inner, *layer.mlp_out).view(batch, steps, -1)
     last = _layer_norm(hidden[:, -1], weights.ln_f, weights.eps)  # [B, hidden]
-    return logits(last, weights.token_embedding)  # [B, vocab], perhaps a transposed view
+    return logits(
+        last, weights.token_embedding, weights.product
+    )  # [B, vocab], perhaps a transposed view
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """GPT-2 on the paged KV cache, weights read by their Hugging Face names.
 
 GPT-2 stores its projections as Conv1D ([in, out]); they are transposed once at
-load time so every projection is a plain `linear` ([out, in], models/linear.py).
+load time so every projection is an [out, in] product (models/linear.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from transformers import PretrainedConfig
 
 from models.attention import KVCache, paged_attention, prepare_attention
 from models.base import AttentionMetadata
-from models.layers import PagedDecoderModel, activation
-from models.linear import linear
+from models.layers import PagedDecoderModel, activation, dataclass_tensors
+from models.linear import Product, decode_product
 from models.weights import CheckpointWeights
 
 # Causal-mask buffers that old GPT-2 checkpoints store alongside the weights.
@@ -47,8 +47,10 @@ class GPT2Layer:
         eps: float,
         scale: float,
         act: Callable[[torch.Tensor], torch.Tensor],
+        product: Product,
     ) -> None:
         self.w, self.num_heads, self.eps, self.scale, self.act = weights, num_heads, eps, scale, act
+        self.product = product
         self.hidden_size = weights.ln_1[0].shape[0]
         self.head_dim = self.hidden_size // num_heads
 
@@ -57,12 +59,13 @@ class GPT2Layer:
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = hidden.shape[0]
         normed = F.layer_norm(hidden, (self.hidden_size,), *self.w.ln_1, self.eps)
-        qkv = linear(normed, *self.w.qkv).view(num_tokens, 3, self.num_heads, self.head_dim)
+        product = self.product
+        qkv = product(normed, *self.w.qkv).view(num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(1)  # each [T, heads, D]
         attended = paged_attention(query, key, value, cache, attn_metadata, self.scale)
-        hidden = hidden + linear(attended, *self.w.attn_out)
+        hidden = hidden + product(attended, *self.w.attn_out)
         normed = F.layer_norm(hidden, (self.hidden_size,), *self.w.ln_2, self.eps)
-        return hidden + linear(self.act(linear(normed, *self.w.fc_in)), *self.w.fc_out)
+        return hidden + product(self.act(product(normed, *self.w.fc_in)), *self.w.fc_out)
 
 
 class GPT2LMHeadModel(PagedDecoderModel):
@@ -83,12 +86,15 @@ class GPT2LMHeadModel(PagedDecoderModel):
         self.wte = self._take("wte.weight", self.vocab_size, self.hidden_size)
         self.wpe = self._take("wpe.weight", self.max_positions, self.hidden_size)
         act = activation(config.activation_function)
-        self.layers = [
-            GPT2Layer(self._layer(i), config.n_head, self.eps, _scale(config, i), act)
-            for i in range(self.num_layers)
-        ]
+        weights_of_layers = [self._layer(i) for i in range(self.num_layers)]
         self.ln_f = self._norm("ln_f")
         self.lm_head = self._lm_head(bool(getattr(config, "tie_word_embeddings", True)))
+        streamed = [t for w in weights_of_layers for t in dataclass_tensors(w)] + [self.lm_head]
+        self.product = decode_product(streamed)
+        self.layers = [
+            GPT2Layer(w, config.n_head, self.eps, _scale(config, i), act, self.product)
+            for i, w in enumerate(weights_of_layers)
+        ]
 
     def _take(self, name: str, *shape: int) -> torch.Tensor:
         return self._weights.take(name, shape, self.dtype, self.device)

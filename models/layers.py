@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from transformers.activations import ACT2FN
 from models.attention import KVCache, allocate_kv_cache
 from models.base import AttentionMetadata, ModelInfo
 from models.errors import ModelLoadError
-from models.linear import logits
+from models.linear import Product, logits
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,6 +20,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
+
+
+def dataclass_tensors(weights: object) -> Iterator[torch.Tensor]:
+    """The tensors of a weights dataclass, alone or in tuples (None fields skipped)."""
+    for field in dataclasses.fields(weights):  # type: ignore[arg-type]
+        value = getattr(weights, field.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, torch.Tensor):
+                yield item
 
 
 def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +68,7 @@ class PagedDecoderModel:
     dtype: torch.dtype
     device: torch.device
     lm_head: torch.Tensor  # [vocab, hidden]
+    product: Product  # the layers' matrix product, chosen for this model (models/linear.py)
     image_token_id: int | None = None
     image_seq_length: int = 0
     image_size: int = 0
@@ -68,6 +79,7 @@ class PagedDecoderModel:
         self.head_dim, self.hidden_size = decoder.head_dim, decoder.hidden_size
         self.vocab_size, self.max_positions = decoder.vocab_size, decoder.max_positions
         self.dtype, self.device, self.lm_head = decoder.dtype, decoder.device, decoder.lm_head
+        self.product = decoder.product
 
     def forward(
         self,
@@ -97,7 +109,7 @@ class PagedDecoderModel:
         On the CPU the product may come back as a transposed view (see models/linear.py):
         consumers that need contiguous rows call `.contiguous()`.
         """
-        return logits(hidden_states, self.lm_head).float()
+        return logits(hidden_states, self.lm_head, self.product).float()
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} takes no images")

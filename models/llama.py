@@ -17,8 +17,8 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention, prepare_attention
 from models.base import AttentionMetadata
 from models.errors import ModelLoadError
-from models.layers import PagedDecoderModel, activation, rms_norm
-from models.linear import linear
+from models.layers import PagedDecoderModel, activation, dataclass_tensors, rms_norm
+from models.linear import Product, decode_product
 from models.rope import RotaryEmbedding
 from models.weights import CheckpointWeights
 
@@ -77,8 +77,10 @@ class LlamaLayerWeights:
 
 
 class LlamaLayer:
-    def __init__(self, dims: LlamaDims, weights: LlamaLayerWeights, act: str) -> None:
-        self.dims, self.w = dims, weights
+    def __init__(
+        self, dims: LlamaDims, weights: LlamaLayerWeights, act: str, product: Product
+    ) -> None:
+        self.dims, self.w, self.product = dims, weights, product
         self.act = activation(act)
         self.q_and_k_width = (dims.num_heads + dims.num_kv_heads) * dims.head_dim
         self.scale = dims.head_dim**-0.5
@@ -104,19 +106,19 @@ class LlamaLayer:
     ) -> torch.Tensor:
         dims, num_tokens = self.dims, hidden.shape[0]
         normed = rms_norm(hidden, self.w.input_norm, dims.eps)
-        qkv = linear(normed, self.w.qkv_weight, self.w.qkv_bias)  # [T, (H + 2 * KV) * D]
+        qkv = self.product(normed, self.w.qkv_weight, self.w.qkv_bias)  # [T, (H + 2 * KV) * D]
         q_and_k = qkv[:, : self.q_and_k_width].view(num_tokens, -1, dims.head_dim)
         q_and_k = rope.apply(q_and_k, *cos_sin)  # [T, H + KV, D]
         query, key = q_and_k[:, : dims.num_heads], q_and_k[:, dims.num_heads :]
         value = qkv[:, self.q_and_k_width :].view(num_tokens, dims.num_kv_heads, dims.head_dim)
         attended = paged_attention(query, key, value, cache, attn_metadata, self.scale)
-        return linear(attended, self.w.o_weight, self.w.o_bias)  # [T, hidden]
+        return self.product(attended, self.w.o_weight, self.w.o_bias)  # [T, hidden]
 
     def _mlp(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = rms_norm(hidden, self.w.post_norm, self.dims.eps)
-        gate_up = linear(normed, self.w.gate_up_weight, self.w.gate_up_bias)  # [T, 2 * inter]
+        gate_up = self.product(normed, self.w.gate_up_weight, self.w.gate_up_bias)  # [T, 2 * inter]
         gate, up = gate_up.chunk(2, dim=-1)
-        return linear(self.act(gate) * up, self.w.down_weight, self.w.down_bias)
+        return self.product(self.act(gate) * up, self.w.down_weight, self.w.down_bias)
 
 
 class LlamaDecoder(PagedDecoderModel):
@@ -145,9 +147,12 @@ class LlamaDecoder(PagedDecoderModel):
         loader = _LlamaWeightReader(weights, dims, prefix, dtype, device)
         self.embed_tokens = loader.take("embed_tokens.weight", dims.vocab_size, dims.hidden_size)
         act = getattr(config, "hidden_act", "silu")
-        self.layers = [LlamaLayer(dims, loader.layer(i), act) for i in range(dims.num_layers)]
+        weights_of_layers = [loader.layer(i) for i in range(dims.num_layers)]
         self.norm = loader.take("norm.weight", dims.hidden_size)
         self.lm_head = _output_layer(weights, lm_head_name, self.embed_tokens, tied, dtype, device)
+        streamed = [t for w in weights_of_layers for t in dataclass_tensors(w)] + [self.lm_head]
+        self.product = decode_product(streamed)
+        self.layers = [LlamaLayer(dims, w, act, self.product) for w in weights_of_layers]
         self.rope = RotaryEmbedding(config, dims.head_dim, dims.max_positions, dtype, device)
         for name in weights.names():
             if name.endswith(IGNORED_SUFFIXES):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import models.linear
 from tests.models.conftest import CASES, Case
@@ -87,9 +89,12 @@ def test_prefill_then_decodes_in_mixed_batches(case: Case) -> None:
         driver.step({i: 1 for i, seq in enumerate(sequences) if driver.done[i] < len(seq)})
 
 
-def test_decodes_taken_weight_major(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The few-row products in the CPU's faster orientation give the same logits. The test
-    models' weights are below the size that takes it, so the size bar is lowered to zero."""
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_decodes_taken_weight_major(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Few-row products in the CPU's other orientation give the same logits. The test
+    models fit in cache, so the size that takes that path is lowered to zero."""
     taken: list[int] = []
     real = models.linear._weight_major
 
@@ -97,7 +102,14 @@ def test_decodes_taken_weight_major(case: Case, monkeypatch: pytest.MonkeyPatch)
         taken.append(rows.shape[0])
         return real(rows, *args)
 
-    monkeypatch.setattr(models.linear, "WEIGHT_MAJOR_MIN_NUMEL", 0)
+    monkeypatch.setattr(models.linear, "STREAMED_WEIGHT_BYTES", 0)
     monkeypatch.setattr(models.linear, "_weight_major", counting)
+    make, wrap = CASES[kind]
+    case = wrap(make(tmp_path))
+    assert case.ours.model.product is models.linear.linear
     test_prefill_then_decodes_in_mixed_batches(case)
     assert 1 in taken and max(taken) <= models.linear.WEIGHT_MAJOR_MAX_ROWS
+
+
+def test_models_in_cache_keep_f_linear(case: Case) -> None:
+    assert case.ours.model.product is F.linear
