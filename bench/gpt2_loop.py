@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from app.engine.argmax import argmax
-from models.layers import dataclass_tensors
-from models.linear import Product, decode_product, logits
+from models.layers import product_for
+from models.linear import Product, logits
 
 
 @dataclass
@@ -81,7 +81,6 @@ def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Wei
         for i in range(config["n_layer"])
     ]
     token_embedding = tensors["wte.weight"].to(dtype).contiguous()
-    streamed = [t for layer in layers for t in dataclass_tensors(layer)] + [token_embedding]
     return Gpt2Weights(
         token_embedding=token_embedding,
         position_embedding=tensors["wpe.weight"].to(dtype),
@@ -89,7 +88,7 @@ def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Wei
         ln_f=pair("ln_f"),
         num_heads=config["n_head"],
         eps=config.get("layer_norm_epsilon", 1e-5),
-        product=decode_product(streamed),
+        product=product_for(layers, token_embedding),
     )
 
 

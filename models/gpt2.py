@@ -16,8 +16,8 @@ from transformers import PretrainedConfig
 
 from models.attention import KVCache, paged_attention, prepare_attention
 from models.base import AttentionMetadata
-from models.layers import PagedDecoderModel, activation, dataclass_tensors
-from models.linear import Product, decode_product
+from models.layers import PagedDecoderModel, activation, product_for
+from models.linear import Product
 from models.weights import CheckpointWeights
 
 # Causal-mask buffers that old GPT-2 checkpoints store alongside the weights.
@@ -89,8 +89,7 @@ class GPT2LMHeadModel(PagedDecoderModel):
         weights_of_layers = [self._layer(i) for i in range(self.num_layers)]
         self.ln_f = self._norm("ln_f")
         self.lm_head = self._lm_head(bool(getattr(config, "tie_word_embeddings", True)))
-        streamed = [t for w in weights_of_layers for t in dataclass_tensors(w)] + [self.lm_head]
-        self.product = decode_product(streamed)
+        self.product = product_for(weights_of_layers, self.lm_head)
         self.layers = [
             GPT2Layer(w, config.n_head, self.eps, _scale(config, i), act, self.product)
             for i, w in enumerate(weights_of_layers)

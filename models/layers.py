@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from transformers.activations import ACT2FN
 from models.attention import KVCache, allocate_kv_cache
 from models.base import AttentionMetadata, ModelInfo
 from models.errors import ModelLoadError
-from models.linear import Product, logits
+from models.linear import Product, decode_product, logits
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,8 +22,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight
 
 
-def dataclass_tensors(weights: object) -> Iterator[torch.Tensor]:
-    """The tensors of a weights dataclass, alone or in tuples (None fields skipped)."""
+def product_for(layer_weights: Iterable[object], lm_head: torch.Tensor) -> Product:
+    """The matrix product for a decoder whose layers hold `layer_weights` (dataclasses of
+    tensors, alone or in tuples) and whose output layer is `lm_head`."""
+    streamed = [t for weights in layer_weights for t in _dataclass_tensors(weights)]
+    return decode_product([*streamed, lm_head])
+
+
+def _dataclass_tensors(weights: object) -> Iterator[torch.Tensor]:
     for field in dataclasses.fields(weights):  # type: ignore[arg-type]
         value = getattr(weights, field.name)
         for item in value if isinstance(value, tuple) else (value,):

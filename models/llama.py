@@ -17,8 +17,8 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention, prepare_attention
 from models.base import AttentionMetadata
 from models.errors import ModelLoadError
-from models.layers import PagedDecoderModel, activation, dataclass_tensors, rms_norm
-from models.linear import Product, decode_product
+from models.layers import PagedDecoderModel, activation, product_for, rms_norm
+from models.linear import Product
 from models.rope import RotaryEmbedding
 from models.weights import CheckpointWeights
 
@@ -150,8 +150,7 @@ class LlamaDecoder(PagedDecoderModel):
         weights_of_layers = [loader.layer(i) for i in range(dims.num_layers)]
         self.norm = loader.take("norm.weight", dims.hidden_size)
         self.lm_head = _output_layer(weights, lm_head_name, self.embed_tokens, tied, dtype, device)
-        streamed = [t for w in weights_of_layers for t in dataclass_tensors(w)] + [self.lm_head]
-        self.product = decode_product(streamed)
+        self.product = product_for(weights_of_layers, self.lm_head)
         self.layers = [LlamaLayer(dims, w, act, self.product) for w in weights_of_layers]
         self.rope = RotaryEmbedding(config, dims.head_dim, dims.max_positions, dtype, device)
         for name in weights.names():
