@@ -1,4 +1,5 @@
-"""How many intra-op threads a step gets on the CPU: one for a small step, all for a big one.
+"""The engine's CPU threads: how many intra-op threads a step gets (one for a small step,
+all for a big one), and which thread may own an OpenMP team (the engine thread alone).
 
 A decode step of a small model is a hundred tiny ops. Splitting each across
 threads costs a fork and a join per op, and while the other cores run the HTTP

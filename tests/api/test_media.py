@@ -137,6 +137,14 @@ def test_data_urls() -> None:
         assert _status(lambda url=url: decode_data_url(url, LIMITS, "url")) == status, url
 
 
+def _small_clip_intake() -> ImageIntake:
+    """CLIP preprocessing to 32x32 pixels."""
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return ImageIntake(processor, LIMITS)
+
+
 @pytest.mark.parametrize(("side", "in_thread"), [(64, False), (128, False), (129, True)])
 def test_only_larger_images_go_to_a_worker_thread(
     monkeypatch: pytest.MonkeyPatch, side: int, in_thread: bool
@@ -150,20 +158,14 @@ def test_only_larger_images_go_to_a_worker_thread(
         return await real_run_sync(*args, **kwargs)
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", recording_run_sync)
-    intake = ImageIntake(
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        LIMITS,
-    )
+    intake = _small_clip_intake()
     loaded = anyio.run(intake.load, scene_png(side, side))
     assert loaded.pixel_values.shape == (3, 32, 32)
     assert threaded == ([True] if in_thread else [])
 
 
 def test_an_inline_decode_fails_as_the_threaded_one_does() -> None:
-    intake = ImageIntake(
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        LIMITS,
-    )
+    intake = _small_clip_intake()
     truncated = scene_png(64, 64)[:-40]  # a readable header, a broken body
     with pytest.raises(APIError) as caught:
         anyio.run(intake.load, truncated)

@@ -6,20 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from models.base import LoadedModel
 from tests.checkpoints import make_tiny_llama, make_tiny_llava
 from tests.engine.drive import load
+from tests.torch_threads import intra_op_threads
 
 
 @pytest.fixture(autouse=True)
 def single_torch_thread() -> Iterator[None]:
     """Tiny tensors on shared cores stall in multi-threaded kernels; the tests use one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

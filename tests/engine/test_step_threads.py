@@ -19,6 +19,7 @@ from app.engine.step_threads import (
     in_passing_thread,
 )
 from models.base import ModelInfo
+from tests.torch_threads import intra_op_threads
 
 
 def _info(device: str = "cpu") -> ModelInfo:
@@ -39,10 +40,8 @@ def _info(device: str = "cpu") -> ModelInfo:
 
 @pytest.fixture
 def two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(2):
+        yield
 
 
 def test_flops_per_token_counts_layers_and_output_layer() -> None:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from models import LoadedModel, load_model
 from tests.checkpoints import make_tiny_gpt2, make_tiny_llama, make_tiny_llava, make_tiny_qwen2
+from tests.torch_threads import intra_op_threads
 
 PROMPT_LENGTHS = (5, 11, 17, 23)
 
@@ -99,10 +100,8 @@ CASES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Case]]] = {
 @pytest.fixture(autouse=True)
 def one_intra_op_thread() -> Iterator[None]:
     """Tiny models gain nothing from a second thread, and stall when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from models import LoadedModel, load_model
 from tests.conftest import SHARED_SERVER_SETTINGS, ServerProcess, start_server
 from tests.e2e.conftest import http, model_id
+from tests.torch_threads import intra_op_threads
 
 __all__ = ["http", "model_id"]  # the e2e clients of the shared server, reused here
 
@@ -24,10 +24,8 @@ def tiny_gpt2(tiny_gpt2_dir: Path) -> LoadedModel:
 @pytest.fixture
 def single_torch_thread() -> Iterator[None]:
     """Tiny tensors on shared cores stall in multi-threaded kernels: one thread in-process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(1):
+        yield
 
 
 # A server that holds little: two running sequences and two waiting requests, an API key,
