@@ -76,6 +76,7 @@ class ModelRunner:
             return StepResult([[] for _ in batch.seqs])
         if inputs.logit_rows is not None:
             hidden = hidden.index_select(0, inputs.logit_rows)  # [N, hidden]
+        self.threads.apply_to_output(hidden.shape[0])
         logits = self.model.compute_logits(hidden)  # [N, vocab]
         sampled = self.sampler.sample(logits, inputs.sample_seqs)
         return _step_result(inputs, sampled.token_ids, sampled.logprobs, sampled.nonfinite_rows)

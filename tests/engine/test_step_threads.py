@@ -1,5 +1,5 @@
-"""Small steps run on one intra-op thread, big ones on all the engine was given; set-up work
-runs on a thread that takes its OpenMP pool away when it ends."""
+"""Small steps run on one intra-op thread, big ones (and a big output layer) on all the engine
+was given; set-up work runs on a thread that takes its OpenMP pool away when it ends."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from app.engine.step_threads import (
+    PARALLEL_OUTPUT_FLOPS,
     SMALL_STEP_FLOPS,
     StepThreads,
     flops_per_token,
@@ -61,8 +62,32 @@ def test_small_steps_take_one_thread_and_big_steps_take_them_all_back() -> None:
 
 
 @pytest.mark.usefixtures("two_threads")
+def test_a_big_output_layer_takes_every_thread_inside_a_small_step() -> None:
+    threads = StepThreads(_info())  # one row through [50257, 64]: 6.4 MFLOP
+    threads.apply(1)
+    threads.apply_to_output(1)
+    assert torch.get_num_threads() == 2
+    threads.apply(1)  # the next step's layers are back on one thread
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_small_output_layer_stays_on_the_steps_thread() -> None:
+    vocab = 51  # the shipped model's: far below PARALLEL_OUTPUT_FLOPS even for a full batch
+    threads = StepThreads(dataclasses.replace(_info(), vocab_size=vocab))
+    rows = int(PARALLEL_OUTPUT_FLOPS // (2 * vocab * 64))  # the most rows still below it
+    threads.apply(1)
+    threads.apply_to_output(rows)
+    assert torch.get_num_threads() == 1
+    threads.apply_to_output(rows + 1)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
 def test_other_devices_leave_the_threads_alone() -> None:
-    StepThreads(dataclasses.replace(_info(), device=torch.device("meta"))).apply(1)
+    threads = StepThreads(dataclasses.replace(_info(), device=torch.device("meta")))
+    threads.apply(1)
+    threads.apply_to_output(1)
     assert torch.get_num_threads() == 2
 
 
