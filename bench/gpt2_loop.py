@@ -4,8 +4,9 @@ No server, no scheduler, no paging: every row of the batch has the same prompt
 length, the KV cache is one pre-allocated contiguous tensor per layer, and each
 step runs a hand-written forward over the checkpoint's own weights. Only the
 last position's logits are computed, and sampling is greedy. The products and
-the argmax are the engine's fastest CPU forms (each product in its faster
-orientation, two-pass argmax: see models/linear.py and app/engine/argmax.py), so
+the argmax are the engine's fastest CPU forms (each product in the orientation
+measured faster for this model on this machine, two-pass argmax: see models/linear.py
+and app/engine/argmax.py), so
 that the loop stays a limit rather than a baseline the engine could pass.
 """
 

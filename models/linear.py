@@ -1,21 +1,27 @@
-"""Matrix products in the orientation the CPU runs fastest.
+"""Matrix products in the orientation this CPU runs fastest, measured when a model loads.
 
 `x @ weight.T` and `(weight @ x.T).T` are the same numbers, but MKL picks different
-kernels for them. Measured on the 2-core AVX-512 test machines (torch 2.13, fp32,
-2 threads; BENCHMARKS.md has the table):
+kernels for them, and which one wins for a few rows depends on the machine: for all
+of GPT-2 small's products (fp32, 2 threads, torch 2.13; BENCHMARKS.md has the tables)
 
-- One to eight rows (a decode step of a few sequences) of a model whose weights do
-  not fit in cache: `x @ weight.T` runs a GEMV or skinny GEMM on one core, reading
-  the weight at about 12 GB/s; `weight @ x.T`, with x.T a transposed view, splits
-  the weight over every thread. All of GPT-2 small's products for one token: 34 ms
-  against 16 ms; for four rows 55 against 22 ms. One row is padded to two, because
-  a single column still takes the one-core GEMV. When the weights stay in cache
-  the GEMV is the faster one (the tiny test model's [50257, 64] output layer:
-  0.29 against 0.89 ms), so the choice is made once per model, from its size
-  (`decode_product`).
-- Sixteen rows or more through the output layer: `weight @ x.T` is again faster
-  (GPT-2 small, 32 rows: 33 ms against 51 ms), and the transposed result can stay
-  a view because the sampler takes either layout.
+- on a 2-core AMD EPYC (32 MiB L3), `x @ weight.T` ran a GEMV or skinny GEMM on one
+  core: one row took 34 ms against 16 ms weight-major, four rows 55 against 22 ms;
+- on a 2-core Intel Xeon with AMX (480 MiB L3), the opposite: one or two rows took
+  21 ms plainly against 43 ms weight-major, four rows 36 against 44, eight rows 50
+  against 45.
+
+So a model whose weights do not fit in a cache times both orientations over its own
+weights at 1, 2, 4 and 8 rows (`decode_product`, about a second for GPT-2 small) and
+keeps, for each row count, the faster one. A model that fits in cache keeps F.linear
+without measuring: its GEMV wins on both machines (the tiny test model's [50257, 64]
+output layer, one row: 0.29 against 0.89 ms), and its numbers do not depend on a
+timing. One row is padded to two when taken weight-major, because a single column
+still takes the GEMV.
+
+Sixteen rows or more through the output layer: `weight @ x.T` was faster on both
+machines (GPT-2 small's, 32 rows: 33 against 51 ms on the AMD, 15 against 17 on the
+Intel), and the transposed result can stay a view because the sampler takes either
+layout.
 
 bf16 goes through oneDNN, where the plain orientation is the faster one at every
 row count: it keeps `F.linear`.
@@ -23,36 +29,53 @@ row count: it keeps `F.linear`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-WEIGHT_MAJOR_MAX_ROWS = 8  # at 12 and 16 rows the two orientations trade places
-# The test machines' L3 is 32 MiB: a model under it decodes from cache.
+logger = logging.getLogger(__name__)
+
+CALIBRATED_ROWS = (1, 2, 4, 8)  # a count in between follows the next one up
+WEIGHT_MAJOR_MAX_ROWS = CALIBRATED_ROWS[-1]  # beyond it the plain GEMM wins on both machines
+# The smaller machine's L3 is 32 MiB: a model under it decodes from cache.
 STREAMED_WEIGHT_BYTES = 32 << 20
+# Timing more than this much of a bigger model's weights tells nothing new (it streams).
+CALIBRATION_BYTES = 1 << 30
+CALIBRATION_REPEATS = 3  # the faster of each orientation's best of 3 passes
 TRANSPOSED_LOGITS_MIN_ROWS = 16  # from here on the output layer is faster weight-major
 
 # x [..., in], weight [out, in], bias [out] or None -> x @ weight.T + bias
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (rows, product) -> seconds for one pass of `product` over the weights with `rows` rows
+PassTimer = Callable[[int, Product], float]
 
 
-def decode_product(weights: Iterable[torch.Tensor]) -> Product:
-    """The product a model's layers use: `linear` for fp32 weights on the CPU that stream
-    from memory at every decode step, F.linear otherwise."""
-    weights = list(weights)
-    streamed = sum(w.numel() * w.element_size() for w in weights) >= STREAMED_WEIGHT_BYTES
-    fp32_cpu = all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
-    return linear if streamed and fp32_cpu else F.linear
+class OrientedLinear:
+    """F.linear on fp32 CPU weights [out, in], taken weight-major at the chosen row counts."""
 
+    def __init__(self, weight_major_rows: Iterable[int]) -> None:
+        self.weight_major_rows = frozenset(weight_major_rows)
+        # by_rows[n]: whether n rows go weight-major, for n up to WEIGHT_MAJOR_MAX_ROWS
+        self.by_rows = [False] + [
+            min(c for c in CALIBRATED_ROWS if c >= n) in self.weight_major_rows
+            for n in range(1, WEIGHT_MAJOR_MAX_ROWS + 1)
+        ]
 
-def weight_major(rows: int, weight: torch.Tensor) -> bool:
-    """Whether a product of `rows` rows with `weight` is faster taken as weight @ x.T."""
-    return (
-        rows <= WEIGHT_MAJOR_MAX_ROWS
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-    )
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        num_rows = x.numel() // x.shape[-1]
+        if num_rows > WEIGHT_MAJOR_MAX_ROWS or not self.by_rows[num_rows]:
+            return F.linear(x, weight, bias)
+        rows = x.reshape(num_rows, x.shape[-1]).contiguous()
+        return _weight_major(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    def __repr__(self) -> str:
+        return f"OrientedLinear(weight_major_rows={sorted(self.weight_major_rows)})"
 
 
 def _weight_major(
@@ -60,7 +83,7 @@ def _weight_major(
 ) -> torch.Tensor:  # [num_rows, out], contiguous
     num_rows = rows.shape[0]
     if num_rows == 1:
-        rows = rows.repeat(2, 1)  # one column would take the single-threaded GEMV
+        rows = rows.repeat(2, 1)  # one column would take the GEMV
     columns = rows.t()  # [in, rows] as a view of row-major rows: the layout MKL splits
     if bias is None:
         product = torch.mm(weight, columns)
@@ -69,13 +92,76 @@ def _weight_major(
     return product[:, :num_rows].t().contiguous()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (x [..., in], weight [out, in]), taken weight-major where that is faster."""
-    num_rows = x.numel() // x.shape[-1]
-    if not weight_major(num_rows, weight):
-        return F.linear(x, weight, bias)
-    rows = x.reshape(num_rows, x.shape[-1]).contiguous()
-    return _weight_major(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+ALWAYS_WEIGHT_MAJOR = OrientedLinear(CALIBRATED_ROWS)
+
+
+def decode_product(weights: Iterable[torch.Tensor]) -> Product:
+    """The product a model's layers use: F.linear, or for fp32 CPU weights that stream from
+    memory at every decode step, whichever orientation measured faster at each row count.
+
+    `weights` are every tensor a decode step reads, in order, the output layer last.
+    """
+    weights = list(weights)
+    fp32_cpu = all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+    if not weights or not fp32_cpu or _num_bytes(weights) < STREAMED_WEIGHT_BYTES:
+        return F.linear
+    started = time.perf_counter()
+    matrices = [w for w in weights if w.dim() == 2]  # norms and biases take no product
+    chosen = weight_major_rows(pass_timer(_calibration_set(matrices)))
+    logger.info(
+        "matrix products: weight-major at %s rows, plain otherwise (measured in %.2f s)",
+        sorted(chosen) or "no",
+        time.perf_counter() - started,
+    )
+    return OrientedLinear(chosen) if chosen else F.linear
+
+
+def weight_major_rows(timer: PassTimer) -> list[int]:
+    """The calibrated row counts at which weight-major passes were the faster ones.
+
+    The two orientations alternate, so that a noisy moment of the machine falls on both.
+    """
+    chosen: list[int] = []
+    for rows in CALIBRATED_ROWS:
+        plain = weight_major = math.inf
+        for _ in range(CALIBRATION_REPEATS):
+            plain = min(plain, timer(rows, F.linear))
+            weight_major = min(weight_major, timer(rows, ALWAYS_WEIGHT_MAJOR))
+        if weight_major < plain:
+            chosen.append(rows)
+    return chosen
+
+
+def pass_timer(weights: Sequence[torch.Tensor]) -> PassTimer:
+    """Times one product of `rows` random rows with every weight, in order, as a decode
+    step meets them."""
+    inputs = {w.shape[1]: torch.randn(WEIGHT_MAJOR_MAX_ROWS, w.shape[1]) for w in weights}
+
+    @torch.inference_mode()
+    def timed_pass(rows: int, product: Product) -> float:
+        started = time.perf_counter()
+        for weight in weights:
+            product(inputs[weight.shape[1]][:rows], weight, None)
+        return time.perf_counter() - started
+
+    return timed_pass
+
+
+def _calibration_set(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The weights in order up to CALIBRATION_BYTES (at least one), plus the last (the
+    output layer, often the biggest single product)."""
+    chosen: list[torch.Tensor] = []
+    total = 0
+    for weight in weights[:-1]:
+        if chosen and total >= CALIBRATION_BYTES:
+            break
+        chosen.append(weight)
+        total += _num_bytes([weight])
+    return [*chosen, weights[-1]]
+
+
+def _num_bytes(weights: Iterable[torch.Tensor]) -> int:
+    return sum(w.numel() * w.element_size() for w in weights)
 
 
 def logits(hidden: torch.Tensor, lm_head: torch.Tensor, product: Product) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Products in the CPU's faster orientation are F.linear's numbers, in F.linear's layout."""
+"""Products in either orientation are F.linear's numbers, in F.linear's layout; the
+orientation is the one a model's own weights measured faster at each row count."""
 
 from __future__ import annotations
 
@@ -6,14 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models.linear
 from models.linear import (
+    ALWAYS_WEIGHT_MAJOR,
+    CALIBRATED_ROWS,
     STREAMED_WEIGHT_BYTES,
     TRANSPOSED_LOGITS_MIN_ROWS,
     WEIGHT_MAJOR_MAX_ROWS,
+    OrientedLinear,
+    Product,
     decode_product,
-    linear,
     logits,
-    weight_major,
+    pass_timer,
+    weight_major_rows,
 )
 
 OUT, IN = 1024, 256
@@ -31,49 +37,123 @@ def weight() -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_weight_major_rows_match_f_linear(weight: torch.Tensor, rows: int, with_bias: bool) -> None:
-    assert weight_major(rows, weight)
     x, bias = torch.randn(rows, IN), torch.randn(OUT) if with_bias else None
-    got = linear(x, weight, bias)
+    got = _counting_weight_major(ALWAYS_WEIGHT_MAJOR, x, weight, bias)
     assert got.shape == (rows, OUT) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, weight, bias), **CLOSE)
 
 
 def test_leading_dims_and_strided_input_are_kept(weight: torch.Tensor) -> None:
     x = torch.randn(2, 3, 2 * IN)[..., ::2]  # 6 rows, not contiguous
-    got = linear(x, weight)
+    got = ALWAYS_WEIGHT_MAJOR(x, weight)
     assert got.shape == (2, 3, OUT) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, weight), **CLOSE)
 
 
+def _counting_weight_major(product: OrientedLinear, *args: torch.Tensor | None) -> torch.Tensor:
+    """product(*args), asserting that it took the weight-major path."""
+    taken = []
+    real = models.linear._weight_major
+
+    def counting(*inner: torch.Tensor | None) -> torch.Tensor:
+        taken.append(True)
+        return real(*inner)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models.linear, "_weight_major", counting)
+        result = product(*args)  # type: ignore[arg-type]
+    assert taken
+    return result
+
+
 @pytest.mark.parametrize(
-    ("rows", "dtype", "expected"),
+    ("chosen", "rows", "expected"),
     [
-        (1, torch.float32, True),
-        (WEIGHT_MAJOR_MAX_ROWS, torch.float32, True),
-        (WEIGHT_MAJOR_MAX_ROWS + 1, torch.float32, False),  # prefills and big batches
-        (1, torch.bfloat16, False),  # oneDNN prefers the plain form
+        ((1, 2), 1, True),
+        ((1, 2), 2, True),
+        ((1, 2), 3, False),  # 3 follows the measurement at 4
+        ((8,), 5, True),  # 5 to 7 follow the measurement at 8
+        ((8,), 4, False),
+        (CALIBRATED_ROWS, WEIGHT_MAJOR_MAX_ROWS + 1, False),  # prefills and big batches
     ],
 )
-def test_which_products_go_weight_major(rows: int, dtype: torch.dtype, expected: bool) -> None:
-    assert weight_major(rows, torch.empty(OUT, IN, dtype=dtype)) is expected
+def test_row_counts_between_measurements_follow_the_next_one_up(
+    chosen: tuple[int, ...], rows: int, expected: bool
+) -> None:
+    product = OrientedLinear(chosen)
+    assert (rows <= WEIGHT_MAJOR_MAX_ROWS and product.by_rows[rows]) is expected
 
 
-def test_only_models_that_stream_from_memory_take_it() -> None:
+def test_plain_rows_are_exactly_f_linear(weight: torch.Tensor) -> None:
+    product = OrientedLinear((8,))
+    for rows in (1, 4, WEIGHT_MAJOR_MAX_ROWS + 1):
+        x = torch.randn(rows, IN)
+        assert torch.equal(product(x, weight), F.linear(x, weight))
+
+
+def test_calibration_keeps_the_faster_orientation_per_row_count() -> None:
+    """A timer in which weight-major wins at 1 and 8 rows only, with noise on one pass."""
+    seen: list[tuple[int, bool]] = []
+
+    def timer(rows: int, product: Product) -> float:
+        weight_major = product is ALWAYS_WEIGHT_MAJOR
+        seen.append((rows, weight_major))
+        if rows == 4 and weight_major and seen.count((4, True)) == 1:
+            return 0.0  # one lucky pass does not decide: the best of the plain ones does
+        faster = rows in (1, 8, 4) if weight_major else rows == 2
+        return 1.0 if faster else 2.0
+
+    assert weight_major_rows(timer) == [1, 4, 8]
+    assert {rows for rows, _ in seen} == set(CALIBRATED_ROWS)
+    assert sum(major for _, major in seen) == len(seen) // 2  # both orientations, alike
+
+
+def test_a_measured_pass_runs_every_weight_with_the_rows_asked(weight: torch.Tensor) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        calls.append((x.shape[0], w.shape[0]))
+        return F.linear(x, w, bias)
+
+    small = torch.randn(16, IN)
+    assert pass_timer([weight, small])(3, product) > 0
+    assert calls == [(3, OUT), (3, 16)]
+
+
+def test_only_models_that_stream_from_memory_are_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measured: list[int] = []
+
+    def chosen(timer: object) -> list[int]:
+        measured.append(1)
+        return [2, 4]
+
+    monkeypatch.setattr(models.linear, "weight_major_rows", chosen)
     layer = torch.empty(STREAMED_WEIGHT_BYTES // 4 // IN // 2, IN)  # half the bar each
-    assert decode_product([layer, layer]) is linear
+    product = decode_product([layer, layer])
+    assert isinstance(product, OrientedLinear) and product.weight_major_rows == {2, 4}
     assert decode_product([layer]) is F.linear  # stays in cache
     assert decode_product([layer, layer.bfloat16(), layer]) is F.linear  # not all fp32
+    assert measured == [1]
+    monkeypatch.setattr(models.linear, "weight_major_rows", lambda timer: [])
+    assert decode_product([layer, layer]) is F.linear  # plain won everywhere
 
 
-def test_many_rows_keep_f_linear_exactly(weight: torch.Tensor) -> None:
-    x = torch.randn(WEIGHT_MAJOR_MAX_ROWS + 1, IN)
-    assert torch.equal(linear(x, weight), F.linear(x, weight))
+def test_calibration_times_a_bounded_prefix_and_the_output_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(models.linear, "CALIBRATION_BYTES", 3 * OUT * IN * 4)
+    layers = [torch.empty(OUT, IN) for _ in range(5)]
+    lm_head = torch.empty(7, IN)
+    timed = models.linear._calibration_set([*layers, lm_head])
+    assert [t is w for t, w in zip(timed, [*layers[:3], lm_head], strict=True)] == [True] * 4
 
 
 @pytest.mark.parametrize("rows", [1, 4, TRANSPOSED_LOGITS_MIN_ROWS - 1, TRANSPOSED_LOGITS_MIN_ROWS])
 def test_logits_at_every_row_count(weight: torch.Tensor, rows: int) -> None:
     hidden = torch.randn(rows, IN)
-    got = logits(hidden, weight, linear)
+    got = logits(hidden, weight, ALWAYS_WEIGHT_MAJOR)
     assert got.shape == (rows, OUT)
     # From TRANSPOSED_LOGITS_MIN_ROWS rows on the result is a transposed view.
     assert got.is_contiguous() is (rows < TRANSPOSED_LOGITS_MIN_ROWS)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import models.linear
+from models.linear import CALIBRATED_ROWS
 from tests.models.conftest import CASES, Case
 from tests.models.paged import PagedSession, relative_error
 
@@ -94,7 +95,8 @@ def test_decodes_taken_weight_major(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Few-row products in the CPU's other orientation give the same logits. The test
-    models fit in cache, so the size that takes that path is lowered to zero."""
+    models fit in cache, so the size that measures is lowered to zero, and every row
+    count is made to measure faster weight-major."""
     taken: list[int] = []
     real = models.linear._weight_major
 
@@ -103,10 +105,11 @@ def test_decodes_taken_weight_major(
         return real(rows, *args)
 
     monkeypatch.setattr(models.linear, "STREAMED_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(models.linear, "weight_major_rows", lambda timer: CALIBRATED_ROWS)
     monkeypatch.setattr(models.linear, "_weight_major", counting)
     make, wrap = CASES[kind]
     case = wrap(make(tmp_path))
-    assert case.ours.model.product is models.linear.linear
+    assert case.ours.model.product.weight_major_rows == set(CALIBRATED_ROWS)
     test_prefill_then_decodes_in_mixed_batches(case)
     assert 1 in taken and max(taken) <= models.linear.WEIGHT_MAJOR_MAX_ROWS
 
