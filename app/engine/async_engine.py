@@ -326,6 +326,8 @@ class AsyncEngine:
 
 
 def _build(config: EngineConfig, loaded: LoadedModel | None) -> tuple[LoadedModel, EngineCore]:
+    if config.num_threads:  # loading times the model's products: with the engine's threads
+        torch.set_num_threads(config.num_threads)
     loaded = loaded if loaded is not None else _load(config)
     return loaded, EngineCore(config, loaded)
 

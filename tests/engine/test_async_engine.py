@@ -12,11 +12,13 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from app.engine import async_engine
 from app.engine.async_engine import AsyncEngine, RequestStream
 from app.engine.config import EngineConfig
 from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
 from app.engine.sequence import ImageInput, RequestOutput, SamplingParams
 from models.base import LoadedModel
+from tests.torch_threads import intra_op_threads
 
 
 def new_engine(loaded: LoadedModel, **overrides: Any) -> AsyncEngine:
@@ -386,3 +388,21 @@ def test_stop_aborts_requests_still_waiting_for_admission(llama: LoadedModel) ->
         return [(await collect(stream))[-1].finish_reason for stream in streams]
 
     assert run(main()) == ["abort", "abort", "abort"]
+
+
+def test_the_model_loads_with_the_engines_thread_count(
+    llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading times the model's products (models/linear.py): with the threads the engine
+    will step with, on the set-up thread, leaving the caller's own setting alone."""
+    seen: list[tuple[str, int]] = []
+
+    def loading(config: EngineConfig) -> LoadedModel:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return llama
+
+    monkeypatch.setattr(async_engine, "_load", loading)
+    with intra_op_threads(2):
+        AsyncEngine(EngineConfig(model=llama.path, num_threads=1))
+        assert torch.get_num_threads() == 2
+    assert seen == [("mmgpt-setup", 1)]
