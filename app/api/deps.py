@@ -9,13 +9,16 @@ from fastapi import Depends, Request
 from app.errors import APIError
 from app.service import Runtime, Service
 
+# Both are coroutines although neither waits for anything: FastAPI runs a plain `def`
+# dependency in a worker thread, a round trip per request and per dependency.
 
-def get_service(request: Request) -> Service:
+
+async def get_service(request: Request) -> Service:
     service: Service = request.app.state.service
     return service
 
 
-def get_runtime(service: Annotated[Service, Depends(get_service)]) -> Runtime:
+async def get_runtime(service: Annotated[Service, Depends(get_service)]) -> Runtime:
     """The loaded model and engine, or a 503 (loading, draining, failed)."""
     return service.runtime()
 
