@@ -10,9 +10,11 @@ SMALL_STEP_FLOPS runs on the engine thread alone; bigger steps (prefills,
 large batches, large models) get every thread the engine was given.
 
 The output layer is the exception inside a small step: one product over the whole
-vocabulary, whose single fork and join are paid back from about a megaflop on. The
-tiny test model's [50257, 64] output layer takes 0.50 ms for one row on one thread
-and 0.26 ms on two, which moved its single-stream step from 1.19 to 0.96 ms.
+vocabulary, whose single fork and join are paid back from about a megaflop on. On the
+Intel test host the tiny test model's [50257, 64] output layer takes 0.50 ms for one
+row on one thread and 0.26 ms on two, which moved its single-stream step from 1.19 to
+0.95 ms. The price: the second thread now spins between steps, on the core the event
+loop uses, and a new request's first token comes about a millisecond later.
 
 The engine thread's OpenMP team must also be the only one in the process. libgomp
 gives each thread that runs a parallel op its own pool of workers, alive as long as
