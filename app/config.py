@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         default=20, ge=0, description="Most top logprobs a request may ask for."
     )
     seed: int = Field(default=0, description="Seed of the engine's default random generator.")
+    warm_up: bool = Field(
+        default=True,
+        description="Run one full-size step before serving, so the first requests are not slow.",
+    )
 
     # The HTTP server.
     host: str = Field(default="127.0.0.1", description="Address to listen on.")

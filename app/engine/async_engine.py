@@ -114,7 +114,8 @@ def _put_all(items: list[Delivery]) -> None:
 class AsyncEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        # Loading and the KV cache allocation run parallel ops: on a thread that then ends.
+        # Loading, the KV cache allocation and the warm-up step run parallel ops: on a thread
+        # that then ends (the pages they touch stay with the process).
         self._loaded, self._core = in_passing_thread(lambda: _build(config, loaded))
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, RequestStream] = {}  # touched on the event loop only
@@ -329,7 +330,10 @@ def _build(config: EngineConfig, loaded: LoadedModel | None) -> tuple[LoadedMode
     if config.num_threads:  # loading times the model's products: with the engine's threads
         torch.set_num_threads(config.num_threads)
     loaded = loaded if loaded is not None else _load(config)
-    return loaded, EngineCore(config, loaded)
+    core = EngineCore(config, loaded)
+    if config.warm_up:
+        core.warm_up()
+    return loaded, core
 
 
 def _load(config: EngineConfig) -> LoadedModel:

@@ -20,3 +20,4 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     max_logprobs: int = 20
     seed: int = 0
+    warm_up: bool = True  # one full-size step at start-up (app/engine/warm_up.py)

@@ -28,6 +28,7 @@ from app.engine.sequence import (
     Sequence,
     TokenLogprob,
 )
+from app.engine.warm_up import warm_up
 from models.base import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ class EngineCore:
         self.last_step_end = 0.0
         self._seq_ids = itertools.count()
         self._reported = _Counters()
+
+    def warm_up(self) -> int:
+        """One full-size made-up step before any request; the number of tokens it ran."""
+        config = self.config
+        return warm_up(
+            self.runner, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len
+        )
 
     @property
     def has_unfinished(self) -> bool:
