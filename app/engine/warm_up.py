@@ -2,7 +2,8 @@
 
 The first step of a new size pays costs later steps do not: the allocator grows its heap
 and the kernel maps fresh pages for every large activation, and the vision tower's
-convolution builds a kernel for its batch shape. On the 2-core Intel test host a first
+convolution builds a kernel for each new batch shape (the warm-up builds the largest's,
+about 3 ms each). On the 2-core Intel test host a first
 prefill of 32 x 32 tokens through GPT-2 small took 950-1,180 ms against 700-790 ms after
 one warm-up step run on the set-up thread (the pages stay with the process); the default
 model's first burst of 16 image chats waited 200 ms for a first token against 112 ms once
