@@ -52,14 +52,19 @@ def flops_per_token(info: ModelInfo) -> float:
     """About 2 x the weights a token meets: 12 h^2 per layer (attention 4 h^2, MLP 8 h^2)
     and the output layer; exact enough to tell small steps from big ones."""
     hidden = info.hidden_size
-    return 2.0 * (12 * info.num_layers * hidden * hidden + info.vocab_size * hidden)
+    return 2.0 * 12 * info.num_layers * hidden * hidden + output_flops_per_row(info)
+
+
+def output_flops_per_row(info: ModelInfo) -> float:
+    """The output layer's product for one row: [hidden] x [hidden, vocab]."""
+    return 2.0 * info.vocab_size * info.hidden_size
 
 
 class StepThreads:
     def __init__(self, info: ModelInfo) -> None:
         self.enabled = info.device.type == "cpu"
         self.flops_per_token = flops_per_token(info)
-        self.output_flops_per_row = 2.0 * info.vocab_size * info.hidden_size
+        self.output_flops_per_row = output_flops_per_row(info)
         self.most = 0  # the engine thread's setting, read at the first step (on that thread)
         self.current = 0
 

@@ -2,12 +2,11 @@
 
 The first step of a new size pays costs later steps do not: the allocator grows its heap
 and the kernel maps fresh pages for every large activation, and the vision tower's
-convolution builds a kernel for each new batch shape (the warm-up builds the largest's,
-about 3 ms each). On the 2-core Intel test host a first
-prefill of 32 x 32 tokens through GPT-2 small took 950-1,180 ms against 700-790 ms after
-one warm-up step run on the set-up thread (the pages stay with the process); the default
-model's first burst of 16 image chats waited 200 ms for a first token against 112 ms once
-warm.
+convolution builds a kernel for each new batch shape (about 3 ms each; the warm-up
+builds the biggest one's). On the 2-core Intel test host a first prefill of 32 x 32
+tokens through GPT-2 small took 950-1,180 ms against 700-790 ms after one warm-up step
+run on the set-up thread (the pages stay with the process); the default model's first
+burst of 16 image chats waited 200 ms for a first token against 112 ms once warm.
 
 The warm-up step is a batch of made-up prompts (with an image each for a multimodal
 model) filling the step's token budget, run through the model runner alone: nothing is
@@ -56,7 +55,7 @@ def _made_up_batch(
         length = min(prompt_len, num_tokens - batch.num_batched_tokens, room)
         if length <= image_tokens:
             break
-        tokens, spans = _prompt(runner, length, len(batch.seqs))
+        tokens, spans = _prompt(runner, length, image_tokens, len(batch.seqs))
         seq = Sequence(-1 - len(batch.seqs), "warm-up", 0, tokens, params, spans)
         num_blocks = -(-length // block_size)
         seq.block_table = list(range(next_block, next_block + num_blocks))
@@ -67,13 +66,13 @@ def _made_up_batch(
 
 
 def _prompt(
-    runner: ModelRunner, length: int, index: int
+    runner: ModelRunner, length: int, image_tokens: int, index: int
 ) -> tuple[list[int], tuple[ImageSpan, ...]]:
     """Token ids of a made-up prompt and, for a multimodal model, its image at the front."""
     info = runner.info
     if info.image_token_id is None:
         return [TEXT_TOKEN] * length, ()
-    image_tokens, side = info.image_seq_length, info.image_size
+    side = info.image_size
     pixels = np.zeros((3, side, side), dtype=np.float32)
     image = ImageInput(pixel_values=pixels, content_hash=f"warm-up-{index}")  # one each
     tokens = [info.image_token_id] * image_tokens + [TEXT_TOKEN] * (length - image_tokens)
