@@ -1,4 +1,4 @@
-"""The two-pass CPU argmax against torch.argmax: same indices, ties, NaN and -inf included."""
+"""The CPU argmax (numpy, or two passes) against torch.argmax: ties, NaN and -inf included."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("vocab", [BLOCK - 1, BLOCK, BLOCK + 1, 5 * BLOCK, 50257])
-@pytest.mark.parametrize("rows", [1, 4, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 17, 32, 33, 40])
 @pytest.mark.parametrize("layout", ["rows", "transposed"])
 def test_matches_torch(vocab: int, rows: int, layout: str) -> None:
     logits = _logits(rows, vocab, seed=vocab + rows)
@@ -34,8 +34,25 @@ def test_matches_torch(vocab: int, rows: int, layout: str) -> None:
     assert torch.equal(values[finite], expected_values[finite])
 
 
-def test_a_maximum_in_a_later_block_is_found() -> None:
-    logits = torch.zeros(8, 3 * BLOCK)
-    for row in range(8):
+@pytest.mark.parametrize("rows", [8, 24, 48])
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_a_maximum_in_a_later_block_is_found(rows: int, layout: str) -> None:
+    logits = torch.zeros(rows, 3 * BLOCK)
+    for row in range(rows):
         logits[row, row * 97 % (3 * BLOCK)] = 1.0 + row
-    assert max_and_argmax(logits)[1].tolist() == [row * 97 % (3 * BLOCK) for row in range(8)]
+    view = logits if layout == "rows" else logits.t().contiguous().t()
+    assert max_and_argmax(view)[1].tolist() == [row * 97 % (3 * BLOCK) for row in range(rows)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits(dtype: torch.dtype) -> None:
+    logits = _logits(4, 50257, seed=3).to(dtype)
+    values, indices = max_and_argmax(logits)
+    assert torch.equal(indices, logits.argmax(dim=-1))
+    assert values.dtype == dtype
+
+
+def test_a_transposed_view_of_some_rows() -> None:
+    logits = _logits(40, 50257, seed=5)
+    some = logits.t().contiguous().t()[3:27]  # [24, vocab], strides (1, 40)
+    assert torch.equal(max_and_argmax(some)[1], logits[3:27].argmax(dim=-1))
