@@ -18,10 +18,12 @@ output layer, one row: 0.29 against 0.89 ms), and its numbers do not depend on a
 timing. One row is padded to two when taken weight-major, because a single column
 still takes the GEMV.
 
-Sixteen rows or more through the output layer: `weight @ x.T` was faster on both
+Eight rows or more through the output layer: `weight @ x.T` was faster on both
 machines (GPT-2 small's, 32 rows: 33 against 51 ms on the AMD, 15 against 17 on the
-Intel), and the transposed result can stay a view because the sampler takes either
-layout.
+Intel; on the Intel, product and argmax together, 8 rows 10.7 against 16.0 ms, 12
+rows 12.0 against 22.4, and the tiny model's 0.70 against 0.75 and 0.75 against
+0.88 ms), and the transposed result can stay a view because the sampler takes either
+layout. It stays plain below eight rows, where the Intel's plain GEMV wins.
 
 bf16 goes through oneDNN, where the plain orientation is the faster one at every
 row count: it keeps `F.linear`.
@@ -46,7 +48,7 @@ STREAMED_WEIGHT_BYTES = 32 << 20
 # Timing more than this much of a bigger model's weights tells nothing new (it streams).
 CALIBRATION_BYTES = 1 << 30
 CALIBRATION_REPEATS = 3  # the faster of each orientation's best of 3 passes
-TRANSPOSED_LOGITS_MIN_ROWS = 16  # from here on the output layer is faster weight-major
+TRANSPOSED_LOGITS_MIN_ROWS = 8  # from here on the output layer is faster weight-major
 
 # x [..., in], weight [out, in], bias [out] or None -> x @ weight.T + bias
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
