@@ -118,6 +118,9 @@ def test_a_measured_pass_runs_every_weight_with_the_rows_asked(weight: torch.Ten
     small = torch.randn(16, IN)
     assert pass_timer([weight, small])(3, product) > 0
     assert calls == [(3, OUT), (3, 16)]
+    calls.clear()  # where `logits` takes the output layer weight-major, it is not timed
+    assert pass_timer([weight, small])(TRANSPOSED_LOGITS_MIN_ROWS, product) > 0
+    assert calls == [(TRANSPOSED_LOGITS_MIN_ROWS, OUT)]
 
 
 def test_only_models_that_stream_from_memory_are_measured(
