@@ -19,9 +19,17 @@ minus the truncation.
 Banned tokens (a multimodal model's image placeholder, which only images may
 fill) are never sampled.
 
-Draws use the exponential-race form of categorical sampling (argmax of
-probs / Exp(1) noise). A seeded row draws its noise from its own generator, so
-its tokens depend only on its own logits and seed, not on its batch-mates.
+Draws invert the cumulative distribution: one uniform number per row, scaled by
+the row's total weight, finds its token in the running sum of exp(logit - max).
+The exponential race (argmax of probs / Exp(1) noise) needs a random number for every
+token instead, which on the CPU cost 31 ms for 32 rows of 50,257 (19 ns each):
+ten times the tiny test model's whole step. A seeded row draws its number from its
+own generator, so its tokens depend only on its own logits and seed, not on its
+batch-mates.
+
+top_p looks for its cut among the TOP_P_CANDIDATES most likely tokens first, and
+sorts the whole row only where they hold less than top_p of the probability: a
+full sort took 54 ms for 32 rows of 50,257, the candidates 2.7 ms.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from app.engine.argmax import argmax, max_and_argmax
 from app.engine.sequence import Sequence
 
 POSINF_REPLACEMENT = 1e30  # +inf logits become this, so that softmax stays defined
+# top_p's first look: a trained model's nucleus at the usual top_p rarely holds more
+TOP_P_CANDIDATES = 256
+WEIGHT_FLOOR = -87.0  # exp() of less is a float32 denormal (under 1.18e-38)
 
 
 @dataclass
@@ -108,31 +119,32 @@ class Sampler:
 
     def _draw(self, scaled: torch.Tensor, seqs: Seq[Sequence], greedy: list[bool]) -> torch.Tensor:
         """One token per row: argmax for greedy rows, a truncated categorical draw for others."""
-        token_ids = argmax(scaled)  # [N]
         rows = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
+        if len(rows) < len(seqs):
+            token_ids = argmax(scaled)  # [N]
+        else:
+            token_ids = torch.empty(len(seqs), dtype=torch.int64, device=scaled.device)
         if not rows:
             return token_ids
-        sub = scaled[rows]  # [R, vocab]
-        sub_seqs = [seqs[i] for i in rows]
+        if len(rows) == len(seqs) and all(seq.params.logprobs is None for seq in seqs):
+            sub, sub_seqs = scaled, list(seqs)  # truncated in place: nothing reads it after
+        else:  # logprobs are taken before truncation, from `scaled`
+            sub, sub_seqs = scaled[rows], [seqs[i] for i in rows]  # [R, vocab]
         _truncate(sub, sub_seqs)
-        probs = torch.softmax(sub, dim=-1)  # [R, vocab]
-        noise = self._exponential_noise(probs, sub_seqs)  # [R, vocab]
-        token_ids[rows] = argmax(probs.div_(noise))
+        token_ids[rows] = inverse_cdf(sub, self._uniforms(sub_seqs))
         return token_ids
 
-    def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        noise = torch.empty_like(probs)  # [R, vocab]
-        unseeded = [i for i, seq in enumerate(seqs) if seq.params.seed is None]
-        if len(unseeded) == len(seqs):
-            return noise.exponential_(generator=self.generator)
-        if unseeded:
-            noise[unseeded] = torch.empty(
-                (len(unseeded), probs.shape[1]), device=probs.device
-            ).exponential_(generator=self.generator)
+    def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One number in [0, 1) per row [R] float64: from the row's own generator if seeded."""
+
+        def draw(count: int, generator: torch.Generator) -> torch.Tensor:
+            return torch.rand(count, dtype=torch.float64, device=self.device, generator=generator)
+
+        uniforms = draw(len(seqs), self.generator)
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None:
-                noise[i].exponential_(generator=self._generator_of(seq))
-        return noise
+                uniforms[i] = draw(1, self._generator_of(seq))[0]
+        return uniforms
 
     def _generator_of(self, seq: Sequence) -> torch.Generator:
         if seq.generator is None:
@@ -140,6 +152,39 @@ class Sampler:
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         generator: torch.Generator = seq.generator
         return generator
+
+
+def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row from softmax(logits) [R, vocab], given uniforms [R] in [0, 1).
+
+    The token is the first whose running weight passes u * total; a token of weight 0
+    (a masked one) never is, since the running sum does not grow there. The running sum
+    is float32: each token's share comes out within one rounding of the total (6e-8 of
+    it), far below what any number of draws could show.
+    """
+    running = _weights(logits).cumsum_(dim=-1)  # [R, vocab]
+    total = running[:, -1:]  # [R, 1], at least 1
+    below_total = torch.nextafter(total, torch.zeros_like(total))  # u * total may round up
+    scaled = uniforms.to(device=running.device, dtype=running.dtype).unsqueeze(1) * total
+    return torch.searchsorted(running, torch.minimum(scaled, below_total), right=True).squeeze(1)
+
+
+def _weights(logits: torch.Tensor) -> torch.Tensor:
+    """exp(logit - row max) [R, vocab], in [0, 1]; 0 where logit - row max < WEIGHT_FLOOR.
+
+    Below that float32 turns denormal, and on x86 denormal arithmetic is some 50 times
+    slower: low temperatures spread logits far enough to make a quarter of a row
+    denormal. The tokens dropped hold under 1e-38 of their row's largest weight each.
+    """
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # [R, vocab], at most 0
+    below = shifted < WEIGHT_FLOOR  # masked tokens (-inf) among them
+    return shifted.clamp_(min=WEIGHT_FLOOR).exp_().masked_fill_(below, 0.0)
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) [R, vocab] without denormals (see `_weights`)."""
+    weights = _weights(logits)
+    return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
 def _sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -235,20 +280,38 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float])
     """top_k as in `mask_top_k`, then keep the smallest most-likely set reaching top_p."""
     if any(k < logits.shape[1] for k in top_k):
         mask_top_k(logits, top_k)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, vocab]
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, vocab], exclusive cumsum
+    probs = _probs(logits)  # [R, vocab]
     p = torch.tensor(top_p, device=logits.device).unsqueeze(1)  # [R, 1]
-    drop_sorted = mass_before >= p
-    drop_sorted[:, 0] = False  # the most likely token always stays
-    drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-    logits.masked_fill_(drop, float("-inf"))
+    candidates = min(TOP_P_CANDIDATES, logits.shape[1])
+    top_probs, order = probs.topk(candidates, dim=-1)  # [R, candidates], most likely first
+    keep = _nucleus(top_probs, p)
+    # [R]: the cut is among the candidates unless the last of them still stays
+    inside = ~keep[:, -1] if candidates < logits.shape[1] else torch.ones_like(keep[:, -1])
+    kept = torch.full_like(logits, float("-inf")).scatter_(
+        1, order, torch.where(keep, logits.gather(1, order), float("-inf"))
+    )
+    if not bool(inside.all()):  # rows whose nucleus is wider: sort all of them
+        rows = (~inside).nonzero().flatten()
+        sorted_probs, full_order = probs[rows].sort(dim=-1, descending=True)  # [W, vocab]
+        keep_sorted = _nucleus(sorted_probs, p[rows])
+        keep_rows = torch.empty_like(keep_sorted).scatter_(1, full_order, keep_sorted)
+        kept[rows] = torch.where(keep_rows, logits[rows], float("-inf"))
+    logits.copy_(kept)
+
+
+def _nucleus(sorted_probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Which of the most likely tokens [R, n] (sorted) stay: those with less than p before
+    them; the most likely token always does."""
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, n], exclusive cumsum
+    keep = mass_before < p
+    keep[:, 0] = True
+    return keep
 
 
 def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
     """Keep the tokens whose probability is at least min_p times the row's largest."""
-    probs = logits.softmax(dim=-1)  # [R, vocab]
-    threshold = probs.max(dim=-1, keepdim=True).values * _column(min_p, logits.device)
+    probs = _probs(logits)  # [R, vocab]
+    threshold = probs.amax(dim=-1, keepdim=True) * _column(min_p, logits.device)
     logits.masked_fill_(probs < threshold, float("-inf"))
 
 

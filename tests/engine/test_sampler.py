@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from app.engine.sampler import Sampler, mask_min_p, mask_top_k, mask_top_k_top_p
+from app.engine.sampler import (
+    TOP_P_CANDIDATES,
+    Sampler,
+    inverse_cdf,
+    mask_min_p,
+    mask_top_k,
+    mask_top_k_top_p,
+)
 from app.engine.sequence import SamplingParams, Sequence
 
 EOS = 0
@@ -52,6 +59,28 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution() -> None:
     assert kept(logits) == [[1, 3]]
 
 
+def _top_p_by_full_sort(logits: torch.Tensor, top_p: list[float]) -> list[list[int]]:
+    """The definition: sort every token, keep those with less than p of the mass before them."""
+    sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < torch.tensor(top_p).unsqueeze(1)
+    keep[:, 0] = True
+    rows = zip(order, keep, strict=True)
+    return [sorted(row_order[row_keep].tolist()) for row_order, row_keep in rows]
+
+
+def test_top_p_over_a_large_vocabulary_matches_a_full_sort() -> None:
+    """Peaked rows find their cut among the first candidates, flat ones need every token."""
+    vocab = 8 * TOP_P_CANDIDATES
+    generator = torch.Generator().manual_seed(11)
+    scales = torch.tensor([[8.0], [0.1], [3.0], [0.01]])  # peaked, flat, between, flatter
+    logits = torch.randn(4, vocab, generator=generator) * scales
+    top_p = [0.9, 0.9, 0.99, 0.5]
+    expected = _top_p_by_full_sort(logits, top_p)
+    assert len(expected[0]) < TOP_P_CANDIDATES < len(expected[1])  # both paths are taken
+    mask_top_k_top_p(logits, [vocab] * 4, top_p)
+    assert kept(logits) == expected
+
+
 def test_min_p_keeps_tokens_above_a_fraction_of_the_largest() -> None:
     logits = probs_logits([0.5, 0.2, 0.15, 0.1, 0.05])
     mask_min_p(logits, [0.25])  # threshold 0.125
@@ -77,6 +106,26 @@ def test_draws_follow_the_distribution() -> None:
     tokens = torch.tensor(sampler.sample(logits, seqs).token_ids)
     freqs = torch.bincount(tokens, minlength=4).float() / 4000
     assert torch.allclose(freqs, torch.tensor(target), atol=0.03)
+
+
+def test_inverse_cdf_never_draws_a_masked_token() -> None:
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 0.0, -inf, 1.0, -inf]] * 3)
+    largest_below_one = 1.0 - 2.0**-53
+    draws = inverse_cdf(logits, torch.tensor([0.0, largest_below_one, 0.3], dtype=torch.float64))
+    # 0.3 of the weight (1 + e) falls on token 1, whose share is 1 / (1 + e) = 0.27
+    assert draws.tolist() == [1, 3, 3]
+
+
+def test_draws_over_a_large_vocabulary_follow_the_distribution() -> None:
+    """Draws land in the long tail of a real vocabulary's size as often as its share says."""
+    vocab = 50257
+    logits = torch.full((1, vocab), -8.0)
+    logits[0, 0] = 0.0  # exp(-8) * 50256 = 16.9 against 1: the tail holds 94%
+    tail_share = 1 - 1 / (1 + (vocab - 1) * math.exp(-8.0))
+    uniforms = (torch.arange(400, dtype=torch.float64) + 0.5) / 400  # evenly spread
+    draws = inverse_cdf(logits.expand(400, vocab), uniforms)
+    assert (draws != 0).double().mean().item() == pytest.approx(tail_share, abs=1 / 400)
 
 
 def test_temperature_sharpens_the_distribution() -> None:
@@ -170,6 +219,15 @@ def test_logprobs_report_the_sampled_token_and_top_alternatives() -> None:
     assert row.top_token_ids == [0, 1]
     assert row.top_logprobs == pytest.approx(expected[:2].tolist(), abs=1e-6)
     assert row.token_logprob == pytest.approx(expected[out.token_ids[0]].item(), abs=1e-6)
+
+
+def test_logprobs_are_taken_before_truncation() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    out = Sampler(CPU, (EOS,)).sample(logits.clone(), [make_seq(top_k=1, logprobs=3, seed=1)])
+    row = out.logprobs[0]
+    assert row is not None and out.token_ids == [0]
+    expected = torch.log_softmax(logits[0], dim=-1)
+    assert row.top_logprobs == pytest.approx(expected[:3].tolist(), abs=1e-6)
 
 
 def test_non_finite_logits_do_not_crash_and_are_reported() -> None:
