@@ -35,8 +35,10 @@ full sort took 54 ms for 32 rows of 50,257, the candidates 2.7 ms.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 
@@ -211,34 +213,35 @@ def _all_finite(row_max: torch.Tensor) -> bool:
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
-    """Repetition, frequency and presence penalties, in place, on `logits[rows]`."""
-    vocab = logits.shape[1]
+    """Repetition, frequency and presence penalties, in place, on `logits[rows]`.
+
+    Only the tokens a row has seen change, so the work is on those columns [R, L] alone
+    (L: the most distinct tokens any row has seen), never on the whole vocabulary: over
+    32 rows of 50,257 the dense form took 20 ms a step.
+    """
+    seen = [list(dict.fromkeys(seq.token_ids)) for seq in seqs]  # prompt and output, once each
+    width = max(len(tokens) for tokens in seen)
+    columns: list[int] = []  # row by row: its seen tokens, padded with its first one
+    counts: list[int] = []  # how often each came out
+    for seq, tokens in zip(seqs, seen, strict=True):
+        output = Counter(seq.output_token_ids)
+        pad = width - len(tokens)  # a repeat of the first token gets its value, written twice
+        columns += tokens + [tokens[0]] * pad
+        counts += [*map(output.get, tokens, repeat(0)), *[output.get(tokens[0], 0)] * pad]
     device = logits.device
-    outputs = _padded([seq.output_token_ids for seq in seqs], vocab, device)  # [R, L]
-    counts = torch.zeros((len(rows), vocab + 1), device=device)
-    counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=counts.dtype))
-    counts = counts[:, :vocab]  # [R, vocab] output token counts
-    prompts = _padded([seq.token_ids[: seq.num_prompt_tokens] for seq in seqs], vocab, device)
-    seen = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=device)
-    seen.scatter_(1, prompts, True)
-    seen = seen[:, :vocab] | (counts > 0)  # [R, vocab]
-    sub = logits[rows]  # [R, vocab]
+    rows_at = torch.tensor(rows, device=device).unsqueeze(1)  # [R, 1]
+    at = (rows_at, torch.tensor(columns, device=device).view(len(seqs), width))  # [R, L]
+    count = torch.tensor(counts, dtype=torch.float32, device=device).view(len(seqs), width)
+    values = logits[at]  # [R, L]
     repetition = _column([s.params.repetition_penalty for s in seqs], device)  # [R, 1]
-    penalised = torch.where(sub > 0, sub / repetition, sub * repetition)
-    sub = torch.where(seen, penalised, sub)
-    sub -= _column([s.params.frequency_penalty for s in seqs], device) * counts
-    sub -= _column([s.params.presence_penalty for s in seqs], device) * (counts > 0)
+    values = torch.where(values > 0, values / repetition, values * repetition)
+    values -= _column([s.params.frequency_penalty for s in seqs], device) * count
+    values -= _column([s.params.presence_penalty for s in seqs], device) * (count > 0)
     # A penalty that underflows float32 (e.g. 1e-300) turns logits into +inf, and a banned
     # -inf logit into NaN (-inf * 0): keep banned tokens banned and the rest finite.
-    logits[rows] = torch.nan_to_num(
-        sub, nan=float("-inf"), posinf=POSINF_REPLACEMENT, neginf=float("-inf")
-    )  # [R, vocab]
-
-
-def _padded(token_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(tokens) for tokens in token_lists))
-    rows = [tokens + [pad] * (width - len(tokens)) for tokens in token_lists]
-    return torch.tensor(rows, dtype=torch.int64, device=device)  # [R, width]
+    logits[at] = torch.nan_to_num(
+        values, nan=float("-inf"), posinf=POSINF_REPLACEMENT, neginf=float("-inf")
+    )
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
