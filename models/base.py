@@ -87,8 +87,9 @@ class PagedModel(Protocol):
         """Run one flat batch; writes new K/V into the cache; returns hidden states."""
         ...
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32, only for the rows that sample."""
+    def compute_logits(self, hidden_states: torch.Tensor, row_major: bool = False) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32, only for the rows that sample; contiguous rows
+        if `row_major`, otherwise whichever layout is fastest to compute."""
         ...
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -170,8 +170,12 @@ def _num_bytes(weights: Iterable[torch.Tensor]) -> int:
     return sum(w.numel() * w.element_size() for w in weights)
 
 
-def logits(hidden: torch.Tensor, lm_head: torch.Tensor, product: Product) -> torch.Tensor:
-    """hidden [N, hidden] @ lm_head.T -> [N, vocab], possibly a transposed view."""
-    if lm_head.device.type == "cpu" and hidden.shape[0] >= TRANSPOSED_LOGITS_MIN_ROWS:
+def logits(
+    hidden: torch.Tensor, lm_head: torch.Tensor, product: Product, row_major: bool = False
+) -> torch.Tensor:
+    """hidden [N, hidden] @ lm_head.T -> [N, vocab]: a transposed view where that is faster,
+    unless `row_major`."""
+    transposed_is_faster = hidden.shape[0] >= TRANSPOSED_LOGITS_MIN_ROWS
+    if lm_head.device.type == "cpu" and transposed_is_faster and not row_major:
         return torch.mm(lm_head, hidden.t()).t()
     return product(hidden, lm_head, None)

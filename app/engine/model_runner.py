@@ -77,7 +77,8 @@ class ModelRunner:
         if inputs.logit_rows is not None:
             hidden = hidden.index_select(0, inputs.logit_rows)  # [N, hidden]
         self.threads.apply_to_output(hidden.shape[0])
-        logits = self.model.compute_logits(hidden)  # [N, vocab]
+        row_major = self.sampler.wants_row_major(inputs.sample_seqs)
+        logits = self.model.compute_logits(hidden, row_major)  # [N, vocab]
         sampled = self.sampler.sample(logits, inputs.sample_seqs)
         return _step_result(inputs, sampled.token_ids, sampled.logprobs, sampled.nonfinite_rows)
 

@@ -85,6 +85,13 @@ class Sampler:
         self.banned_token_ids = list(banned_token_ids)  # never sampled (image placeholders)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded rows
 
+    @staticmethod
+    def wants_row_major(seqs: Seq[Sequence]) -> bool:
+        """Whether the logits of these rows should come as contiguous rows: every path but
+        plain greedy works row by row, and the output layer makes rows cheaper than a copy
+        of its transposed result."""
+        return not all(seq.is_plain_greedy for seq in seqs)
+
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
         """logits: [N, vocab] float32, row i for `seqs[i]`. May modify logits in place."""
         if self.banned_token_ids:
@@ -157,28 +164,29 @@ class Sampler:
 
 
 def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One draw per row from softmax(logits) [R, vocab], given uniforms [R] in [0, 1).
+    """One draw per row from softmax(logits) [R, vocab], given uniforms [R] in [0, 1);
+    `logits` become the running weights (a fresh multi-MB tensor costs its page faults).
 
     The token is the first whose running weight passes u * total; a token of weight 0
     (a masked one) never is, since the running sum does not grow there. The running sum
     is float32: each token's share comes out within one rounding of the total (6e-8 of
     it), far below what any number of draws could show.
     """
-    running = _weights(logits).cumsum_(dim=-1)  # [R, vocab]
+    running = _weights(logits, out=logits).cumsum_(dim=-1)  # [R, vocab]
     total = running[:, -1:]  # [R, 1], at least 1
     below_total = torch.nextafter(total, torch.zeros_like(total))  # u * total may round up
     scaled = uniforms.to(device=running.device, dtype=running.dtype).unsqueeze(1) * total
     return torch.searchsorted(running, torch.minimum(scaled, below_total), right=True).squeeze(1)
 
 
-def _weights(logits: torch.Tensor) -> torch.Tensor:
+def _weights(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """exp(logit - row max) [R, vocab], in [0, 1]; 0 where logit - row max < WEIGHT_FLOOR.
 
     Below that float32 turns denormal, and on x86 denormal arithmetic is some 50 times
     slower: low temperatures spread logits far enough to make a quarter of a row
     denormal. The tokens dropped hold under 1e-38 of their row's largest weight each.
     """
-    shifted = logits - logits.amax(dim=-1, keepdim=True)  # [R, vocab], at most 0
+    shifted = torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=out)  # at most 0
     below = shifted < WEIGHT_FLOOR  # masked tokens (-inf) among them
     return shifted.clamp_(min=WEIGHT_FLOOR).exp_().masked_fill_(below, 0.0)
 

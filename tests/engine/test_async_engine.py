@@ -276,8 +276,8 @@ class _NaNModel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, row_major: bool = False) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden, row_major)
         logits[::2] = float("nan")
         return logits
 

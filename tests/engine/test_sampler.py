@@ -125,7 +125,7 @@ def test_draws_over_a_large_vocabulary_follow_the_distribution() -> None:
     logits[0, 0] = 0.0  # exp(-8) * 50256 = 16.9 against 1: the tail holds 94%
     tail_share = 1 - 1 / (1 + (vocab - 1) * math.exp(-8.0))
     uniforms = (torch.arange(400, dtype=torch.float64) + 0.5) / 400  # evenly spread
-    draws = inverse_cdf(logits.expand(400, vocab), uniforms)
+    draws = inverse_cdf(logits.repeat(400, 1), uniforms)
     assert (draws != 0).double().mean().item() == pytest.approx(tail_share, abs=1 / 400)
 
 

@@ -161,3 +161,6 @@ def test_logits_at_every_row_count(weight: torch.Tensor, rows: int) -> None:
     # From TRANSPOSED_LOGITS_MIN_ROWS rows on the result is a transposed view.
     assert got.is_contiguous() is (rows < TRANSPOSED_LOGITS_MIN_ROWS)
     torch.testing.assert_close(got, F.linear(hidden, weight), **CLOSE)
+    rows_asked = logits(hidden, weight, ALWAYS_WEIGHT_MAJOR, row_major=True)
+    assert rows_asked.is_contiguous()
+    torch.testing.assert_close(rows_asked, F.linear(hidden, weight), **CLOSE)

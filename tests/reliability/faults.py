@@ -71,8 +71,8 @@ class BadLogitsModel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.compute_logits(hidden)  # [N, vocab]
+    def compute_logits(self, hidden: torch.Tensor, row_major: bool = False) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden, row_major)  # [N, vocab]
         if self.mode == "peak":
             best = logits.argmax(dim=-1, keepdim=True)  # [N, 1]
             return torch.full_like(logits, float("-inf")).scatter_(1, best, 0.0)
