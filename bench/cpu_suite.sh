@@ -59,6 +59,14 @@ compare small-c32-both-bf16 --model "$CKPT/gpt2-small" --contenders mmgpt,transf
     --dtype bfloat16 --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 \
     --output-len 64 --ignore-eos
 
+# Sampled at temperature 1 (the OpenAI default), as most clients ask, rather than greedy.
+compare tiny-c32-sampled --model "$CKPT/gpt2-tiny" --contenders mmgpt,transformers \
+    --workloads text --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 \
+    --ignore-eos --temperature 1.0
+compare small-c32-sampled --model "$CKPT/gpt2-small" --contenders mmgpt,transformers \
+    --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 \
+    --ignore-eos --temperature 1.0
+
 compare tiny-c1 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 16 \
     --max-concurrency 1 --input-len 32 --output-len 128 --ignore-eos
 compare small-c1 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers --workloads text \
