@@ -56,11 +56,7 @@ class DecodeGroup:
 
     rows: slice | torch.Tensor  # their rows in the flat batch
     block_ids: torch.Tensor  # [num_seqs * blocks_per_seq] cache blocks, row-major per sequence
-    span: int  # blocks_per_seq * block_size: the positions gathered per sequence
-    # [num_seqs, 1, 1, span] bool, True = attend; None for one sequence, which reads the
-    # first `length` positions instead (no mask to build, and SDPA's unmasked kernel)
-    mask: torch.Tensor | None
-    length: int
+    mask: torch.Tensor  # [num_seqs, 1, 1, blocks_per_seq * block_size] bool, True = attend
     num_seqs: int
     # K and V gathered per layer land in the same two buffers: a fresh multi-MB tensor
     # per layer costs page faults that took a third of the gather's time at B=64 on CPU
@@ -175,17 +171,12 @@ def _decode_group(
     blocks_per_seq = -(-max(lens) // block_size)
     seq_rows = _rows_of(members, list(range(meta.num_seqs)), device)
     tables = meta.block_tables[seq_rows, :blocks_per_seq]  # [n, blocks_per_seq]
-    span = blocks_per_seq * block_size
-    mask = None
-    if len(members) > 1:
-        attend = torch.arange(span)[None, :] < torch.tensor(lens)[:, None]  # [n, span]
-        mask = attend[:, None, None, :].to(device, non_blocking=True)
+    positions = torch.arange(blocks_per_seq * block_size)
+    mask = positions[None, :] < torch.tensor(lens)[:, None]  # [n, L]
     return DecodeGroup(
         rows=_rows_of(members, starts, device),
         block_ids=tables.reshape(-1).to(torch.int64),
-        span=span,
-        mask=mask,
-        length=max(lens),
+        mask=mask[:, None, None, :].to(device, non_blocking=True),
         num_seqs=len(members),
     )
 
@@ -247,13 +238,12 @@ def _attend_decodes(
     k_cache, v_cache = cache
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
+    span = group.mask.shape[-1]
     key_buffer, value_buffer = group.buffers_for(k_cache)
     keys = torch.index_select(k_cache, 0, group.block_ids, out=key_buffer)
     values = torch.index_select(v_cache, 0, group.block_ids, out=value_buffer)
-    keys = keys.view(num_seqs, group.span, num_kv_heads, head_dim)
-    values = values.view(num_seqs, group.span, num_kv_heads, head_dim)
-    if group.mask is None:  # one sequence: its own positions only
-        keys, values = keys[:, : group.length], values[:, : group.length]
+    keys = keys.view(num_seqs, span, num_kv_heads, head_dim)
+    values = values.view(num_seqs, span, num_kv_heads, head_dim)
     # the heads sharing one KV head become that head's query rows: [n, kv_heads, group, D]
     grouped_query = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
