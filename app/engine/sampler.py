@@ -19,13 +19,17 @@ minus the truncation.
 Banned tokens (a multimodal model's image placeholder, which only images may
 fill) are never sampled.
 
-Draws invert the cumulative distribution: one uniform number per row, scaled by
-the row's total weight, finds its token in the running sum of exp(logit - max).
-The exponential race (argmax of probs / Exp(1) noise) needs a random number for every
-token instead, which on the CPU cost 31 ms for 32 rows of 50,257 (19 ns each):
-ten times the tiny test model's whole step. A seeded row draws its number from its
-own generator, so its tokens depend only on its own logits and seed, not on its
-batch-mates.
+Draws on a GPU are the exponential race (argmax of probs / Exp(1) noise). It needs
+a random number for every token, which on the CPU cost 31 ms for 32 rows of 50,257
+(19 ns each): ten times the tiny test model's whole step. So on the CPU draws invert
+the cumulative distribution instead: one uniform number per row, scaled by the row's
+total weight, finds its token in the running sum of exp(logit - max). The race stays
+on the GPU, where noise is cheap, because it is the steadier of the two: a bf16 GEMM
+there rounds differently for each batch shape, which moves a race's winner only on a
+near tie but a cumulative draw by the sum of every earlier token's rounding. (On the
+CPU a row's logits come out the same in any batch: `bench.gpu_check --device cpu`.)
+A seeded row draws its numbers from its own generator, so its tokens depend only on
+its own logits and seed, not on its batch-mates.
 
 top_p looks for its cut among the TOP_P_CANDIDATES most likely tokens first, and
 sorts the whole row only where they hold less than top_p of the probability: a
@@ -84,6 +88,7 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self.banned_token_ids = list(banned_token_ids)  # never sampled (image placeholders)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded rows
+        self.draws_by_race = device.type != "cpu"  # see the module's docstring
 
     @staticmethod
     def wants_row_major(seqs: Seq[Sequence]) -> bool:
@@ -140,8 +145,27 @@ class Sampler:
         else:  # logprobs are taken before truncation, from `scaled`
             sub, sub_seqs = scaled[rows], [seqs[i] for i in rows]  # [R, vocab]
         _truncate(sub, sub_seqs)
-        token_ids[rows] = inverse_cdf(sub, self._uniforms(sub_seqs))
+        if self.draws_by_race:
+            probs = _probs(sub)  # [R, vocab]
+            token_ids[rows] = argmax(probs.div_(self._exponential_noise(probs, sub_seqs)))
+        else:
+            token_ids[rows] = inverse_cdf(sub, self._uniforms(sub_seqs))
         return token_ids
+
+    def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Exp(1) noise [R, vocab], each seeded row's from its own generator."""
+        noise = torch.empty_like(probs)  # [R, vocab]
+        unseeded = [i for i, seq in enumerate(seqs) if seq.params.seed is None]
+        if len(unseeded) == len(seqs):
+            return noise.exponential_(generator=self.generator)
+        if unseeded:
+            noise[unseeded] = torch.empty(
+                (len(unseeded), probs.shape[1]), device=probs.device
+            ).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                noise[i].exponential_(generator=self._generator_of(seq))
+        return noise
 
     def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
         """One number in [0, 1) per row [R] float64: from the row's own generator if seeded."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -28,6 +29,16 @@ def make_seq(
     seq = Sequence(0, "r", 0, prompt or [1], SamplingParams(**params))  # type: ignore[arg-type]
     seq.token_ids += output or []
     return seq
+
+
+# Draws by inverting the distribution (the CPU's way) and by the exponential race (a GPU's)
+RACE_OR_CDF = pytest.mark.parametrize("race", [False, True], ids=["cdf", "race"])
+
+
+def sampler_drawing(race: bool, seed: int = 0, **kwargs: Any) -> Sampler:
+    sampler = Sampler(CPU, (EOS,), seed=seed, **kwargs)
+    sampler.draws_by_race = race
+    return sampler
 
 
 def kept(logits: torch.Tensor) -> list[list[int]]:
@@ -88,8 +99,9 @@ def test_min_p_keeps_tokens_above_a_fraction_of_the_largest() -> None:
     assert kept(logits) == [[0, 1, 2]]
 
 
-def test_sampling_only_draws_tokens_the_masks_keep() -> None:
-    sampler = Sampler(CPU, (EOS,), seed=0)
+@RACE_OR_CDF
+def test_sampling_only_draws_tokens_the_masks_keep(race: bool) -> None:
+    sampler = sampler_drawing(race, seed=0)
     logits = probs_logits([0.3, 0.25, 0.2, 0.15, 0.1]).repeat(3, 1)
     seqs = [make_seq(top_k=2), make_seq(top_p=0.5), make_seq(min_p=0.6)]
     seen: list[set[int]] = [set(), set(), set()]
@@ -99,8 +111,9 @@ def test_sampling_only_draws_tokens_the_masks_keep() -> None:
     assert seen == [{0, 1}, {0, 1}, {0, 1, 2}]
 
 
-def test_draws_follow_the_distribution() -> None:
-    sampler = Sampler(CPU, (EOS,), seed=1)
+@RACE_OR_CDF
+def test_draws_follow_the_distribution(race: bool) -> None:
+    sampler = sampler_drawing(race, seed=1)
     target = [0.5, 0.3, 0.15, 0.05]
     logits = probs_logits(target).repeat(4000, 1)
     seqs = [make_seq()] * 4000
@@ -129,8 +142,9 @@ def test_draws_over_a_large_vocabulary_follow_the_distribution() -> None:
     assert (draws != 0).double().mean().item() == pytest.approx(tail_share, abs=1 / 400)
 
 
-def test_temperature_sharpens_the_distribution() -> None:
-    sampler = Sampler(CPU, (EOS,), seed=2)
+@RACE_OR_CDF
+def test_temperature_sharpens_the_distribution(race: bool) -> None:
+    sampler = sampler_drawing(race, seed=2)
     logits = probs_logits([0.6, 0.4]).repeat(2000, 1)
     cold = torch.tensor(
         sampler.sample(logits.clone(), [make_seq(temperature=0.25)] * 2000).token_ids
@@ -208,12 +222,13 @@ def test_min_tokens_masks_eos_and_stop_tokens() -> None:
     assert Sampler(CPU, (EOS,)).sample(logits, seqs).token_ids == [3, 0, 0]
 
 
-def test_seeded_rows_give_the_same_tokens_alone_and_in_a_batch() -> None:
+@RACE_OR_CDF
+def test_seeded_rows_give_the_same_tokens_alone_and_in_a_batch(race: bool) -> None:
     torch.manual_seed(3)
     steps = [torch.randn(9, 50) for _ in range(6)]
 
     def run(batch_rows: list[int], target_row: int) -> list[int]:
-        sampler = Sampler(CPU, (EOS,), seed=123)
+        sampler = sampler_drawing(race, seed=123)
         seqs = {
             r: make_seq(temperature=0.9, top_p=0.95, seed=(7 if r == target_row else None))
             for r in batch_rows
@@ -275,8 +290,9 @@ def test_non_finite_logits_do_not_crash_and_are_reported() -> None:
     assert out.token_ids[0] in (0, 2) and out.token_ids[2] == 0 and out.token_ids[3] == 1
 
 
-def test_banned_tokens_are_never_sampled() -> None:
-    sampler = Sampler(CPU, (EOS,), banned_token_ids=(2,))
+@RACE_OR_CDF
+def test_banned_tokens_are_never_sampled(race: bool) -> None:
+    sampler = sampler_drawing(race, banned_token_ids=(2,))
     logits = torch.tensor([[0.0, 1.0, 9.0, 0.5]] * 3)
     seqs = [make_seq(temperature=0.0), make_seq(seed=3), make_seq(temperature=0.0, logprobs=1)]
     for _ in range(20):
