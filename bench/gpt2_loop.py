@@ -5,9 +5,9 @@ length, the KV cache is one pre-allocated contiguous tensor per layer, and each
 step runs a hand-written forward over the checkpoint's own weights. Only the
 last position's logits are computed, and sampling is greedy. The products and
 the argmax are the engine's fastest CPU forms (each product in the orientation
-measured faster for this model on this machine, two-pass argmax: see models/linear.py
-and app/engine/argmax.py), so
-that the loop stays a limit rather than a baseline the engine could pass.
+measured faster for this model on this machine, the engine's argmax: see
+models/linear.py and app/engine/argmax.py), so that the loop stays a limit rather
+than a baseline the engine could pass.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ machines (GPT-2 small's, 32 rows: 33 against 51 ms on the AMD, 15 against 17 on 
 Intel; on the Intel, product and argmax together, 8 rows 10.7 against 16.0 ms, 12
 rows 12.0 against 22.4, and the tiny model's 0.70 against 0.75 and 0.75 against
 0.88 ms), and the transposed result can stay a view because the sampler takes either
-layout. It stays plain below eight rows, where the Intel's plain GEMV wins.
+layout. Below eight rows it goes through the model's product, since the Intel's plain
+GEMV wins there.
 
 bf16 goes through oneDNN, where the plain orientation is the faster one at every
 row count: it keeps `F.linear`.

@@ -95,13 +95,13 @@ class Sampler:
         """Whether the logits of these rows should come as contiguous rows: every path but
         plain greedy works row by row, and the output layer makes rows cheaper than a copy
         of its transposed result."""
-        return not all(seq.is_plain_greedy for seq in seqs)
+        return not _all_plain_greedy(seqs)
 
     def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
         """logits: [N, vocab] float32, row i for `seqs[i]`. May modify logits in place."""
         if self.banned_token_ids:
             logits[:, self.banned_token_ids] = float("-inf")
-        if all(seq.is_plain_greedy for seq in seqs):
+        if _all_plain_greedy(seqs):
             row_max, token_ids = max_and_argmax(logits)  # [N], [N]
             if _all_finite(row_max):
                 return SamplerOutput(token_ids.tolist(), [None] * len(seqs), [])
@@ -219,6 +219,12 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
     """softmax(logits) [R, vocab] without denormals (see `_weights`)."""
     weights = _weights(logits)
     return weights.div_(weights.sum(dim=-1, keepdim=True))
+
+
+def _all_plain_greedy(seqs: Seq[Sequence]) -> bool:
+    """Whether every row takes the argmax of its raw logits: the fast path, which reads
+    either layout."""
+    return all(seq.is_plain_greedy for seq in seqs)
 
 
 def _sanitise(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
