@@ -85,6 +85,14 @@ class Settings(BaseSettings):
         default=True,
         description="Run one full-size step before serving, so the first requests are not slow.",
     )
+    decode_mirror: bool = Field(
+        default=True,
+        description=(
+            "On the CPU, keep the decoding sequences' keys and values also in one contiguous "
+            "tensor per layer, so that decode attention reads them in place instead of "
+            "gathering their blocks each step. Uses up to the KV cache's memory again."
+        ),
+    )
 
     # The HTTP server.
     host: str = Field(default="127.0.0.1", description="Address to listen on.")

@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from models.base import AttentionMetadata
+from models.decode_mirror import MirrorStep
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 PLAN_KEY = "paged_attention_plan"
 MAX_DECODE_GROUPS = 4
 MIN_DECODE_GROUP = 4
+MAX_MIRROR_PADDING = 2  # the mirror's padded span over the decodes' own tokens
 
 
 def allocate_kv_cache(
@@ -55,9 +57,10 @@ class DecodeGroup:
     """Single-token queries of sequences with similar lengths, attended in one call."""
 
     rows: slice | torch.Tensor  # their rows in the flat batch
-    block_ids: torch.Tensor  # [num_seqs * blocks_per_seq] cache blocks, row-major per sequence
-    mask: torch.Tensor  # [num_seqs, 1, 1, blocks_per_seq * block_size] bool, True = attend
+    block_ids: torch.Tensor | None  # [num_seqs * blocks_per_seq] cache blocks, row-major per seq
+    mask: torch.Tensor  # [num_seqs, 1, 1, span] bool, True = attend
     num_seqs: int
+    mirror: MirrorStep | None = None  # read K/V from the decode mirror instead of gathering
     # K and V gathered per layer land in the same two buffers: a fresh multi-MB tensor
     # per layer costs page faults that took a third of the gather's time at B=64 on CPU
     gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -66,6 +69,7 @@ class DecodeGroup:
         """Two [len(block_ids), block_size, kv_heads, D] buffers, made once per step."""
         buffers = self.gather_buffers
         if buffers is None or buffers[0].dtype != k_cache.dtype:
+            assert self.block_ids is not None
             shape = (self.block_ids.shape[0], *k_cache.shape[1:])
             buffers = (k_cache.new_empty(shape), k_cache.new_empty(shape))
             self.gather_buffers = buffers
@@ -115,7 +119,7 @@ def _build_plan(meta: AttentionMetadata, block_size: int) -> AttentionPlan:
         starts.append(starts[-1] + query_len)
     decode_seqs = [i for i, query_len in enumerate(meta.query_lens) if query_len == 1]
     seq_lens = [c + q for c, q in zip(meta.context_lens, meta.query_lens, strict=True)]
-    groups = [
+    groups = _mirrored(meta, decode_seqs, seq_lens, starts) or [
         _decode_group(meta, members, starts, seq_lens, block_size)
         for members in _group_by_length(decode_seqs, seq_lens, block_size)
     ]
@@ -150,6 +154,35 @@ def _group_by_length(seqs: list[int], seq_lens: list[int], block_size: int) -> l
             groups.append([])
         groups[-1].append(seq)
     return groups
+
+
+def _mirrored(
+    meta: AttentionMetadata, decode_seqs: list[int], seq_lens: list[int], starts: list[int]
+) -> list[DecodeGroup] | None:
+    """The decodes as one group that reads the engine's decode mirror, or None to gather.
+
+    The mirror pads every sequence to the longest, so it is used only while that at most
+    doubles the attention's work; beyond, the decodes are gathered in groups of similar
+    lengths.
+    """
+    mirror = meta.decode_mirror
+    if mirror is None:
+        return None
+    lens = [seq_lens[i] for i in decode_seqs]
+    if not lens or len(lens) * max(lens) > MAX_MIRROR_PADDING * sum(lens):
+        mirror.skip_step()
+        return None
+    step = mirror.plan(
+        [meta.seq_ids[i] for i in decode_seqs],
+        [meta.context_lens[i] for i in decode_seqs],
+        meta.block_tables,
+        decode_seqs,
+    )
+    if step is None:
+        return None
+    members = [decode_seqs[i] for i in step.order]
+    rows = _rows_of(members, starts, meta.block_tables.device)
+    return [DecodeGroup(rows, None, step.mask, len(members), mirror=step)]
 
 
 def _rows_of(members: list[int], starts: list[int], device: torch.device) -> slice | torch.Tensor:
@@ -218,13 +251,13 @@ def paged_attention(
     write_kv(cache, key, value, attn_metadata.slot_mapping)
     plan = prepare_attention(attn_metadata, block_size=cache[0].shape[1])
     if plan.is_one_decode_group:
-        return _attend_decodes(query, cache, plan.decode_groups[0], scale)
+        return _attend_decodes(query, cache, plan.decode_groups[0], scale, key, value)
     out = query.new_empty(query.shape[0], query.shape[1] * query.shape[2])  # [T, heads * D]
     for group in plan.decode_groups:
+        group_out = _attend_decodes(_rows(query, group.rows), cache, group, scale, key, value)
         if isinstance(group.rows, slice):
-            out[group.rows] = _attend_decodes(query[group.rows], cache, group, scale)
+            out[group.rows] = group_out
         else:
-            group_out = _attend_decodes(query.index_select(0, group.rows), cache, group, scale)
             out.index_copy_(0, group.rows, group_out)
     for chunk in plan.prefills:
         rows = slice(chunk.start, chunk.end)
@@ -232,28 +265,46 @@ def paged_attention(
     return out
 
 
+def _rows(tensor: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
+
+
 def _attend_decodes(
-    query: torch.Tensor, cache: KVCache, group: DecodeGroup, scale: float
+    query: torch.Tensor,  # [n, heads, D], the group's rows
+    cache: KVCache,
+    group: DecodeGroup,
+    scale: float,
+    key: torch.Tensor,  # [T, kv_heads, D], the whole batch's new keys
+    value: torch.Tensor,
 ) -> torch.Tensor:
-    k_cache, v_cache = cache
     num_seqs, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    span = group.mask.shape[-1]
-    key_buffer, value_buffer = group.buffers_for(k_cache)
-    keys = torch.index_select(k_cache, 0, group.block_ids, out=key_buffer)
-    values = torch.index_select(v_cache, 0, group.block_ids, out=value_buffer)
-    keys = keys.view(num_seqs, span, num_kv_heads, head_dim)
-    values = values.view(num_seqs, span, num_kv_heads, head_dim)
+    if group.mirror is not None:
+        new_keys, new_values = _rows(key, group.rows), _rows(value, group.rows)
+        keys, values = group.mirror.keys_and_values(cache, new_keys, new_values)
+    else:
+        keys, values = _gather_decodes(cache, group)
+    num_kv_heads = keys.shape[1]
     # the heads sharing one KV head become that head's query rows: [n, kv_heads, group, D]
     grouped_query = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
         grouped_query,
-        keys.transpose(1, 2),  # [n, kv_heads, span, D]
-        values.transpose(1, 2),
+        keys,  # [n, kv_heads, span, D]
+        values,
         attn_mask=group.mask,
         scale=scale,
     )  # [n, kv_heads, group, D]
     return out.reshape(num_seqs, num_heads * head_dim)
+
+
+def _gather_decodes(cache: KVCache, group: DecodeGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's K and V, [n, kv_heads, span, D], copied out of their blocks."""
+    k_cache, v_cache = cache
+    assert group.block_ids is not None
+    key_buffer, value_buffer = group.buffers_for(k_cache)
+    keys = torch.index_select(k_cache, 0, group.block_ids, out=key_buffer)
+    values = torch.index_select(v_cache, 0, group.block_ids, out=value_buffer)
+    shape = (group.num_seqs, group.mask.shape[-1], *k_cache.shape[2:])
+    return keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
 
 
 def _attend_prefill(

@@ -7,9 +7,12 @@ below; `models/` sees the engine only through flat tensors and block tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from models.decode_mirror import DecodeMirror
 
 
 @dataclass
@@ -30,6 +33,10 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific precomputation
+    # the engine's ids of the S sequences and, when it keeps one, its decode mirror
+    # (models/decode_mirror.py), which needs them to tell the sequences apart
+    seq_ids: list[int] = field(default_factory=list)
+    decode_mirror: DecodeMirror | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -20,7 +20,9 @@ from app.engine.sampler import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, Sequence
 from app.engine.step_threads import StepThreads
+from models.attention import KVCache
 from models.base import AttentionMetadata, LoadedModel
+from models.decode_mirror import DecodeMirror
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = num_blocks
         self.kv_cache = self.model.allocate_kv_cache(num_blocks, config.block_size)
+        self.decode_mirror = _decode_mirror(self.kv_cache, config, self.device)
         image_token = loaded.info.image_token_id
         self.sampler = Sampler(
             self.device,
@@ -154,6 +157,8 @@ class ModelRunner:
             context_lens=context_lens,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
+            seq_ids=[seq.seq_id for seq in batch.seqs],
+            decode_mirror=self.decode_mirror,
         )
 
     # ---- images -----------------------------------------------------------------------
@@ -247,3 +252,13 @@ def _step_result(
             result.logprobs[seq.seq_id] = row_logprobs
     result.nonfinite_seq_ids = {inputs.sample_seqs[i].seq_id for i in nonfinite_rows}
     return result
+
+
+def _decode_mirror(
+    kv_cache: list[KVCache], config: EngineConfig, device: torch.device
+) -> DecodeMirror | None:
+    """On the CPU, decode attention reads a contiguous copy of the decoding sequences' K/V,
+    at most as big as the paged cache itself."""
+    if not config.decode_mirror or device.type != "cpu":
+        return None
+    return DecodeMirror(kv_cache, budget_bytes=sum(k.nbytes + v.nbytes for k, v in kv_cache))

@@ -6,11 +6,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from models import decode_mirror, load_model
 from models.base import LoadedModel
 from tests.checkpoints import make_tiny_llama, make_tiny_llava
 from tests.engine.drive import load
 from tests.torch_threads import intra_op_threads
+
+MODEL_FIXTURES = {"llama", "llama_bf16", "llava"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that runs a model runs twice: decode attention gathering the K/V blocks,
+    and reading the decode mirror (engaged at any size here; the tiny models are below
+    the size where the engine would use it)."""
+    if MODEL_FIXTURES & set(metafunc.fixturenames):
+        metafunc.parametrize("decode_path", ["gather", "mirror"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    path = getattr(request, "param", "gather")
+    if path == "mirror":
+        monkeypatch.setattr(decode_mirror, "MIN_LAYER_BYTES", 0)
+    return str(path)
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +48,11 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama(llama_dir: Path) -> LoadedModel:
     return load(llama_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_bf16(llama_dir: Path) -> LoadedModel:
+    return load_model(llama_dir, "cpu", torch.bfloat16)
 
 
 @pytest.fixture(scope="session")

@@ -49,33 +49,43 @@ class PagedSession:
     def metadata(self, work: list[tuple[int, list[int]]]) -> tuple[AttentionMetadata, torch.Tensor]:
         context_lens = [self.lengths.get(seq, 0) for seq, _ in work]
         query_lens = [len(tokens) for _, tokens in work]
-        slots: list[int] = []
-        positions: list[int] = []
         for (seq, _), context, count in zip(work, context_lens, query_lens, strict=True):
             self._reserve(seq, context + count)
-            for position in range(context, context + count):
-                block = self.blocks[seq][position // self.block_size]
-                slots.append(block * self.block_size + position % self.block_size)
-                positions.append(position)
-        seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
-        width = max(len(self.blocks[seq]) for seq, _ in work)
-        tables = [self.blocks[seq] + [0] * (width - len(self.blocks[seq])) for seq, _ in work]
-        starts = [0]
-        for count in query_lens:
-            starts.append(starts[-1] + count)
-        metadata = AttentionMetadata(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-        )
+        tables = [self.blocks[seq] for seq, _ in work]
+        metadata = flat_metadata(context_lens, query_lens, tables, self.block_size)
+        positions = [
+            p for c, q in zip(context_lens, query_lens, strict=True) for p in range(c, c + q)
+        ]
         return metadata, torch.tensor(positions, dtype=torch.int64)
 
     def _reserve(self, seq: int, length: int) -> None:
         owned = self.blocks.setdefault(seq, [])
         while len(owned) * self.block_size < length:
             owned.append(self.free.pop())
+
+
+def flat_metadata(
+    context_lens: list[int], query_lens: list[int], tables: list[list[int]], block_size: int
+) -> AttentionMetadata:
+    """One step's metadata: sequence i adds query_lens[i] tokens after context_lens[i]
+    cached ones, in the blocks tables[i]."""
+    slots = [
+        tables[s][p // block_size] * block_size + p % block_size
+        for s, (c, q) in enumerate(zip(context_lens, query_lens, strict=True))
+        for p in range(c, c + q)
+    ]
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    starts = [0]
+    for count in query_lens:
+        starts.append(starts[-1] + count)
+    width = max(len(t) for t in tables)
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        query_lens=query_lens,
+        context_lens=context_lens,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+    )

@@ -14,6 +14,7 @@ from models.attention import (
     prepare_attention,
 )
 from models.base import AttentionMetadata
+from tests.models.paged import flat_metadata
 
 BLOCK_SIZE = 4
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
@@ -22,26 +23,7 @@ HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
 def _metadata(
     context_lens: list[int], query_lens: list[int], tables: list[list[int]]
 ) -> AttentionMetadata:
-    width = max(len(t) for t in tables)
-    slots = [
-        tables[s][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-        for s, (c, q) in enumerate(zip(context_lens, query_lens, strict=True))
-        for p in range(c, c + q)
-    ]
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
-    return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        slot_mapping=torch.tensor(slots),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        query_lens=query_lens,
-        context_lens=context_lens,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-    )
+    return flat_metadata(context_lens, query_lens, tables, BLOCK_SIZE)
 
 
 def _naive(

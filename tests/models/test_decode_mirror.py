@@ -1,0 +1,212 @@
+"""The decode mirror against plain attention over each sequence's whole history.
+
+A small world of sequences decodes step after step through two layers of paged
+attention, with the churn an engine makes: sequences join, finish, miss a step and
+come back with their blocks rewritten (preemption and recompute), grow past the
+mirror's capacity, and share steps with prefill chunks. Every step's output must
+match attention computed from scratch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from models.attention import KVCache, allocate_kv_cache, paged_attention, prepare_attention
+from models.base import AttentionMetadata
+from models.decode_mirror import DecodeMirror
+from tests.models.paged import flat_metadata
+
+BLOCK_SIZE = 4
+HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
+NUM_LAYERS, NUM_BLOCKS = 2, 512
+SCALE = HEAD_DIM**-0.5
+
+
+def _naive(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One query row [H, D] against a whole history [L, KV, D]: [H * D]."""
+    group = HEADS // KV_HEADS
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    weights = (torch.einsum("hd,khd->hk", query, keys) * SCALE).softmax(-1)
+    return torch.einsum("hk,khd->hd", weights, values).reshape(-1)
+
+
+@dataclass
+class World:
+    """Sequences' K/V histories per layer, written into a paged cache as an engine would."""
+
+    mirror_budget: int = 1 << 30
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    history: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    tables: dict[int, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cache: list[KVCache] = allocate_kv_cache(
+            NUM_LAYERS,
+            NUM_BLOCKS,
+            BLOCK_SIZE,
+            KV_HEADS,
+            HEAD_DIM,
+            torch.float32,
+            torch.device("cpu"),
+        )
+        self.free = list(range(NUM_BLOCKS))
+        self.rng.shuffle(self.free)
+        self.mirror = DecodeMirror(self.cache, self.mirror_budget, min_layer_bytes=0)
+
+    def _random(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator)
+
+    def add(self, seq: int, length: int) -> None:
+        """A sequence whose first `length` tokens are cached (a finished prefill)."""
+        self.tables[seq] = [self.free.pop() for _ in range(NUM_BLOCKS // 16)]
+        self.rewrite(seq, length)
+
+    def rewrite(self, seq: int, length: int) -> None:
+        """New K/V for the whole history, as recomputing a preempted sequence writes."""
+        self.history[seq] = [
+            (self._random(length, KV_HEADS, HEAD_DIM), self._random(length, KV_HEADS, HEAD_DIM))
+            for _ in range(NUM_LAYERS)
+        ]
+        for layer, (keys, values) in enumerate(self.history[seq]):
+            slots = torch.tensor([self._slot(seq, p) for p in range(length)], dtype=torch.int64)
+            self.cache[layer][0].view(-1, KV_HEADS, HEAD_DIM)[slots] = keys
+            self.cache[layer][1].view(-1, KV_HEADS, HEAD_DIM)[slots] = values
+
+    def finish(self, seq: int) -> None:
+        self.free += self.tables.pop(seq)
+        del self.history[seq]
+
+    def _slot(self, seq: int, position: int) -> int:
+        return self.tables[seq][position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
+
+    def step(
+        self, work: list[tuple[int, int]], layers: int = NUM_LAYERS, mirror: bool = True
+    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """Runs (sequence, new tokens) items through `layers` layers; checks each output
+        row against plain attention and returns the metadata and every layer's output."""
+        context_lens = [self.history[seq][0][0].shape[0] for seq, _ in work]
+        query_lens = [count for _, count in work]
+        tables = [self.tables[seq] for seq, _ in work]
+        meta = flat_metadata(context_lens, query_lens, tables, BLOCK_SIZE)
+        meta.seq_ids = [seq for seq, _ in work]
+        meta.decode_mirror = self.mirror if mirror else None
+        outputs = []
+        for layer in range(layers):
+            query = self._random(sum(query_lens), HEADS, HEAD_DIM)
+            key, value = (self._random(sum(query_lens), KV_HEADS, HEAD_DIM) for _ in "kv")
+            out = paged_attention(query, key, value, self.cache[layer], meta, SCALE)
+            outputs.append(out)
+            start = 0
+            for (seq, count), context in zip(work, context_lens, strict=True):
+                keys, values = self.history[seq][layer]
+                keys = torch.cat([keys, key[start : start + count]])
+                values = torch.cat([values, value[start : start + count]])
+                self.history[seq][layer] = (keys, values)
+                for row in range(count):  # each query sees the history up to itself
+                    end = context + row + 1
+                    expected = _naive(query[start + row], keys[:end], values[:end])
+                    torch.testing.assert_close(out[start + row], expected, rtol=1e-5, atol=1e-5)
+                start += count
+        return meta, outputs
+
+
+def _mirrored(meta: AttentionMetadata) -> bool:
+    plan = prepare_attention(meta, BLOCK_SIZE)
+    return len(plan.decode_groups) == 1 and plan.decode_groups[0].mirror is not None
+
+
+def test_decodes_with_churn_match_plain_attention() -> None:
+    """Joins, finishes (the survivors move down), growth past capacity and slot count."""
+    world, rng = World(), random.Random(1)
+    next_seq = 0
+    mirrored_steps = 0
+    for step in range(60):
+        while len(world.history) < (4 if step < 20 else 12 if step < 40 else 3):
+            world.add(next_seq, rng.randint(20, 30))
+            next_seq += 1
+        if step % 7 == 3:  # one finishes: its slot frees up
+            world.finish(rng.choice(sorted(world.history)))
+        work = [(seq, 1) for seq in sorted(world.history, key=lambda _: rng.random())]
+        meta, _ = world.step(work)
+        mirrored_steps += _mirrored(meta)
+    assert mirrored_steps == 60
+    assert world.mirror.nbytes > 0
+
+
+def test_decodes_beside_prefill_chunks_match_plain_attention() -> None:
+    world = World()
+    for seq in range(6):
+        world.add(seq, 24 + seq)
+    world.step([(seq, 1) for seq in range(6)])
+    world.add(6, 8)  # a prompt chunk after cached context, between the decodes
+    meta, _ = world.step([(0, 1), (1, 1), (6, 5), (2, 1), (3, 1), (4, 1), (5, 1)])
+    assert _mirrored(meta)
+    meta, _ = world.step([(5, 1), (6, 1), (4, 1), (0, 1), (2, 1), (1, 1), (3, 1)])
+    assert _mirrored(meta)
+
+
+def test_a_sequence_that_misses_a_step_is_read_again_from_its_blocks() -> None:
+    """Preempted and recomputed to the same length: its blocks hold new values."""
+    world = World()
+    for seq in range(4):
+        world.add(seq, 20)
+    world.step([(seq, 1) for seq in range(4)])
+    world.step([(0, 1), (1, 1), (2, 1)])  # sequence 3 is not scheduled
+    world.rewrite(3, 21)
+    meta, _ = world.step([(seq, 1) for seq in range(4)])
+    assert _mirrored(meta)
+    world.add(4, 3)
+    world.step([(4, 4)])  # a step without decodes
+    world.rewrite(0, 23)  # the length it had
+    meta, _ = world.step([(seq, 1) for seq in range(4)])
+    assert _mirrored(meta)
+
+
+def test_a_step_that_stops_part_way_leaves_no_stale_copy() -> None:
+    """Its requests fail in the engine; here the same decodes are run again."""
+    world = World()
+    for seq in range(10):
+        world.add(seq, 20)
+    world.step([(seq, 1) for seq in range(10)])
+    survivors = [0, 1, 2, 7, 8, 9]  # 7, 8 and 9 move down to slots 3, 4 and 5...
+    world.step([(seq, 1) for seq in survivors], layers=1)  # ...in layer 0 only
+    for seq in survivors:  # the failed step's token is written again
+        keys, values = world.history[seq][0]
+        world.history[seq][0] = (keys[:-1], values[:-1])
+    meta, _ = world.step([(seq, 1) for seq in survivors])
+    assert _mirrored(meta)
+
+
+def test_steps_without_the_mirror_leave_no_stale_copy() -> None:
+    """A step that gathers (lengths far apart, or no mirror passed) writes blocks only."""
+    world = World()
+    for seq in range(5):
+        world.add(seq, 20)
+    world.step([(seq, 1) for seq in range(5)])
+    world.step([(seq, 1) for seq in range(5)], mirror=False)
+    world.add(5, 120)  # padding the others to this one would triple the work
+    meta, _ = world.step([(seq, 1) for seq in range(6)])
+    assert not _mirrored(meta)
+    world.finish(5)
+    meta, _ = world.step([(seq, 1) for seq in range(5)])
+    assert _mirrored(meta)
+
+
+@pytest.mark.parametrize("budget_tokens", [0, 40, 200])
+def test_the_mirror_stays_within_its_budget(budget_tokens: int) -> None:
+    bytes_per_token = 2 * NUM_LAYERS * KV_HEADS * HEAD_DIM * 4
+    world = World(mirror_budget=budget_tokens * bytes_per_token)
+    for seq in range(8):
+        world.add(seq, 10)
+    used = []
+    for _ in range(12):
+        meta, _ = world.step([(seq, 1) for seq in range(8)])
+        used.append(_mirrored(meta))
+        assert world.mirror.nbytes <= world.mirror.budget_bytes
+    # 8 sequences of 11-22 tokens: no room in 40 tokens, the first steps fit in 200
+    assert used == {0: [False] * 12, 40: [False] * 12, 200: [True] * 12}[budget_tokens]
