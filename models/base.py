@@ -27,7 +27,10 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S + 1] int32, cumulative query lengths (cu_seqlens)
     seq_lens: torch.Tensor  # [S] int32, context + new tokens of each sequence
     slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset of each new token
-    block_tables: torch.Tensor  # [S, max_blocks_per_seq] int32, padded with 0
+    # [S, max_blocks_per_seq] int32. Attention reads the padding entries and the slots past
+    # a sequence's end (masked), so those must hold finite values: a masked NaN still
+    # turns a row NaN. The engine pads with a block it keeps zero and zeroes new blocks.
+    block_tables: torch.Tensor
     query_lens: list[int]  # host copies, so attention never syncs to read shapes
     context_lens: list[int]
     max_query_len: int

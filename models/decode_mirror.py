@@ -49,6 +49,7 @@ class MirrorStep:
     mask: torch.Tensor  # [n, 1, 1, span] bool, True = attend
     moves: list[tuple[int, int, int]]  # (from slot, to slot, tokens) of kept sequences
     refill: Refill | None  # every token of the joining sequences
+    stale_rows: torch.Tensor | None  # past the tokens of moved and joining sequences
     token_rows: torch.Tensor  # [n * kv_heads] rows of the mirror's [-1, D] view for the new token
 
     def keys_and_values(
@@ -164,6 +165,10 @@ class DecodeMirror:
         joining = [(next(free), i) for i, seq in enumerate(seq_ids) if seq not in kept]
         for slot, i in joining:
             order[slot] = i
+        # a slot's positions past its sequence's tokens hold what its last holder left;
+        # SDPA reads them (masked) up to the span, and a masked NaN still makes a row NaN
+        stale = [(target, tokens) for _, target, tokens in moves]
+        stale += [(slot, context_lens[i] + 1) for slot, i in joining]
         slot_order = [i for i in order if i is not None]
         lens = [context_lens[i] + 1 for i in slot_order]
         self._held = {seq_ids[i]: (slot, lens[slot]) for slot, i in enumerate(slot_order)}
@@ -180,6 +185,7 @@ class DecodeMirror:
             mask=mask[:, None, None, :].to(self.device),
             moves=moves,
             refill=self._refills(joining, context_lens, tables),
+            stale_rows=self._tail_rows(stale),
             token_rows=self._rows(torch.arange(num_seqs), torch.tensor(lens) - 1),
         )
 
@@ -188,6 +194,14 @@ class DecodeMirror:
         heads = torch.arange(self.token_shape[0])
         rows = (slots[:, None] * self.token_shape[0] + heads) * self._capacity + positions[:, None]
         return rows.reshape(-1).to(self.device)
+
+    def _tail_rows(self, slot_tokens: list[tuple[int, int]]) -> torch.Tensor | None:
+        """The mirror rows of every slot's positions from `tokens` to the capacity."""
+        slots = [slot for slot, tokens in slot_tokens for _ in range(tokens, self._capacity)]
+        positions = [p for _, tokens in slot_tokens for p in range(tokens, self._capacity)]
+        if not slots:
+            return None
+        return self._rows(torch.tensor(slots), torch.tensor(positions))
 
     def _refills(
         self,
@@ -235,6 +249,8 @@ class DecodeMirror:
         for source, target, tokens in step.moves:
             mirror[target, :, :tokens].copy_(mirror[source, :, :tokens])
         rows = mirror.view(-1, mirror.shape[-1])  # [slots * kv_heads * capacity, head_dim]
+        if step.stale_rows is not None:
+            rows.index_fill_(0, step.stale_rows, 0.0)
         if step.refill is not None:
             copied = cached.view(-1, *self.token_shape).index_select(0, step.refill.cache_slots)
             rows.index_copy_(0, step.refill.mirror_rows, copied.view(-1, rows.shape[1]))

@@ -34,6 +34,7 @@ class ModelInputs:
     logit_rows: torch.Tensor | None  # [N] rows of the flat batch that sample; None: all of them
     sample_seqs: list[Sequence]  # whose token each logit row samples
     samples_per_seq: list[int]  # per scheduled sequence: 0, 1, or its group size at a fork
+    fresh_blocks: list[int]  # blocks this step starts writing at their first slot
 
 
 @dataclass
@@ -50,7 +51,11 @@ class ModelRunner:
         self.device = loaded.info.device
         self.block_size = config.block_size
         self.num_blocks = num_blocks
-        self.kv_cache = self.model.allocate_kv_cache(num_blocks, config.block_size)
+        # One block more than the block manager hands out: block tables are padded with
+        # it and nothing writes it, so the K/V that padded attention reads (masked) are
+        # zeros. Masked or not, a NaN read there would turn every output row it meets NaN.
+        self.padding_block = num_blocks
+        self.kv_cache = self.model.allocate_kv_cache(num_blocks + 1, config.block_size)
         self.decode_mirror = _decode_mirror(self.kv_cache, config, self.device)
         image_token = loaded.info.image_token_id
         self.sampler = Sampler(
@@ -67,6 +72,8 @@ class ModelRunner:
         if batch.block_copies:
             self._copy_blocks(batch.block_copies)
         inputs = self.prepare(batch)
+        if inputs.fresh_blocks:
+            self._clear_blocks(inputs.fresh_blocks)
         self.threads.apply(inputs.input_ids.shape[0])
         hidden = self.model.forward(
             inputs.input_ids,
@@ -95,6 +102,7 @@ class ModelRunner:
         logit_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         samples_per_seq: list[int] = []
+        fresh_blocks: list[int] = []
         has_forks = False
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start = seq.num_computed_tokens
@@ -102,10 +110,16 @@ class ModelRunner:
                 token_ids.append(seq.token_ids[start])
                 positions.append(start)
                 slots.append(seq.block_table[start // bs] * bs + start % bs)
+                if start % bs == 0:
+                    fresh_blocks.append(seq.block_table[start // bs])
             else:
                 token_ids += seq.token_ids[start : start + num_new]
                 positions += range(start, start + num_new)
                 slots += _slots(seq.block_table, start, start + num_new, bs)
+                first_fresh = -(-start // bs) * bs
+                fresh_blocks += [
+                    seq.block_table[p // bs] for p in range(first_fresh, start + num_new, bs)
+                ]
             context_lens.append(start)
             if start + num_new < len(seq.token_ids):
                 samples_per_seq.append(0)  # a prefill chunk that does not reach the end
@@ -130,6 +144,7 @@ class ModelRunner:
             logit_rows=None if every_row else _long_tensor(logit_rows, self.device),
             sample_seqs=sample_seqs,
             samples_per_seq=samples_per_seq,
+            fresh_blocks=fresh_blocks,
         )
 
     def _attention_metadata(
@@ -138,7 +153,8 @@ class ModelRunner:
         query_lens = batch.num_new_tokens
         seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
         width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        padding = [self.padding_block] * width
+        tables = [seq.block_table + padding[len(seq.block_table) :] for seq in batch.seqs]
         cu_seqlens = [0]
         for query_len in query_lens:
             cu_seqlens.append(cu_seqlens[-1] + query_len)
@@ -210,6 +226,14 @@ class ModelRunner:
         return encoded
 
     # ---- copy on write -----------------------------------------------------------------
+    def _clear_blocks(self, block_ids: list[int]) -> None:
+        """Zero blocks before their first token is written. Attention reads a block's slots
+        past its sequence's end (masked); what a freed block held must not be NaN there."""
+        ids = _long_tensor(block_ids, self.device)
+        for k_cache, v_cache in self.kv_cache:
+            k_cache.index_fill_(0, ids, 0.0)
+            v_cache.index_fill_(0, ids, 0.0)
+
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = _long_tensor([s for s, _ in copies], self.device)
         dst = _long_tensor([d for _, d in copies], self.device)

@@ -14,7 +14,7 @@ from tests.checkpoints import make_tiny_llama, make_tiny_llava
 from tests.engine.drive import load
 from tests.torch_threads import intra_op_threads
 
-MODEL_FIXTURES = {"llama", "llama_bf16", "llava"}
+MODEL_FIXTURES = {"llama", "llama_bf16", "poisoned_llama", "llava"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -53,6 +53,15 @@ def llama(llama_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def llama_bf16(llama_dir: Path) -> LoadedModel:
     return load_model(llama_dir, "cpu", torch.bfloat16)
+
+
+@pytest.fixture
+def poisoned_llama(llama_dir: Path) -> LoadedModel:
+    """The tiny Llama with token 5's embedding NaN: a prompt holding it computes NaN
+    keys and values, as an overflow in fp16 would."""
+    loaded = load_model(llama_dir, "cpu", torch.float32)
+    loaded.model.decoder.embed_tokens[5] = float("nan")  # type: ignore[attr-defined]
+    return loaded
 
 
 @pytest.fixture(scope="session")

@@ -66,9 +66,11 @@ class World:
         self.tables[seq] = [self.free.pop() for _ in range(NUM_BLOCKS // 16)]
         self.rewrite(seq, length)
 
-    def rewrite(self, seq: int, length: int) -> None:
+    def rewrite(
+        self, seq: int, length: int, history: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> None:
         """New K/V for the whole history, as recomputing a preempted sequence writes."""
-        self.history[seq] = [
+        self.history[seq] = history or [
             (self._random(length, KV_HEADS, HEAD_DIM), self._random(length, KV_HEADS, HEAD_DIM))
             for _ in range(NUM_LAYERS)
         ]
@@ -110,7 +112,9 @@ class World:
                 for row in range(count):  # each query sees the history up to itself
                     end = context + row + 1
                     expected = _naive(query[start + row], keys[:end], values[:end])
-                    torch.testing.assert_close(out[start + row], expected, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(
+                        out[start + row], expected, rtol=1e-5, atol=1e-5, equal_nan=True
+                    )
                 start += count
         return meta, outputs
 
@@ -195,6 +199,24 @@ def test_steps_without_the_mirror_leave_no_stale_copy() -> None:
     world.finish(5)
     meta, _ = world.step([(seq, 1) for seq in range(5)])
     assert _mirrored(meta)
+
+
+def test_what_a_slot_held_before_cannot_leak_into_its_next_holder() -> None:
+    """A sequence whose K/V turned NaN leaves; shorter ones take its slot and the slots
+    that moved. Their masked tail positions are read, and a masked NaN makes a row NaN."""
+    world = World()
+    for seq in range(6):
+        world.add(seq, 14 if seq == 5 else 10)
+    nan = float("nan")
+    world.history[5] = [(k.fill_(nan), v.fill_(nan)) for k, v in world.history[5]]
+    world.rewrite(5, 14, world.history[5])
+    meta, _ = world.step([(seq, 1) for seq in range(6)])
+    assert _mirrored(meta)
+    world.finish(5)
+    world.add(6, 8)
+    meta, outputs = world.step([(seq, 1) for seq in range(7) if seq != 5])
+    assert _mirrored(meta)
+    assert not any(out.isnan().any() for out in outputs)
 
 
 @pytest.mark.parametrize("budget_tokens", [0, 40, 200])
