@@ -152,6 +152,7 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=32, help="text workload prompt tokens")
     parser.add_argument("--output-len", type=int, default=64, help="max_tokens of every request")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="sent only below 1")
     parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true")
     parser.add_argument("--image-source", choices=["scenes", "synthetic"], default="scenes")
     parser.add_argument("--tokenizer", default=None, help="folder; exact prompt lengths")
@@ -172,6 +173,7 @@ def workload_spec(args: argparse.Namespace, name: str) -> WorkloadSpec:
         output_len=args.output_len,
         seed=args.seed,
         temperature=args.temperature,
+        top_p=args.top_p,
         ignore_eos=args.ignore_eos,
         image_source=args.image_source,
         tokenizer=args.tokenizer,

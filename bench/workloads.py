@@ -43,6 +43,7 @@ class WorkloadSpec:
     output_len: int = 64
     seed: int = 0
     temperature: float = 0.0
+    top_p: float = 1.0  # sent only below 1
     ignore_eos: bool = False
     image_source: str = "scenes"
     tokenizer: str | None = None  # folder or tokenizer.json, for exact text prompt lengths
@@ -66,6 +67,8 @@ def _sampling_fields(spec: WorkloadSpec) -> dict[str, Any]:
         "temperature": spec.temperature,
         "stream": True,
     }
+    if spec.top_p < 1.0:
+        fields["top_p"] = spec.top_p
     if spec.ignore_eos:
         fields["ignore_eos"] = True
     return fields | spec.extra_body

@@ -32,8 +32,10 @@ A seeded row draws its numbers from its own generator, so its tokens depend only
 its own logits and seed, not on its batch-mates.
 
 top_p looks for its cut among the TOP_P_CANDIDATES most likely tokens first, and
-sorts the whole row only where they hold less than top_p of the probability: a
-full sort took 54 ms for 32 rows of 50,257, the candidates 2.7 ms.
+sorts the whole row only where they hold less than top_p of the probability (2.7 ms
+for 32 rows of 50,257 against 4.9 ms for numpy's sort of the values, and 51 ms for
+torch's sort, which the CPU used to take). The cut is a probability floor, so no
+token order needs to be kept.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from itertools import repeat
 
+import numpy as np
 import torch
 
 from app.engine.argmax import argmax, max_and_argmax
@@ -318,35 +321,41 @@ def mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
 
 
 def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
-    """top_k as in `mask_top_k`, then keep the smallest most-likely set reaching top_p."""
+    """top_k as in `mask_top_k`, then keep the smallest most-likely set reaching top_p,
+    and any token exactly as likely as the least likely one in it (so that ties, which
+    sorts order arbitrarily, are all kept or all dropped)."""
     if any(k < logits.shape[1] for k in top_k):
         mask_top_k(logits, top_k)
     probs = _probs(logits)  # [R, vocab]
     p = torch.tensor(top_p, device=logits.device).unsqueeze(1)  # [R, 1]
-    candidates = min(TOP_P_CANDIDATES, logits.shape[1])
-    top_probs, order = probs.topk(candidates, dim=-1)  # [R, candidates], most likely first
-    keep = _nucleus(top_probs, p)
-    # [R]: the cut is among the candidates unless the last of them still stays
-    inside = ~keep[:, -1] if candidates < logits.shape[1] else torch.ones_like(keep[:, -1])
-    kept = torch.full_like(logits, float("-inf")).scatter_(
-        1, order, torch.where(keep, logits.gather(1, order), float("-inf"))
-    )
-    if not bool(inside.all()):  # rows whose nucleus is wider: sort all of them
-        rows = (~inside).nonzero().flatten()
-        sorted_probs, full_order = probs[rows].sort(dim=-1, descending=True)  # [W, vocab]
-        keep_sorted = _nucleus(sorted_probs, p[rows])
-        keep_rows = torch.empty_like(keep_sorted).scatter_(1, full_order, keep_sorted)
-        kept[rows] = torch.where(keep_rows, logits[rows], float("-inf"))
-    logits.copy_(kept)
+    logits.masked_fill_(probs < _nucleus_floor(probs, p), float("-inf"))
 
 
-def _nucleus(sorted_probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Which of the most likely tokens [R, n] (sorted) stay: those with less than p before
-    them; the most likely token always does."""
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, n], exclusive cumsum
-    keep = mass_before < p
-    keep[:, 0] = True
-    return keep
+def _nucleus_floor(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[R, 1]: the probability of the least likely token in each row's nucleus."""
+    candidates = min(TOP_P_CANDIDATES, probs.shape[1])
+    top = probs.topk(candidates, dim=-1).values  # [R, candidates], most likely first
+    mass_before = top.cumsum(dim=-1) - top  # exclusive
+    size = (mass_before < p).sum(dim=-1, keepdim=True).clamp_(min=1)  # the first always stays
+    floor = top.gather(1, size - 1)
+    wider = (size.squeeze(1) == candidates).nonzero().flatten().tolist()
+    if candidates < probs.shape[1] and wider:  # the nucleus goes on past the candidates
+        floor[wider] = _floor_by_sorting(probs[wider], p[wider])
+    return floor
+
+
+def _floor_by_sorting(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The nucleus floor [W, 1] of every token sorted. Ascending, token j is in the nucleus
+    when the mass above it, total - cumsum[j], is less than p: a binary search in the
+    cumulative sum. On the CPU numpy sorts (4.9 ms for 32 rows of 50,257, torch 51 ms)."""
+    if probs.device.type == "cpu":
+        ascending = torch.from_numpy(np.sort(probs.numpy(), axis=-1))
+    else:
+        ascending = probs.sort(dim=-1).values
+    running = ascending.cumsum(dim=-1)  # [W, vocab]
+    above_limit = running[:, -1:] - p  # the nucleus: running sum past this
+    first = torch.searchsorted(running, above_limit, right=True)  # [W, 1]
+    return ascending.gather(1, first.clamp_(max=ascending.shape[1] - 1))
 
 
 def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:

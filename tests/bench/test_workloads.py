@@ -36,12 +36,14 @@ def test_sampling_fields_reach_every_request() -> None:
         num_prompts=2,
         output_len=7,
         temperature=0.5,
+        top_p=0.9,
         ignore_eos=True,
         image_source="synthetic",
     )
     for request in build_requests(spec):
         assert request.api == "qa"
         assert request.fields["max_tokens"] == 7 and request.fields["temperature"] == 0.5
+        assert request.fields["top_p"] == 0.9
         assert request.fields["ignore_eos"] is True and request.fields["question"].endswith("?")
 
 

@@ -93,6 +93,20 @@ def test_top_p_over_a_large_vocabulary_matches_a_full_sort() -> None:
     assert kept(logits) == expected
 
 
+@pytest.mark.parametrize("vocab", [5, 4 * TOP_P_CANDIDATES])  # the cut among candidates, or not
+def test_top_p_keeps_every_token_as_likely_as_the_last_one_in(vocab: int) -> None:
+    """A sort orders ties arbitrarily: the nucleus keeps all of a tie or none of it."""
+    logits = torch.full((1, vocab), -30.0)  # the rest: about 1e-13 each
+    logits[0, :5] = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0])
+    # probabilities about .69, .09, .09, .09, .03, ...: the first four hold .87 >= .8, the
+    # first two .78, so the nucleus ends inside the tie of tokens 1, 2 and 3
+    mask_top_k_top_p(logits, [vocab], [0.8])
+    assert kept(logits) == [[0, 1, 2, 3]]
+    flat = torch.zeros(1, vocab)  # every token ties: all of them stay
+    mask_top_k_top_p(flat, [vocab], [0.5])
+    assert kept(flat) == [list(range(vocab))]
+
+
 def test_min_p_keeps_tokens_above_a_fraction_of_the_largest() -> None:
     logits = probs_logits([0.5, 0.2, 0.15, 0.1, 0.05])
     mask_min_p(logits, [0.25])  # threshold 0.125
