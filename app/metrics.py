@@ -62,6 +62,10 @@ NUM_REQUESTS_WAITING = Gauge("mmgpt_num_requests_waiting", "Requests in the wait
 KV_CACHE_USAGE = Gauge(
     "mmgpt_kv_cache_usage_ratio", "KV blocks held by live requests over all blocks."
 )
+DECODE_MIRROR_BYTES = Gauge(
+    "mmgpt_decode_mirror_bytes",
+    "Memory the decode mirror holds: contiguous K/V of decoding sequences (CPU only).",
+)
 
 PROMPT_TOKENS = Counter("mmgpt_prompt_tokens", "Prompt tokens of finished requests.")
 GENERATION_TOKENS = Counter("mmgpt_generation_tokens", "Generated tokens.")

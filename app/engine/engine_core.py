@@ -255,6 +255,8 @@ class _Counters:
         metrics.NUM_REQUESTS_RUNNING.set(len(running))
         metrics.NUM_REQUESTS_WAITING.set(len(core.scheduler.waiting))
         metrics.KV_CACHE_USAGE.set(core.block_manager.usage)
+        mirror = core.runner.decode_mirror
+        metrics.DECODE_MIRROR_BYTES.set(0 if mirror is None else mirror.nbytes)
 
 
 def _counter_values(core: EngineCore) -> dict[str, int]:
