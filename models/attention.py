@@ -10,7 +10,8 @@ indices, the masks) is planned once per step and kept in `attn_metadata.extra`, 
 each layer spends its time on a handful of tensor ops:
 - decodes are gathered and attended in one masked SDPA call per length group (the
   query heads that share a KV head act as that head's query rows, so GQA needs no
-  copies of K/V);
+  copies of K/V); when the engine passes a decode mirror (models/decode_mirror.py),
+  one group of similar lengths reads its contiguous copy in place instead;
 - prefill chunks run one SDPA each, causal over the new tokens; a chunk after cached
   context reads that context back through its block table.
 """
