@@ -208,7 +208,7 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def _weights(logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """exp(logit - row max) [R, vocab], in [0, 1]; 0 where logit - row max < WEIGHT_FLOOR.
+    """exp(logit - row max) [R, vocab], in [0, 1]; 0 where logit - row max <= WEIGHT_FLOOR.
 
     Below that float32 turns denormal, and on x86 denormal arithmetic is some 50 times
     slower: low temperatures spread logits far enough to make a quarter of a row

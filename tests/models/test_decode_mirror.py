@@ -10,6 +10,7 @@ match attention computed from scratch.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -86,6 +87,12 @@ class World:
     def _slot(self, seq: int, position: int) -> int:
         return self.tables[seq][position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
 
+    def decode(
+        self, seqs: Iterable[int], layers: int = NUM_LAYERS, mirror: bool = True
+    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """One step in which each of `seqs` decodes one token."""
+        return self.step([(seq, 1) for seq in seqs], layers, mirror)
+
     def step(
         self, work: list[tuple[int, int]], layers: int = NUM_LAYERS, mirror: bool = True
     ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
@@ -119,6 +126,14 @@ class World:
         return meta, outputs
 
 
+def _world(lengths: list[int], **options: int) -> World:
+    """A world whose sequences 0, 1, ... have these many tokens cached."""
+    world = World(**options)
+    for seq, length in enumerate(lengths):
+        world.add(seq, length)
+    return world
+
+
 def _mirrored(meta: AttentionMetadata) -> bool:
     plan = prepare_attention(meta, BLOCK_SIZE)
     return len(plan.decode_groups) == 1 and plan.decode_groups[0].mirror is not None
@@ -135,18 +150,15 @@ def test_decodes_with_churn_match_plain_attention() -> None:
             next_seq += 1
         if step % 7 == 3:  # one finishes: its slot frees up
             world.finish(rng.choice(sorted(world.history)))
-        work = [(seq, 1) for seq in sorted(world.history, key=lambda _: rng.random())]
-        meta, _ = world.step(work)
+        meta, _ = world.decode(sorted(world.history, key=lambda _: rng.random()))
         mirrored_steps += _mirrored(meta)
     assert mirrored_steps == 60
     assert world.mirror.nbytes > 0
 
 
 def test_decodes_beside_prefill_chunks_match_plain_attention() -> None:
-    world = World()
-    for seq in range(6):
-        world.add(seq, 24 + seq)
-    world.step([(seq, 1) for seq in range(6)])
+    world = _world([24, 25, 26, 27, 28, 29])
+    world.decode(range(6))
     world.add(6, 8)  # a prompt chunk after cached context, between the decodes
     meta, _ = world.step([(0, 1), (1, 1), (6, 5), (2, 1), (3, 1), (4, 1), (5, 1)])
     assert _mirrored(meta)
@@ -156,65 +168,56 @@ def test_decodes_beside_prefill_chunks_match_plain_attention() -> None:
 
 def test_a_sequence_that_misses_a_step_is_read_again_from_its_blocks() -> None:
     """Preempted and recomputed to the same length: its blocks hold new values."""
-    world = World()
-    for seq in range(4):
-        world.add(seq, 20)
-    world.step([(seq, 1) for seq in range(4)])
-    world.step([(0, 1), (1, 1), (2, 1)])  # sequence 3 is not scheduled
+    world = _world([20] * 4)
+    world.decode(range(4))
+    world.decode([0, 1, 2])  # sequence 3 is not scheduled
     world.rewrite(3, 21)
-    meta, _ = world.step([(seq, 1) for seq in range(4)])
+    meta, _ = world.decode(range(4))
     assert _mirrored(meta)
     world.add(4, 3)
     world.step([(4, 4)])  # a step without decodes
     world.rewrite(0, 23)  # the length it had
-    meta, _ = world.step([(seq, 1) for seq in range(4)])
+    meta, _ = world.decode(range(4))
     assert _mirrored(meta)
 
 
 def test_a_step_that_stops_part_way_leaves_no_stale_copy() -> None:
     """Its requests fail in the engine; here the same decodes are run again."""
-    world = World()
-    for seq in range(10):
-        world.add(seq, 20)
-    world.step([(seq, 1) for seq in range(10)])
+    world = _world([20] * 10)
+    world.decode(range(10))
     survivors = [0, 1, 2, 7, 8, 9]  # 7, 8 and 9 move down to slots 3, 4 and 5...
-    world.step([(seq, 1) for seq in survivors], layers=1)  # ...in layer 0 only
+    world.decode(survivors, layers=1)  # ...in layer 0 only
     for seq in survivors:  # the failed step's token is written again
         keys, values = world.history[seq][0]
         world.history[seq][0] = (keys[:-1], values[:-1])
-    meta, _ = world.step([(seq, 1) for seq in survivors])
+    meta, _ = world.decode(survivors)
     assert _mirrored(meta)
 
 
 def test_steps_without_the_mirror_leave_no_stale_copy() -> None:
     """A step that gathers (lengths far apart, or no mirror passed) writes blocks only."""
-    world = World()
-    for seq in range(5):
-        world.add(seq, 20)
-    world.step([(seq, 1) for seq in range(5)])
-    world.step([(seq, 1) for seq in range(5)], mirror=False)
+    world = _world([20] * 5)
+    world.decode(range(5))
+    world.decode(range(5), mirror=False)
     world.add(5, 120)  # padding the others to this one would triple the work
-    meta, _ = world.step([(seq, 1) for seq in range(6)])
+    meta, _ = world.decode(range(6))
     assert not _mirrored(meta)
     world.finish(5)
-    meta, _ = world.step([(seq, 1) for seq in range(5)])
+    meta, _ = world.decode(range(5))
     assert _mirrored(meta)
 
 
 def test_what_a_slot_held_before_cannot_leak_into_its_next_holder() -> None:
     """A sequence whose K/V turned NaN leaves; shorter ones take its slot and the slots
     that moved. Their masked tail positions are read, and a masked NaN makes a row NaN."""
-    world = World()
-    for seq in range(6):
-        world.add(seq, 14 if seq == 5 else 10)
-    nan = float("nan")
-    world.history[5] = [(k.fill_(nan), v.fill_(nan)) for k, v in world.history[5]]
-    world.rewrite(5, 14, world.history[5])
-    meta, _ = world.step([(seq, 1) for seq in range(6)])
+    world = _world([10] * 5 + [14])
+    nan = torch.full((14, KV_HEADS, HEAD_DIM), float("nan"))
+    world.rewrite(5, 14, [(nan, nan)] * NUM_LAYERS)
+    meta, _ = world.decode(range(6))
     assert _mirrored(meta)
     world.finish(5)
     world.add(6, 8)
-    meta, outputs = world.step([(seq, 1) for seq in range(7) if seq != 5])
+    meta, outputs = world.decode([0, 1, 2, 3, 4, 6])
     assert _mirrored(meta)
     assert not any(out.isnan().any() for out in outputs)
 
@@ -222,12 +225,10 @@ def test_what_a_slot_held_before_cannot_leak_into_its_next_holder() -> None:
 @pytest.mark.parametrize("budget_tokens", [0, 40, 200])
 def test_the_mirror_stays_within_its_budget(budget_tokens: int) -> None:
     bytes_per_token = 2 * NUM_LAYERS * KV_HEADS * HEAD_DIM * 4
-    world = World(mirror_budget=budget_tokens * bytes_per_token)
-    for seq in range(8):
-        world.add(seq, 10)
+    world = _world([10] * 8, mirror_budget=budget_tokens * bytes_per_token)
     used = []
     for _ in range(12):
-        meta, _ = world.step([(seq, 1) for seq in range(8)])
+        meta, _ = world.decode(range(8))
         used.append(_mirrored(meta))
         assert world.mirror.nbytes <= world.mirror.budget_bytes
     # 8 sequences of 11-22 tokens: no room in 40 tokens, the first steps fit in 200
