@@ -29,13 +29,11 @@ there rounds differently for each batch shape, which moves a race's winner only 
 near tie but a cumulative draw by the sum of every earlier token's rounding. (On the
 CPU a row's logits come out the same in any batch: `bench.gpu_check --device cpu`.)
 A seeded row draws its numbers from its own generator, so its tokens depend only on
-its own logits and seed, not on its batch-mates.
+its own logits and seed, not on its batch-mates (a refused draw takes its next
+number from the same generator).
 
-top_p looks for its cut among the TOP_P_CANDIDATES most likely tokens first, and
-sorts the whole row only where they hold less than top_p of the probability (2.7 ms
-for 32 rows of 50,257 against 4.9 ms for numpy's sort of the values, and 51 ms for
-torch's sort, which the CPU used to take). The cut is a probability floor, so no
-token order needs to be kept.
+Truncation (top_k, top_p, min_p) is `truncation`'s; on the CPU top_p and min_p are
+applied by accepting or refusing draws instead (`cdf_draw`), which needs no sort.
 """
 
 from __future__ import annotations
@@ -46,17 +44,14 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from itertools import repeat
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app.engine.argmax import argmax, max_and_argmax
+from app.engine.cdf_draw import draw_truncated
 from app.engine.sequence import Sequence
+from app.engine.truncation import probabilities, truncate, truncation_params
 
 POSINF_REPLACEMENT = 1e30  # +inf logits become this, so that softmax stays defined
-# top_p's first look: a trained model's nucleus at the usual top_p rarely holds more
-TOP_P_CANDIDATES = 256
-WEIGHT_FLOOR = -87.0  # exp() of less is a float32 denormal (under 1.18e-38)
 
 
 @dataclass
@@ -148,12 +143,17 @@ class Sampler:
             sub, sub_seqs = scaled, list(seqs)  # truncated in place: nothing reads it after
         else:  # logprobs are taken before truncation, from `scaled`
             sub, sub_seqs = scaled[rows], [seqs[i] for i in rows]  # [R, vocab]
-        _truncate(sub, sub_seqs)
+        top_k, top_p, min_p = truncation_params(sub_seqs, sub.shape[1])
         if self.draws_by_race:
-            probs = _probs(sub)  # [R, vocab]
+            truncate(sub, top_k, top_p, min_p)
+            probs = probabilities(sub)  # [R, vocab]
             token_ids[rows] = argmax(probs.div_(self._exponential_noise(probs, sub_seqs)))
-        else:
-            token_ids[rows] = inverse_cdf(sub, self._uniforms(sub_seqs))
+            return token_ids
+
+        def uniforms(indices: list[int]) -> torch.Tensor:
+            return self._uniforms([sub_seqs[i] for i in indices])
+
+        token_ids[rows] = draw_truncated(sub, top_k, top_p, min_p, uniforms)
         return token_ids
 
     def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -189,43 +189,6 @@ class Sampler:
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         generator: torch.Generator = seq.generator
         return generator
-
-
-def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One draw per row from softmax(logits) [R, vocab], given uniforms [R] in [0, 1);
-    `logits` become the running weights (a fresh multi-MB tensor costs its page faults).
-
-    The token is the first whose running weight passes u * total; a token of weight 0
-    (a masked one) never is, since the running sum does not grow there. The running sum
-    is float32: each token's share comes out within one rounding of the total (6e-8 of
-    it), far below what any number of draws could show.
-    """
-    running = _weights(logits, in_place=True).cumsum_(dim=-1)  # [R, vocab]
-    total = running[:, -1:]  # [R, 1], at least 1
-    below_total = torch.nextafter(total, torch.zeros_like(total))  # u * total may round up
-    scaled = uniforms.to(device=running.device, dtype=running.dtype).unsqueeze(1) * total
-    return torch.searchsorted(running, torch.minimum(scaled, below_total), right=True).squeeze(1)
-
-
-def _weights(logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """exp(logit - row max) [R, vocab], in [0, 1]; 0 where logit - row max <= WEIGHT_FLOOR.
-
-    Below that float32 turns denormal, and on x86 denormal arithmetic is some 50 times
-    slower: low temperatures spread logits far enough to make a quarter of a row
-    denormal. The tokens dropped hold under 1e-38 of their row's largest weight each.
-    """
-    row_max = logits.amax(dim=-1, keepdim=True)
-    # at most 0; `sub(out=logits)` would go through a temporary and a copy
-    shifted = logits.sub_(row_max) if in_place else logits - row_max
-    # -inf there, whose exp is an exact 0 and as fast as any other: two passes over the
-    # row where a mask, a clamp and a fill took four
-    return F.threshold(shifted, WEIGHT_FLOOR, float("-inf"), inplace=True).exp_()
-
-
-def _probs(logits: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) [R, vocab] without denormals (see `_weights`)."""
-    weights = _weights(logits)
-    return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
 def _all_plain_greedy(seqs: Seq[Sequence]) -> bool:
@@ -300,73 +263,6 @@ def _scale_by_temperature(
     if all(t == 1.0 for t in temperatures):
         return logits
     return logits / _column(temperatures, logits.device)  # [N, vocab]
-
-
-def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """top_k, then top_p, then min_p, in place, on rows that ask for them."""
-    vocab = logits.shape[1]
-    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
-    top_p = [s.params.top_p for s in seqs]
-    min_p = [s.params.min_p for s in seqs]
-    if any(p < 1.0 for p in top_p):
-        mask_top_k_top_p(logits, top_k, top_p)
-    elif any(k < vocab for k in top_k):
-        mask_top_k(logits, top_k)
-    if any(p > 0.0 for p in min_p):
-        mask_min_p(logits, min_p)
-
-
-def mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
-    """Keep, per row, every token whose logit is at least the row's k-th largest."""
-    k = torch.tensor(top_k, device=logits.device).unsqueeze(1)  # [R, 1]
-    top_values = logits.topk(max(top_k), dim=-1).values  # [R, max_k]
-    threshold = top_values.gather(1, k - 1)  # [R, 1]
-    logits.masked_fill_(logits < threshold, float("-inf"))
-
-
-def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
-    """top_k as in `mask_top_k`, then keep the smallest most-likely set reaching top_p,
-    and any token exactly as likely as the least likely one in it (so that ties, which
-    sorts order arbitrarily, are all kept or all dropped)."""
-    if any(k < logits.shape[1] for k in top_k):
-        mask_top_k(logits, top_k)
-    probs = _probs(logits)  # [R, vocab]
-    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)  # [R, 1]
-    logits.masked_fill_(probs < _nucleus_floor(probs, p), float("-inf"))
-
-
-def _nucleus_floor(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """[R, 1]: the probability of the least likely token in each row's nucleus."""
-    candidates = min(TOP_P_CANDIDATES, probs.shape[1])
-    top = probs.topk(candidates, dim=-1).values  # [R, candidates], most likely first
-    mass_before = top.cumsum(dim=-1) - top  # exclusive
-    size = (mass_before < p).sum(dim=-1, keepdim=True).clamp_(min=1)  # the first always stays
-    floor = top.gather(1, size - 1)
-    wider = (size.squeeze(1) == candidates).nonzero().flatten().tolist()
-    if candidates < probs.shape[1] and wider:  # the nucleus goes on past the candidates
-        floor[wider] = _floor_by_sorting(probs[wider], p[wider])
-    return floor
-
-
-def _floor_by_sorting(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The nucleus floor [W, 1] of every token sorted. Ascending, token j is in the nucleus
-    when the mass above it, total - cumsum[j], is less than p: a binary search in the
-    cumulative sum. On the CPU numpy sorts (4.9 ms for 32 rows of 50,257, torch 51 ms)."""
-    if probs.device.type == "cpu":
-        ascending = torch.from_numpy(np.sort(probs.numpy(), axis=-1))
-    else:
-        ascending = probs.sort(dim=-1).values
-    running = ascending.cumsum(dim=-1)  # [W, vocab]
-    above_limit = running[:, -1:] - p  # the nucleus: running sum past this
-    first = torch.searchsorted(running, above_limit, right=True)  # [W, 1]
-    return ascending.gather(1, first.clamp_(max=ascending.shape[1] - 1))
-
-
-def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
-    """Keep the tokens whose probability is at least min_p times the row's largest."""
-    probs = _probs(logits)  # [R, vocab]
-    threshold = probs.amax(dim=-1, keepdim=True) * _column(min_p, logits.device)
-    logits.masked_fill_(probs < threshold, float("-inf"))
 
 
 def _gather_logprobs(

@@ -8,16 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from app.engine.sampler import (
-    TOP_P_CANDIDATES,
-    Sampler,
-    apply_penalties,
-    inverse_cdf,
-    mask_min_p,
-    mask_top_k,
-    mask_top_k_top_p,
-)
+from app.engine.cdf_draw import inverse_cdf
+from app.engine.sampler import Sampler, apply_penalties
 from app.engine.sequence import SamplingParams, Sequence
+from app.engine.truncation import TOP_P_CANDIDATES, mask_min_p, mask_top_k, mask_top_k_top_p
 
 EOS = 0
 CPU = torch.device("cpu")

@@ -1,0 +1,123 @@
+"""A row's distribution cut down by top_k, top_p and min_p, as masks over its logits.
+
+top_k keeps the k most likely tokens and every token that ties the k-th; top_p then
+keeps the smallest set of most likely tokens whose probability (within what top_k left)
+reaches top_p, and any token exactly as likely as the least likely one in it (a sort
+orders ties arbitrarily, so ties are all kept or all dropped); min_p then keeps the
+tokens at least min_p times as likely as the most likely one.
+
+top_p looks for its cut among the TOP_P_CANDIDATES most likely tokens first, and
+sorts the whole row only where they hold less than top_p of the probability (2.7 ms
+for 32 rows of 50,257 against 4.9 ms for numpy's sort of the values, and 51 ms for
+torch's sort, which the CPU used to take). The cut is a probability floor, so no
+token order needs to be kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from app.engine.sequence import Sequence
+
+# top_p's first look: a trained model's nucleus at the usual top_p rarely holds more
+TOP_P_CANDIDATES = 256
+WEIGHT_FLOOR = -87.0  # exp() of less is a float32 denormal (under 1.18e-38)
+
+
+def exp_weights(logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """exp(logit - row max) [R, vocab], in [0, 1], each row's largest exactly 1; 0 where
+    logit - row max <= WEIGHT_FLOOR.
+
+    Below that float32 turns denormal, and on x86 denormal arithmetic is some 50 times
+    slower: low temperatures spread logits far enough to make a quarter of a row
+    denormal. The tokens dropped hold under 1e-38 of their row's largest weight each.
+    """
+    row_max = logits.amax(dim=-1, keepdim=True)
+    # at most 0; `sub(out=logits)` would go through a temporary and a copy
+    shifted = logits.sub_(row_max) if in_place else logits - row_max
+    # -inf there, whose exp is an exact 0 and as fast as any other: two passes over the
+    # row where a mask, a clamp and a fill took four
+    return F.threshold(shifted, WEIGHT_FLOOR, float("-inf"), inplace=True).exp_()
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) [R, vocab] without denormals (see `exp_weights`)."""
+    weights = exp_weights(logits)
+    return weights.div_(weights.sum(dim=-1, keepdim=True))
+
+
+def truncation_params(
+    seqs: Seq[Sequence], vocab: int
+) -> tuple[list[int], list[float], list[float]]:
+    """Each row's top_k (vocab where it keeps every token), top_p and min_p."""
+    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
+    return top_k, [s.params.top_p for s in seqs], [s.params.min_p for s in seqs]
+
+
+def truncate(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]
+) -> None:
+    """top_k, then top_p, then min_p, in place, on rows that ask for them."""
+    vocab = logits.shape[1]
+    if any(p < 1.0 for p in top_p):
+        mask_top_k_top_p(logits, top_k, top_p)
+    elif any(k < vocab for k in top_k):
+        mask_top_k(logits, top_k)
+    if any(p > 0.0 for p in min_p):
+        mask_min_p(logits, min_p)
+
+
+def mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
+    """Keep, per row, every token whose logit is at least the row's k-th largest."""
+    k = torch.tensor(top_k, device=logits.device).unsqueeze(1)  # [R, 1]
+    top_values = logits.topk(max(top_k), dim=-1).values  # [R, max_k]
+    threshold = top_values.gather(1, k - 1)  # [R, 1]
+    logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
+    """top_k as in `mask_top_k`, then keep the smallest most-likely set reaching top_p,
+    and any token exactly as likely as the least likely one in it."""
+    if any(k < logits.shape[1] for k in top_k):
+        mask_top_k(logits, top_k)
+    probs = probabilities(logits)  # [R, vocab]
+    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)  # [R, 1]
+    logits.masked_fill_(probs < nucleus_floor(probs, p), float("-inf"))
+
+
+def nucleus_floor(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[R, 1]: the probability of the least likely token in each row's nucleus."""
+    candidates = min(TOP_P_CANDIDATES, probs.shape[1])
+    top = probs.topk(candidates, dim=-1).values  # [R, candidates], most likely first
+    mass_before = top.cumsum(dim=-1) - top  # exclusive
+    size = (mass_before < p).sum(dim=-1, keepdim=True).clamp_(min=1)  # the first always stays
+    floor = top.gather(1, size - 1)
+    wider = (size.squeeze(1) == candidates).nonzero().flatten().tolist()
+    if candidates < probs.shape[1] and wider:  # the nucleus goes on past the candidates
+        floor[wider] = _floor_by_sorting(probs[wider], p[wider])
+    return floor
+
+
+def _floor_by_sorting(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The nucleus floor [W, 1] of every token sorted. Ascending, token j is in the nucleus
+    when the mass above it, total - cumsum[j], is less than p: a binary search in the
+    cumulative sum. On the CPU numpy sorts (4.9 ms for 32 rows of 50,257, torch 51 ms)."""
+    if probs.device.type == "cpu":
+        ascending = torch.from_numpy(np.sort(probs.numpy(), axis=-1))
+    else:
+        ascending = probs.sort(dim=-1).values
+    running = ascending.cumsum(dim=-1)  # [W, vocab]
+    above_limit = running[:, -1:] - p  # the nucleus: running sum past this
+    first = torch.searchsorted(running, above_limit, right=True)  # [W, 1]
+    return ascending.gather(1, first.clamp_(max=ascending.shape[1] - 1))
+
+
+def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
+    """Keep the tokens whose probability is at least min_p times the row's largest."""
+    probs = probabilities(logits)  # [R, vocab]
+    fraction = torch.tensor(min_p, dtype=torch.float32, device=logits.device).unsqueeze(1)
+    logits.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * fraction, float("-inf"))

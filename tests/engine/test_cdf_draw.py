@@ -1,0 +1,112 @@
+"""The CPU's draws with top_k, top_p and min_p against the same truncation built as masks.
+
+Draws accept or refuse a token instead of masking the row first (`cdf_draw`); what they
+draw must follow the masked distribution exactly, whether a row is accepted in a round
+or falls back to masks after MAX_ROUNDS refusals.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine import cdf_draw
+from app.engine.cdf_draw import draw_truncated
+from app.engine.truncation import TOP_P_CANDIDATES, truncate
+
+DRAWS = 20_000
+PROBS = [0.3, 0.22, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02]  # decreasing: no ties
+
+
+def uniforms_from(seed: int) -> cdf_draw.Uniforms:
+    generator = torch.Generator().manual_seed(seed)
+    return lambda rows: torch.rand(len(rows), dtype=torch.float64, generator=generator)
+
+
+def masked_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """The reference: the row masked by `truncation` and renormalised."""
+    masked = logits.clone()
+    truncate(masked, [top_k], [top_p], [min_p])
+    return masked.softmax(dim=-1)[0]
+
+
+def draw_counts(
+    logits: torch.Tensor, top_k: int, top_p: float, min_p: float, draws: int = DRAWS
+) -> torch.Tensor:
+    rows = logits.repeat(draws, 1)
+    tokens = draw_truncated(
+        rows, [top_k] * draws, [top_p] * draws, [min_p] * draws, uniforms_from(0)
+    )
+    return torch.bincount(tokens, minlength=logits.shape[1])
+
+
+@pytest.fixture(params=["accepted", "masked"])
+def rounds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Draw by accepting (the default rounds), or straight from the fallback's masks."""
+    if request.param == "masked":
+        monkeypatch.setattr(cdf_draw, "MAX_ROUNDS", 0)
+    return str(request.param)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p"),
+    [
+        (8, 0.7, 0.0),  # the nucleus: 0.3 + 0.22 + 0.18 = 0.7 reaches it
+        (8, 0.5, 0.0),  # 0.3 alone falls short: the second token is in
+        (3, 1.0, 0.0),
+        (8, 1.0, 0.4),  # at least 0.12: four tokens
+        (5, 0.8, 0.3),  # top_k 5, then the nucleus of the renormalised five, then min_p
+        (8, 0.9, 0.1),
+    ],
+)
+def test_draws_follow_the_masked_distribution(
+    rounds: str, top_k: int, top_p: float, min_p: float
+) -> None:
+    logits = torch.tensor([PROBS]).log()
+    expected = masked_probs(logits, top_k, top_p, min_p)
+    counts = draw_counts(logits, top_k, top_p, min_p)
+    assert counts[expected == 0].sum().item() == 0  # nothing outside the sets
+    assert torch.allclose(counts / DRAWS, expected, atol=0.015)
+
+
+def test_ties_with_the_last_token_kept_are_all_drawn(rounds: str) -> None:
+    # top_k 2 meets a tie of tokens 1 and 2; top_p 0.5 ends inside the tie of 3, 4 and 5
+    k_tie = torch.tensor([[4.0, 3.0, 3.0, 1.0]])
+    assert set(draw_counts(k_tie, 2, 1.0, 0.0).nonzero().flatten().tolist()) == {0, 1, 2}
+    p_tie = torch.tensor([[0.3, 0.1, 0.1, 0.15, 0.15, 0.15, 0.05]]).log()
+    drawn = set(draw_counts(p_tie, 7, 0.5, 0.0).nonzero().flatten().tolist())
+    assert drawn == {0, 3, 4, 5}
+
+
+def test_draws_over_a_large_flat_vocabulary_stay_in_the_nucleus(rounds: str) -> None:
+    """A nucleus wider than the mask path's candidates, as a random model's rows have."""
+    vocab = 8 * TOP_P_CANDIDATES
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 0.5
+    expected = masked_probs(logits, vocab, 0.5, 0.0)
+    assert (expected > 0).sum().item() > TOP_P_CANDIDATES
+    counts = draw_counts(logits, vocab, 0.5, 0.0, draws=4000)
+    assert counts[expected == 0].sum().item() == 0
+    # the share drawn from the nucleus's more likely half, as its probability says
+    upper = expected >= expected[expected > 0].median()
+    share = counts[upper].sum().item() / 4000
+    assert share == pytest.approx(expected[upper].sum().item(), abs=0.03)
+
+
+def test_rows_keep_their_own_parameters() -> None:
+    logits = torch.tensor([PROBS]).log().repeat(3 * DRAWS, 1)
+    top_k, top_p, min_p = [8, 2, 8], [0.5, 1.0, 1.0], [0.0, 0.0, 0.65]
+    tokens = draw_truncated(
+        logits, top_k * DRAWS, top_p * DRAWS, min_p * DRAWS, uniforms_from(1)
+    ).view(DRAWS, 3)
+    drawn = [set(tokens[:, row].tolist()) for row in range(3)]
+    assert drawn == [{0, 1}, {0, 1}, {0, 1}]
+    # min_p 0.65 keeps 0.3 and 0.22 (>= 0.195); top_k 2 the same pair; top_p 0.5 also
+    shares = [(tokens[:, row] == 0).double().mean().item() for row in range(3)]
+    assert shares == pytest.approx([0.3 / 0.52] * 3, abs=0.015)
+
+
+def test_a_nucleus_that_reaches_top_p_exactly_ends_there(rounds: str) -> None:
+    # powers of two, so that every weight and sum is exact: token 0 alone holds 0.5
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    assert draw_counts(logits, 4, 0.5, 0.0).nonzero().flatten().tolist() == [0]
+    assert draw_counts(logits, 4, 0.75, 0.0).nonzero().flatten().tolist() == [0, 1]
