@@ -2,10 +2,16 @@
 
     python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-small --size small   # 124M parameters
     python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-tiny --size tiny     # 3.4M parameters
+    python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-tiny-top-p --size tiny --top-p 0.9
 
 Both use GPT-2's vocabulary size (50,257) with a byte-level BPE built here from
 a fixed merge table (letters grouped into 2-, 3- and 4-letter tokens), so the
 tokenizer costs and the output-layer width match GPT-2's without a download.
+
+`--top-p` writes a sampling default into the generation config. `transformers serve`
+applies a request's top_p only when the checkpoint's generation config sets one (its
+batching manager builds its per-request processors from there), so comparisons of
+top_p sampling need such a checkpoint to be like for like.
 """
 
 from __future__ import annotations
@@ -69,8 +75,11 @@ def build_gpt2_tokenizer(vocab_size: int = GPT2_VOCAB_SIZE) -> PreTrainedTokeniz
     )
 
 
-def make_gpt2(out_dir: str | Path, size: str = "small", seed: int = 0) -> Path:
-    """GPT-2 with random weights (the model's own initialisation, seeded)."""
+def make_gpt2(
+    out_dir: str | Path, size: str = "small", seed: int = 0, top_p: float | None = None
+) -> Path:
+    """GPT-2 with random weights (the model's own initialisation, seeded); with `top_p`,
+    the generation config samples with it by default."""
     torch.manual_seed(seed)
     tokenizer = build_gpt2_tokenizer()
     eos = tokenizer.eos_token_id
@@ -84,15 +93,23 @@ def make_gpt2(out_dir: str | Path, size: str = "small", seed: int = 0) -> Path:
         bos_token_id=eos,
         eos_token_id=eos,
     )
-    return save_checkpoint(GPT2LMHeadModel(config), tokenizer, eos, out_dir)
+    sampling = {} if top_p is None else {"do_sample": True, "temperature": 1.0, "top_p": top_p}
+    return save_checkpoint(GPT2LMHeadModel(config), tokenizer, eos, out_dir, **sampling)
 
 
 def save_checkpoint(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, eos: int, out_dir: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    eos: int,
+    out_dir: str | Path,
+    **sampling: float | bool,
 ) -> Path:
-    """Writes the model (EOS as BOS, EOS and padding) and its tokenizer into out_dir."""
+    """Writes the model (EOS as BOS, EOS and padding; `sampling` defaults in its generation
+    config) and its tokenizer into out_dir."""
     model.eval()
-    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, **sampling
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -105,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--size", choices=sorted(SHAPES), default="small")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=float, help="sample with this top_p by default")
     args = parser.parse_args(argv)
-    print(make_gpt2(args.out_dir, args.size, args.seed))
+    print(make_gpt2(args.out_dir, args.size, args.seed, args.top_p))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ mkdir -p "$OUT" "$CKPT"
 for size in tiny small; do
     [ -f "$CKPT/gpt2-$size/config.json" ] || "$PY" -m bench.checkpoints "$CKPT/gpt2-$size" --size "$size"
 done
+# the same tiny weights, with top_p in the generation config (see bench/checkpoints.py)
+[ -f "$CKPT/gpt2-tiny-top-p/config.json" ] ||
+    "$PY" -m bench.checkpoints "$CKPT/gpt2-tiny-top-p" --size tiny --top-p 0.9
 [ -f "$CKPT/llava-base/config.json" ] || "$PY" -m bench.llava_checkpoint "$CKPT/llava-base"
 
 compare() {  # name, then bench.compare flags
@@ -66,6 +69,9 @@ compare tiny-c32-sampled --model "$CKPT/gpt2-tiny" --contenders mmgpt,transforme
 compare small-c32-sampled --model "$CKPT/gpt2-small" --contenders mmgpt,transformers \
     --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 \
     --ignore-eos --temperature 1.0
+compare tiny-c32-top-p --model "$CKPT/gpt2-tiny-top-p" --contenders mmgpt,transformers \
+    --workloads text --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 \
+    --ignore-eos --temperature 1.0 --top-p 0.9
 
 compare tiny-c1 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 16 \
     --max-concurrency 1 --input-len 32 --output-len 128 --ignore-eos

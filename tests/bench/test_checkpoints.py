@@ -1,8 +1,15 @@
-"""The benchmark checkpoints' tokenizer: GPT-2's layout, built without a download."""
+"""The benchmark checkpoints: GPT-2's tokenizer layout, built without a download, and
+sampling defaults in the generation config."""
 
 from __future__ import annotations
 
-from bench.checkpoints import END_OF_TEXT, build_gpt2_tokenizer
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from bench.checkpoints import END_OF_TEXT, build_gpt2_tokenizer, make_gpt2
+from models import load_model
 
 
 def test_byte_level_tokenizer_round_trips_and_ends_with_end_of_text() -> None:
@@ -13,3 +20,14 @@ def test_byte_level_tokenizer_round_trips_and_ends_with_end_of_text() -> None:
     ids = tokenizer(text).input_ids
     assert tokenizer.decode(ids) == text
     assert len(ids) < len(text.encode())  # merges apply: letters group into longer tokens
+
+
+def test_a_top_p_checkpoint_samples_with_it_by_default(tmp_path: Path) -> None:
+    """The peer applies a request's top_p only where the generation config sets one."""
+    folder = make_gpt2(tmp_path / "gpt2", size="tiny", top_p=0.9)
+    config = GenerationConfig.from_pretrained(folder)
+    assert (config.do_sample, config.temperature, config.top_p) == (True, 1.0, 0.9)
+    loaded = load_model(folder, "cpu", torch.float32)
+    assert loaded.generation_defaults["top_p"] == 0.9
+    plain = GenerationConfig.from_pretrained(make_gpt2(tmp_path / "plain", size="tiny"))
+    assert not plain.do_sample
