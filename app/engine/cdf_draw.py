@@ -13,9 +13,11 @@ sets:
 A row whose token is not in them draws again. The tokens kept follow the distribution
 truncated to both sets exactly: a draw accepted only inside a set is a draw from that
 set, in proportion to its weights. The nucleus holds at least top_p of the weight, so
-at top_p 0.9 one round in ten draws again. A row still refused after MAX_ROUNDS (a
-small top_p or a large min_p on a flat row) builds both sets as masks and draws once
-more; accepted or not, every round ends in a draw from the same truncated distribution.
+at top_p 0.9 at most one draw in ten is refused. A row still refused after MAX_ROUNDS
+(a small top_p or a large min_p on a flat row) builds both sets as masks and draws
+from them, which is a draw from the same truncated distribution.
+
+top_k zeroes the weights below each row's k-th largest before any draw (`_keep_top_k`).
 """
 
 from __future__ import annotations
