@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from app.engine.topk import topk
 from app.engine.truncation import exp_weights, nucleus_floor
 
 MAX_ROUNDS = 4
@@ -88,7 +89,7 @@ def _keep_top_k(weights: torch.Tensor, rows: list[int], top_k: list[int]) -> Non
     """
     ks = [top_k[row] for row in rows]
     cut = weights if len(rows) == weights.shape[0] else weights[rows]  # [K, vocab]
-    kth = cut.topk(max(ks), dim=-1).values.gather(1, torch.tensor(ks).unsqueeze(1) - 1)
+    kth = topk(cut, max(ks))[0].gather(1, torch.tensor(ks).unsqueeze(1) - 1)  # [K, 1]
     # threshold keeps what is strictly above: just below the k-th keeps it and its ties
     below_kth = torch.nextafter(kth, torch.zeros_like(kth)).flatten().tolist()  # [K]
     for row, floor in zip(rows, below_kth, strict=True):

@@ -49,6 +49,7 @@ import torch
 from app.engine.argmax import argmax, max_and_argmax
 from app.engine.cdf_draw import draw_truncated
 from app.engine.sequence import Sequence
+from app.engine.topk import topk
 from app.engine.truncation import probabilities, truncate, truncation_params
 
 POSINF_REPLACEMENT = 1e30  # +inf logits become this, so that softmax stays defined
@@ -282,7 +283,7 @@ def _gather_logprobs(
     rows, logprobs = logprobs_of_rows  # [R, vocab]
     chosen = logprobs.gather(1, token_ids[rows].unsqueeze(1)).squeeze(1).tolist()  # [R]
     num_top = max(seqs[i].params.logprobs or 0 for i in rows)
-    top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [R, num_top]
+    top_values, top_ids = topk(logprobs, num_top)  # [R, num_top]
     values, ids = top_values.tolist(), top_ids.tolist()
     result: list[RowLogprobs | None] = [None] * len(seqs)
     for j, i in enumerate(rows):
