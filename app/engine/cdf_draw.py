@@ -64,8 +64,8 @@ def draw_truncated(
     tokens = torch.empty(len(totals), dtype=torch.int64, device=logits.device)
     pending = list(range(len(totals)))
     for _ in range(MAX_ROUNDS):
-        rows = running if len(pending) == len(totals) else running[pending]
-        drawn = _search(rows, uniforms(pending)).tolist()
+        pending_running = running if len(pending) == len(totals) else running[pending]
+        drawn = _search(pending_running, uniforms(pending)).tolist()
         drawn_weights = weights[pending, drawn].tolist()
         refused = []
         for row, token, weight in zip(pending, drawn, drawn_weights, strict=True):
