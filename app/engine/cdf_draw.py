@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.topk import topk
-from app.engine.truncation import exp_weights, nucleus_floor
+from app.engine.truncation import column, exp_weights, nucleus_floor
 
 MAX_ROUNDS = 4
 
@@ -119,10 +119,10 @@ def _draw_masked(
     """Draws from `weights` [F, vocab] (of `rows`) with both sets built as masks."""
     device = weights.device
     probs = weights / weights.sum(dim=-1, keepdim=True)  # [F, vocab]
-    p = torch.tensor([top_p[row] for row in rows], device=device).unsqueeze(1)  # [F, 1]
+    p = column([top_p[row] for row in rows], device)  # [F, 1]
     floor = nucleus_floor(probs, p).masked_fill_(p >= 1.0, 0.0)  # top_p 1 keeps every token
     weights.masked_fill_(probs < floor, 0.0)
-    least = torch.tensor([min_p[row] for row in rows], device=device).unsqueeze(1)  # [F, 1]
+    least = column([min_p[row] for row in rows], device)  # [F, 1]
     weights.masked_fill_(weights < least, 0.0)
     return _search(weights.cumsum_(dim=-1), uniforms(rows))
 

@@ -225,7 +225,7 @@ class ModelRunner:
             self.image_cache.put(content_hash, embedding)
         return encoded
 
-    # ---- copy on write -----------------------------------------------------------------
+    # ---- block contents ----------------------------------------------------------------
     def _clear_blocks(self, block_ids: list[int]) -> None:
         """Zero blocks before their first token is written. Attention reads a block's slots
         past its sequence's end (masked); what a freed block held must not be NaN there."""

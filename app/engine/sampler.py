@@ -50,7 +50,7 @@ from app.engine.argmax import argmax, max_and_argmax
 from app.engine.cdf_draw import draw_truncated
 from app.engine.sequence import Sequence
 from app.engine.topk import topk
-from app.engine.truncation import probabilities, truncate, truncation_params
+from app.engine.truncation import column, probabilities, truncate, truncation_params
 
 POSINF_REPLACEMENT = 1e30  # +inf logits become this, so that softmax stays defined
 
@@ -244,19 +244,15 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int])
     at = (rows_at, torch.tensor(columns, device=device).view(len(seqs), width))  # [R, L]
     count = torch.tensor(counts, dtype=torch.float32, device=device).view(len(seqs), width)
     values = logits[at]  # [R, L]
-    repetition = _column([s.params.repetition_penalty for s in seqs], device)  # [R, 1]
+    repetition = column([s.params.repetition_penalty for s in seqs], device)  # [R, 1]
     values = torch.where(values > 0, values / repetition, values * repetition)
-    values -= _column([s.params.frequency_penalty for s in seqs], device) * count
-    values -= _column([s.params.presence_penalty for s in seqs], device) * (count > 0)
+    values -= column([s.params.frequency_penalty for s in seqs], device) * count
+    values -= column([s.params.presence_penalty for s in seqs], device) * (count > 0)
     # A penalty that underflows float32 (e.g. 1e-300) turns logits into +inf, and a banned
     # -inf logit into NaN (-inf * 0): keep banned tokens banned and the rest finite.
     logits[at] = torch.nan_to_num(
         values, nan=float("-inf"), posinf=POSINF_REPLACEMENT, neginf=float("-inf")
     )
-
-
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)  # [R, 1]
 
 
 def _scale_by_temperature(
@@ -265,7 +261,7 @@ def _scale_by_temperature(
     temperatures = [1.0 if g else s.params.temperature for s, g in zip(seqs, greedy, strict=True)]
     if all(t == 1.0 for t in temperatures):
         return logits
-    return logits / _column(temperatures, logits.device)  # [N, vocab]
+    return logits / column(temperatures, logits.device)  # [N, vocab]
 
 
 def _log_softmax_of_rows(

@@ -52,6 +52,11 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
+def column(values: list[float], device: torch.device) -> torch.Tensor:
+    """Per-row float parameters as a [R, 1] float32 column, to broadcast over [R, vocab]."""
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
 def truncation_params(
     seqs: Seq[Sequence], vocab: int
 ) -> tuple[list[int], list[float], list[float]]:
@@ -87,7 +92,7 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float])
     if any(k < logits.shape[1] for k in top_k):
         mask_top_k(logits, top_k)
     probs = probabilities(logits)  # [R, vocab]
-    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)  # [R, 1]
+    p = column(top_p, logits.device)  # [R, 1]
     logits.masked_fill_(probs < nucleus_floor(probs, p), float("-inf"))
 
 
@@ -121,5 +126,5 @@ def _floor_by_sorting(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
     """Keep the tokens whose probability is at least min_p times the row's largest."""
     probs = probabilities(logits)  # [R, vocab]
-    fraction = torch.tensor(min_p, dtype=torch.float32, device=logits.device).unsqueeze(1)
+    fraction = column(min_p, logits.device)  # [R, 1]
     logits.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * fraction, float("-inf"))
