@@ -18,6 +18,11 @@ at top_p 0.9 at most one draw in ten is refused. A row still refused after MAX_R
 from them, which is a draw from the same truncated distribution.
 
 top_k zeroes the weights below each row's k-th largest before any draw (`_keep_top_k`).
+
+The running sum is kept per CHUNK columns (`ChunkedCdf`): a draw finds its chunk among
+a row's ~200 chunk sums and then its token in that one chunk's running sum. A running
+sum over the whole row is a sequential pass that writes as much as it reads: 1.0 ms for
+32 rows of 50,257 on one core, against 0.4 ms for the chunk sums and the search.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from app.engine.topk import topk
 from app.engine.truncation import column, exp_weights, nucleus_floor
 
 MAX_ROUNDS = 4
+# Columns per partial sum. 256 was the fastest of 256, 512 and 1024 for 32 rows of
+# 50,257 on one core and on two (0.39 and 0.27 ms a draw of every row).
+CHUNK = 256
 
 # rows (indices into the batch) -> one uniform number in [0, 1) for each, float64
 Uniforms = Callable[[list[int]], torch.Tensor]
@@ -38,9 +47,9 @@ Uniforms = Callable[[list[int]], torch.Tensor]
 
 def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One draw per row from softmax(logits) [R, vocab], given uniforms [R] in [0, 1);
-    `logits` become the running weights (a fresh multi-MB tensor costs its page faults).
+    `logits` become the row's weights (a fresh multi-MB tensor costs its page faults).
     """
-    return _search(exp_weights(logits, in_place=True).cumsum_(dim=-1), uniforms)
+    return ChunkedCdf(exp_weights(logits, in_place=True)).draw(None, uniforms)
 
 
 def draw_truncated(
@@ -59,13 +68,13 @@ def draw_truncated(
     weights = exp_weights(logits, in_place=True)  # [R, vocab], each row's largest is 1
     if cut_by_k:
         _keep_top_k(weights, cut_by_k, top_k)
-    running = weights.cumsum(dim=-1)  # [R, vocab]
-    totals = running[:, -1].tolist()
+    cdf = ChunkedCdf(weights)
+    totals = cdf.totals()
     tokens = torch.empty(len(totals), dtype=torch.int64, device=logits.device)
     pending = list(range(len(totals)))
     for _ in range(MAX_ROUNDS):
-        pending_running = running if len(pending) == len(totals) else running[pending]
-        drawn = _search(pending_running, uniforms(pending)).tolist()
+        rows = None if len(pending) == len(totals) else pending
+        drawn = cdf.draw(rows, uniforms(pending)).tolist()
         drawn_weights = weights[pending, drawn].tolist()
         refused = []
         for row, token, weight in zip(pending, drawn, drawn_weights, strict=True):
@@ -124,17 +133,56 @@ def _draw_masked(
     weights.masked_fill_(probs < floor, 0.0)
     least = column([min_p[row] for row in rows], device)  # [F, 1]
     weights.masked_fill_(weights < least, 0.0)
-    return _search(weights.cumsum_(dim=-1), uniforms(rows))
+    return ChunkedCdf(weights).draw(None, uniforms(rows))
 
 
-def _search(running: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """The token [R] whose running weight [R, vocab] first passes u * total.
-
-    A token of weight 0 (a masked one) never is, since the running sum does not grow
-    there. The running sum is float32: each token's share comes out within one rounding
-    of the total (6e-8 of it), far below what any number of draws could show.
+class ChunkedCdf:
+    """The running sum of each row's weights [R, vocab] (each at least 0, and each row's
+    total positive), kept per CHUNK columns; `draw` finds a draw's token in it.
     """
-    total = running[:, -1:]  # [R, 1], at least 1
-    below_total = torch.nextafter(total, torch.zeros_like(total))  # u * total may round up
-    scaled = uniforms.to(device=running.device, dtype=running.dtype).unsqueeze(1) * total
-    return torch.searchsorted(running, torch.minimum(scaled, below_total), right=True).squeeze(1)
+
+    def __init__(self, weights: Tensor) -> None:
+        self.weights = weights
+        rows, vocab = weights.shape
+        whole = vocab - vocab % CHUNK
+        sums = weights[:, :whole].reshape(rows, -1, CHUNK).sum(dim=-1)  # [R, chunks]
+        if whole < vocab:
+            sums = torch.cat([sums, weights[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
+        self.running = sums.cumsum_(dim=-1)  # [R, chunks]
+
+    def totals(self) -> list[float]:
+        return self.running[:, -1].tolist()
+
+    def draw(self, rows: list[int] | None, uniforms: Tensor) -> Tensor:
+        """The token [P] of each of `rows` (None: every row) whose running weight first
+        passes u * total, for uniforms [P] in [0, 1).
+
+        A token of weight 0 (a masked one) never is, since the running sum does not grow
+        there: the chunk found holds some weight, and the search within it stops short of
+        the chunk's own total. The sums are float32: each token's share comes out within a
+        few roundings of the total (6e-8 of it each), far below what any number of draws
+        could show.
+        """
+        weights, device = self.weights, self.weights.device
+        vocab = weights.shape[1]
+        running = self.running if rows is None else self.running[rows]  # [P, chunks]
+        total = running[:, -1:]  # [P, 1]
+        scaled = uniforms.to(device=device, dtype=running.dtype).unsqueeze(1) * total
+        target = _under(total, scaled)  # [P, 1]
+        chunk = torch.searchsorted(running, target, right=True)  # [P, 1]
+        before = running.gather(1, (chunk - 1).clamp_min(0)).masked_fill_(chunk == 0, 0.0)
+        columns = chunk * CHUNK + torch.arange(CHUNK, device=device)  # [P, CHUNK]
+        if rows is None:
+            row_index = torch.arange(weights.shape[0], device=device).unsqueeze(1)  # [P, 1]
+        else:
+            row_index = torch.tensor(rows, device=device).unsqueeze(1)
+        inside = weights[row_index, columns.clamp_max(vocab - 1)]  # [P, CHUNK]
+        inside = inside.masked_fill_(columns >= vocab, 0.0).cumsum_(dim=-1)
+        # the chunk's own running sum may end a rounding short of its step in `running`
+        offset = _under(inside[:, -1:], target - before)
+        return (columns[:, :1] + torch.searchsorted(inside, offset, right=True)).squeeze(1)
+
+
+def _under(limit: Tensor, value: Tensor) -> Tensor:
+    """value [P, 1] capped just below limit [P, 1] (u * total may round up to total)."""
+    return torch.minimum(value, torch.nextafter(limit, torch.zeros_like(limit)))

@@ -2,7 +2,8 @@
 
 Draws accept or refuse a token instead of masking the row first (`cdf_draw`); what they
 draw must follow the masked distribution exactly, whether a row is accepted in a round
-or falls back to masks after MAX_ROUNDS refusals.
+or falls back to masks after MAX_ROUNDS refusals. Every test runs with the real chunk
+size and with chunks of 3 columns, so that these short rows span several chunks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from app.engine import cdf_draw
-from app.engine.cdf_draw import draw_truncated
+from app.engine.cdf_draw import ChunkedCdf, draw_truncated
 from app.engine.truncation import TOP_P_CANDIDATES, truncate
 
 DRAWS = 20_000
@@ -38,6 +39,12 @@ def draw_counts(
         rows, [top_k] * draws, [top_p] * draws, [min_p] * draws, uniforms_from(0)
     )
     return torch.bincount(tokens, minlength=logits.shape[1])
+
+
+@pytest.fixture(autouse=True, params=[cdf_draw.CHUNK, 3], ids=["chunk", "chunk3"])
+def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(cdf_draw, "CHUNK", request.param)
+    return int(request.param)
 
 
 @pytest.fixture(params=["accepted", "masked"])
@@ -110,3 +117,58 @@ def test_a_nucleus_that_reaches_top_p_exactly_ends_there(rounds: str) -> None:
     logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
     assert draw_counts(logits, 4, 0.5, 0.0).nonzero().flatten().tolist() == [0]
     assert draw_counts(logits, 4, 0.75, 0.0).nonzero().flatten().tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("vocab", [1000, 1024, 7])
+def test_chunked_search_finds_the_token_a_whole_row_running_sum_finds(
+    chunk: int, vocab: int
+) -> None:
+    """Small whole weights: every sum is exact in float32, so the chunked search must land
+    on the very token that a running sum over the whole row does, zeros and chunk edges
+    included (1,024 is a whole number of chunks; 1,000 and 7 end in a shorter one)."""
+    generator = torch.Generator().manual_seed(vocab)
+    weights = torch.randint(0, 4, (64, vocab), generator=generator).float()
+    weights[:, 0] = 0.0  # never drawn, nor any other zero
+    weights[:, -1] = 1.0  # the last column is reachable
+    weights[-1] = 0.0
+    weights[-1, -1] = 1.0  # a row whose only weight is its last column
+    uniforms = torch.rand(64, dtype=torch.float64, generator=generator)
+    uniforms[:3] = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5])
+    running = weights.cumsum(dim=-1)
+    target = (uniforms.float().unsqueeze(1) * running[:, -1:]).clamp_max(
+        torch.nextafter(running[:, -1:], torch.zeros(1))
+    )
+    expected = torch.searchsorted(running, target, right=True).squeeze(1)
+    drawn = ChunkedCdf(weights).draw(None, uniforms)
+    assert drawn.tolist() == expected.tolist()
+    assert (weights[torch.arange(64), drawn] > 0).all()
+    rows = [5, 63, 0]
+    assert ChunkedCdf(weights).draw(rows, uniforms[rows]).tolist() == expected[rows].tolist()
+
+
+@pytest.mark.parametrize("vocab", [1000, 7])
+def test_draws_that_end_exactly_on_a_chunk_edge(vocab: int) -> None:
+    """Ones in every third column up to a power-of-two total, so that u = j / total lands
+    exactly on every running sum, the ends of chunks among them."""
+    ones = 256 if vocab > 3 * 256 else 4
+    weights = torch.zeros(ones, vocab)
+    weights[:, torch.arange(ones) * (vocab // ones) + 1] = 1.0
+    uniforms = torch.arange(ones, dtype=torch.float64) / ones
+    drawn = ChunkedCdf(weights).draw(None, uniforms)
+    assert drawn.tolist() == (torch.arange(ones) * (vocab // ones) + 1).tolist()
+
+
+def test_a_chunk_sum_above_its_own_running_sum_draws_no_padding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk's sum and the running sum inside it are computed apart and may round
+    apart. Where the sum comes out above, a draw near the total must still end on the
+    row's last weighted column, not in the padding past the vocabulary."""
+    monkeypatch.setattr(cdf_draw, "CHUNK", 256)
+    vocab = 1000  # 3 whole chunks, then 232 columns padded to 256
+    weights = torch.zeros(2, vocab)
+    weights[:, [768, vocab - 1]] = 1.0
+    cdf = ChunkedCdf(weights)
+    cdf.running[:, -1] += 1e-3  # far more than rounding, for a clear margin
+    near_the_total = torch.tensor([1.0 - 2.0**-53, 0.9999], dtype=torch.float64)
+    assert cdf.draw(None, near_the_total).tolist() == [vocab - 1, vocab - 1]
