@@ -1,8 +1,9 @@
 """Offline decode throughput: the engine against transformers' generate() on a static batch.
 
 For each model and batch size B, B requests with the same prompt length are
-submitted at once and decoded greedily to exactly `--new-tokens` tokens (EOS
-ignored); tokens/s counts generated tokens over wall time, prefill included.
+submitted at once and decoded to exactly `--new-tokens` tokens (EOS ignored),
+greedily unless `--temperature` (and `--top-p`) ask for sampling; tokens/s counts
+generated tokens over wall time, prefill included.
 generate() runs the same shapes as one static batch. Both run in this
 process, one after the other, on the same threads: compare numbers only
 within one run (shared machines are noisy).
@@ -11,6 +12,7 @@ within one run (shared machines are noisy).
     python -m bench.engine_offline --models default --batch-sizes 1 8 32 64
     python -m bench.engine_offline --models /path/to/checkpoint --threads 1
     python -m bench.engine_offline --device cuda --dtype bfloat16
+    python -m bench.engine_offline --models gpt2-tiny --batch-sizes 32 --temperature 1 --top-p 0.9
 
 Model names: gpt2-small / gpt2-tiny (random GPT-2 shapes built by bench.checkpoints
 into --cache-dir), default (models/checkpoints/<the one there>), or a folder.
@@ -73,8 +75,23 @@ def prompts(loaded: LoadedModel, batch_size: int, prompt_len: int, seed: int) ->
     return [[rng.choice(allowed) for _ in range(prompt_len)] for _ in range(batch_size)]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+    def describe(self) -> str:
+        if self.temperature == 0:
+            return "greedy"
+        return f"temperature {self.temperature:g}, top_p {self.top_p:g}"
+
+
 def engine_run(
-    loaded: LoadedModel, batch: list[list[int]], new_tokens: int, block_size: int
+    loaded: LoadedModel,
+    batch: list[list[int]],
+    new_tokens: int,
+    block_size: int,
+    sampling: Sampling = Sampling(),
 ) -> tuple[float, float]:
     """Tokens/s and ms per step of one engine run over the whole batch."""
     config = EngineConfig(
@@ -86,7 +103,12 @@ def engine_run(
         * loaded.info.kv_bytes_per_token(),
     )  # fmt: skip
     core = EngineCore(config, loaded)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        ignore_eos=True,
+    )
     for i, prompt in enumerate(batch):
         core.add_request(f"r{i}", prompt, params)
     start = time.perf_counter()
@@ -98,7 +120,12 @@ def engine_run(
     return generated / elapsed, 1000 * elapsed / core.num_steps
 
 
-def generate_run(hf_model: torch.nn.Module, batch: list[list[int]], new_tokens: int) -> float:
+def generate_run(
+    hf_model: torch.nn.Module,
+    batch: list[list[int]],
+    new_tokens: int,
+    sampling: Sampling = Sampling(),
+) -> float:
     device = next(hf_model.parameters()).device
     input_ids = torch.tensor(batch, device=device)
     _synchronize(device)
@@ -109,13 +136,25 @@ def generate_run(hf_model: torch.nn.Module, batch: list[list[int]], new_tokens: 
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
-            do_sample=False,
             pad_token_id=0,
+            **_generate_sampling(sampling),
         )
     _synchronize(device)
     elapsed = time.perf_counter() - start
     assert out.shape[1] == input_ids.shape[1] + new_tokens
     return len(batch) * new_tokens / elapsed
+
+
+def _generate_sampling(sampling: Sampling) -> dict[str, Any]:
+    if sampling.temperature == 0:
+        return {"do_sample": False}
+    # top_k 0: generate() would otherwise cut to its default top 50, which the engine does not
+    return {
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": 0,
+    }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -140,9 +179,10 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
     loaded = load_model(folder, args.device, dtype)
     hf_model = None if args.skip_generate else load_hf(folder, args.device, dtype)
     warm = prompts(loaded, 2, args.prompt_len, seed=0)
-    engine_run(loaded, warm, 4, args.block_size)
+    sampling = Sampling(args.temperature, args.top_p)
+    engine_run(loaded, warm, 4, args.block_size, sampling)
     if hf_model is not None:
-        generate_run(hf_model, warm, 2)
+        generate_run(hf_model, warm, 2, sampling)
     rows = []
     for batch_size in args.batch_sizes:
         rows.append(bench_batch(name, loaded, hf_model, batch_size, args))
@@ -160,11 +200,15 @@ def bench_batch(
     """The best of `--repeats` alternating runs of each, so that a noisy moment hurts neither."""
     batch = prompts(loaded, batch_size, args.prompt_len, seed=batch_size)
     engine_best, step_best, generate_best = 0.0, float("inf"), 0.0
+    sampling = Sampling(args.temperature, args.top_p)
     for _ in range(args.repeats):
-        engine_tps, ms_per_step = engine_run(loaded, batch, args.new_tokens, args.block_size)
+        engine_tps, ms_per_step = engine_run(
+            loaded, batch, args.new_tokens, args.block_size, sampling
+        )
         engine_best, step_best = max(engine_best, engine_tps), min(step_best, ms_per_step)
         if hf_model is not None:
-            generate_best = max(generate_best, generate_run(hf_model, batch, args.new_tokens))
+            generate_tps = generate_run(hf_model, batch, args.new_tokens, sampling)
+            generate_best = max(generate_best, generate_tps)
     return Row(name, batch_size, engine_best, step_best, generate_best or None)
 
 
@@ -197,12 +241,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-generate", action="store_true", help="engine numbers only")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs; best is kept")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature above 0")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {args.dtype}, {args.device}; "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{Sampling(args.temperature, args.top_p).describe()}, "
           f"best of {args.repeats}")  # fmt: skip
     print_header()
     for name in args.models:
