@@ -1,12 +1,16 @@
-"""Random GPT-2-shaped checkpoints for the benchmarks, built offline.
+"""Random checkpoints for the benchmarks, built offline.
 
     python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-small --size small   # 124M parameters
     python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-tiny --size tiny     # 3.4M parameters
     python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-tiny-top-p --size tiny --top-p 0.9
+    python -m bench.checkpoints /tmp/mmgpt-bench/llama-1b --size llama-1b  # 1.1B, bf16, for GPUs
+    python -m bench.checkpoints /tmp/mmgpt-bench/llama-tiny --size llama-tiny  # its dry runs
 
-Both use GPT-2's vocabulary size (50,257) with a byte-level BPE built here from
+All use GPT-2's vocabulary size (50,257) with a byte-level BPE built here from
 a fixed merge table (letters grouped into 2-, 3- and 4-letter tokens), so the
 tokenizer costs and the output-layer width match GPT-2's without a download.
+`llama-1b` has Llama 3.2 1B's shape (16 layers of 2,048, 32 query and 8 key/value
+heads, an MLP of 8,192, tied embeddings) with that vocabulary, saved in bfloat16.
 
 `--top-p` writes a sampling default into the generation config. `transformers serve`
 applies a request's top_p only when the checkpoint's generation config sets one (its
@@ -28,6 +32,8 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -35,7 +41,9 @@ from transformers import (
 GPT2_VOCAB_SIZE = 50_257
 END_OF_TEXT = "<|endoftext|>"
 SPACE = "Ġ"  # how byte-level BPE spells a leading space
-SHAPES = {"small": (768, 12, 12), "tiny": (64, 4, 4)}  # (hidden size, layers, heads)
+SHAPES = {"small": (768, 12, 12), "tiny": (64, 4, 4)}  # GPT-2: (hidden size, layers, heads)
+# Llama: (hidden size, layers, query heads, key/value heads, MLP size)
+LLAMA_SHAPES = {"llama-1b": (2048, 16, 32, 8, 8192), "llama-tiny": (64, 2, 4, 2, 256)}
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -97,6 +105,35 @@ def make_gpt2(
     return save_checkpoint(GPT2LMHeadModel(config), tokenizer, eos, out_dir, **sampling)
 
 
+def make_llama(out_dir: str | Path, size: str = "llama-1b", seed: int = 0) -> Path:
+    """A Llama with random weights, built and saved in bfloat16 (half the memory and
+    time of building a billion parameters in float32)."""
+    torch.manual_seed(seed)
+    tokenizer = build_gpt2_tokenizer()
+    eos = tokenizer.eos_token_id
+    hidden, layers, heads, kv_heads, mlp = LLAMA_SHAPES[size]
+    config = LlamaConfig(
+        vocab_size=GPT2_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        dtype=torch.bfloat16,
+    )
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return save_checkpoint(model, tokenizer, eos, out_dir)
+
+
 def save_checkpoint(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
@@ -118,13 +155,16 @@ def save_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a random GPT-2-shaped checkpoint.")
+    parser = argparse.ArgumentParser(description="Write a random checkpoint for the benchmarks.")
     parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--size", choices=sorted(SHAPES) + sorted(LLAMA_SHAPES), default="small")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top-p", type=float, help="sample with this top_p by default")
+    parser.add_argument("--top-p", type=float, help="GPT-2 only: sample with this top_p by default")
     args = parser.parse_args(argv)
-    print(make_gpt2(args.out_dir, args.size, args.seed, args.top_p))
+    if args.size in LLAMA_SHAPES:
+        print(make_llama(args.out_dir, args.size, args.seed))
+    else:
+        print(make_gpt2(args.out_dir, args.size, args.seed, args.top_p))
 
 
 if __name__ == "__main__":

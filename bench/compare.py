@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from bench import ceiling
@@ -35,6 +36,7 @@ from bench.peers.contenders import (
     Contender,
     LaunchSettings,
     command_line,
+    ensure_hub_cache,
     server_env,
 )
 from bench.peers.process import ServerProcess, ServerStartError, free_port
@@ -68,15 +70,26 @@ def run_workloads(
 ) -> dict[str, BenchReport]:
     """Every requested workload this contender's API serves, in the order given."""
     reports = {}
+    model = served_model(base_url, args.model)
     for name in args.workloads:
         if name not in contender.workloads:
             continue
         spec = workload_spec(args, name)
         if not contender.accepts_ignore_eos:
             spec = dataclasses.replace(spec, ignore_eos=False)
-        load = load_config(args, base_url, None)
+        load = load_config(args, base_url, model)
         reports[name] = run_async(run_benchmark(load, spec, contender.name))
     return reports
+
+
+def served_model(base_url: str, checkpoint: str) -> str:
+    """The first model id the server lists, else the checkpoint folder it was started with:
+    `transformers serve` (5.17) lists only what is in the hub cache, yet answers requests
+    that name the folder it was pinned to."""
+    response = httpx.get(base_url + "/v1/models", timeout=30)
+    response.raise_for_status()
+    listed = response.json().get("data") or []
+    return str(listed[0]["id"]) if listed else checkpoint
 
 
 def run_contender(contender: Contender, args: argparse.Namespace) -> ContenderRun:
@@ -88,6 +101,7 @@ def run_contender(contender: Contender, args: argparse.Namespace) -> ContenderRu
     log_path = args.log_dir / f"{contender.name}.log"
     print(f"--- {contender.name}: {' '.join(argv)}  (log: {log_path})", flush=True)
     env = server_env(args.threads)
+    ensure_hub_cache()
     with ServerProcess(argv, env, base_url, contender.ready_path, log_path) as server:
         try:
             server.wait_ready(args.startup_timeout)
@@ -189,14 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"$ {command}\nthreads per contender: {args.threads}", flush=True)
     ceiling_report = run_ceiling(args) if args.ceiling else None
-    runs = [run_contender(CONTENDERS[name], args) for name in args.contenders]
+    runs: list[ContenderRun] = []
+    for name in args.contenders:
+        runs.append(run_contender(CONTENDERS[name], args))
+        if args.json is not None:  # after each contender: a run cut short keeps what finished
+            args.json.write_text(json.dumps(_report(command, args, runs, ceiling_report), indent=2))
     print(format_comparison(runs, args.workloads))
     for run in runs:
         for report in run.reports.values():
             for note in report.notes():
                 print(f"{run.name} {report.workload.name}: {note}")
-    if args.json is not None:
-        args.json.write_text(json.dumps(_report(command, args, runs, ceiling_report), indent=2))
     return 0 if all(run.reports for run in runs) else 1
 
 

@@ -20,6 +20,7 @@ import hashlib
 import random
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -149,29 +150,57 @@ def check_images(loaded: LoadedModel, max_flips: int) -> str:
 
 
 def run_checks(device: str, folder: Path) -> bool:
+    """Every check in both dtypes; a check that fails or raises is reported and the rest
+    still run, since a GPU session may have no time for a second try."""
     from tests.checkpoints import make_tiny_llama, make_tiny_llava
 
     llama_dir = make_tiny_llama(folder / "llama")
     llava_dir = make_tiny_llava(folder / "llava")
     passed = True
     for dtype, max_flips in ((torch.float32, MAX_FLIPS_FP32), (torch.bfloat16, MAX_FLIPS_BF16)):
-        llama = load_model(llama_dir, device, dtype)
-        llava = load_model(llava_dir, device, dtype)
-        checks: list[tuple[str, Callable[[], str]]] = [
-            ("64 batched greedy == alone", partial(check_batched_greedy, llama, max_flips)),
-            ("forced preemption == unconstrained", partial(check_preemption, llama, max_flips)),
-            ("seeded: batch of 32 == alone", partial(check_seeded, llama, max_flips)),
-            ("48 image requests == alone", partial(check_images, llava, max_flips)),
-        ]
-        if dtype == torch.float32:
-            checks.append(("greedy == generate()", partial(check_against_transformers, llama)))
-        for name, check in checks:
+        load = partial(_load, device=device, dtype=dtype)
+        for name, check in _checks(load, llama_dir, llava_dir, max_flips, dtype):
             try:
                 print(f"  ok    {dtype!s:15} {name}: {check()}", flush=True)
             except AssertionError as exc:
                 passed = False
                 print(f"  FAIL  {dtype!s:15} {name}: {exc}", flush=True)
+            except Exception as exc:  # a CUDA or loading error: report it, go on
+                passed = False
+                print(f"  ERROR {dtype!s:15} {name}: {type(exc).__name__}: {exc}", flush=True)
+                traceback.print_exc()
     return passed
+
+
+def _checks(
+    load: Callable[[Path], LoadedModel],
+    llama_dir: Path,
+    llava_dir: Path,
+    max_flips: int,
+    dtype: torch.dtype,
+) -> list[tuple[str, Callable[[], str]]]:
+    """(name, check) pairs; each check loads its checkpoint when it runs."""
+    llama = partial(load, llama_dir)
+    checks: list[tuple[str, Callable[[], str]]] = [
+        ("64 batched greedy == alone", lambda: check_batched_greedy(llama(), max_flips)),
+        ("forced preemption == unconstrained", lambda: check_preemption(llama(), max_flips)),
+        ("seeded: batch of 32 == alone", lambda: check_seeded(llama(), max_flips)),
+        ("48 image requests == alone", lambda: check_images(load(llava_dir), max_flips)),
+    ]
+    if dtype == torch.float32:  # in bf16 generate() and we round differently
+        checks.append(("greedy == generate()", lambda: check_against_transformers(llama())))
+    return checks
+
+
+_loaded: dict[tuple[Path, str, torch.dtype], LoadedModel] = {}
+
+
+def _load(folder: Path, device: str, dtype: torch.dtype) -> LoadedModel:
+    """Each checkpoint loaded once per device and dtype."""
+    key = (folder, device, dtype)
+    if key not in _loaded:
+        _loaded[key] = load_model(folder, device, dtype)
+    return _loaded[key]
 
 
 def main(argv: list[str] | None = None) -> None:

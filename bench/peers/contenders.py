@@ -13,6 +13,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.workloads import WORKLOADS
 
@@ -87,6 +88,14 @@ CONTENDERS = {
 def command_line(contender: Contender, settings: LaunchSettings) -> list[str]:
     extra = settings.extra_args.get(contender.name, "")
     return contender.command(settings) + shlex.split(extra)
+
+
+def ensure_hub_cache() -> None:
+    """`transformers serve` lists its models from the Hugging Face hub cache and answers
+    /v1/models with a 500 where that folder does not exist yet, as on a fresh machine."""
+    from huggingface_hub import constants
+
+    Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
 
 
 def server_env(threads: int) -> dict[str, str]:

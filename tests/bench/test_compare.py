@@ -7,9 +7,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench import compare
 from bench.compare import ContenderRun, format_comparison, parse_args, run_workloads
 from bench.compare import main as compare_main
 from bench.peers.contenders import CONTENDERS
@@ -95,6 +97,27 @@ def test_compare_runs_the_naive_peer_end_to_end(tiny_gpt2: Path, tmp_path: Path)
     summary = naive["results"]["text"]["summary"]
     assert summary["completed"] == 3 and summary["total_output_tokens"] == 12
     assert report["machine"]["cores"] >= 1 and report["threads"] == 1
+
+
+def test_the_report_keeps_each_contender_that_finished_before_a_later_one_hangs(
+    tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cut short by a time limit (say, on a lent GPU) still leaves the finished
+    contenders in the JSON report."""
+    out = tmp_path / "compare.json"
+
+    def run_or_hang(contender: Any, args: Any) -> ContenderRun:
+        if contender.name == "transformers":
+            raise KeyboardInterrupt  # as a timeout's signal would end the run
+        return ContenderRun(contender.name, [], {"text": _report(contender.name, 30, ttft=0.05)})
+
+    monkeypatch.setattr(compare, "run_contender", run_or_hang)
+    argv = ["--model", str(tiny_gpt2), "--contenders", "mmgpt,transformers", "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        compare_main(argv)
+    report = json.loads(out.read_text())
+    assert [c["name"] for c in report["contenders"]] == ["mmgpt"]
+    assert report["contenders"][0]["results"]["text"]["summary"]["completed"] == 4
 
 
 @pytest.mark.parametrize("accepts", [True, False])
