@@ -18,6 +18,8 @@ from models.errors import ModelLoadError
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 MMGPT_FILE = "mmgpt.json"
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+PROCESSOR_CONFIG_FILE = "processor_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Generation-config keys that are token ids or bookkeeping, not sampling defaults.
 NON_SAMPLING_KEYS = frozenset(
@@ -74,11 +76,26 @@ def load_image_processor(folder: Path) -> Any:
     if int(transformers.__version__.split(".")[0]) >= 5 and not is_torchvision_available():
         kwargs["backend"] = "pil"  # the default torchvision backend is not installed
     try:
-        return AutoImageProcessor.from_pretrained(str(folder), **kwargs)
+        try:
+            return AutoImageProcessor.from_pretrained(str(folder), **kwargs)
+        except ImportError:  # transformers 5.17 (and others) gate the Auto class on torchvision
+            return _named_image_processor(folder)
     except Exception as exc:  # a missing or broken preprocessor config
         raise ModelLoadError(
-            folder, f"cannot load the image processor (preprocessor_config.json) ({exc})"
+            folder, f"cannot load the image processor ({PREPROCESSOR_CONFIG_FILE}) ({exc})"
         ) from exc
+
+
+def _named_image_processor(folder: Path) -> Any:
+    """The image processor class the checkpoint names, in its PIL form where the installed
+    transformers has one (the torchvision form is what failed to import)."""
+    if (folder / PREPROCESSOR_CONFIG_FILE).is_file():
+        settings = read_json(folder / PREPROCESSOR_CONFIG_FILE)
+    else:  # the newer layout: one processor file, the image processor's settings inside
+        settings = read_json(folder / PROCESSOR_CONFIG_FILE).get("image_processor", {})
+    base = str(settings["image_processor_type"]).removesuffix("Fast")
+    processor_class = getattr(transformers, f"{base}Pil", None) or getattr(transformers, base)
+    return processor_class.from_pretrained(str(folder))
 
 
 def generation_config(folder: Path) -> dict[str, Any]:

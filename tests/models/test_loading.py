@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from models import ModelLoadError, load_model
+from models import ModelLoadError, checkpoint, load_model
 from tests.checkpoints import make_tiny_gpt2, make_tiny_llama, make_tiny_llava, write_mmgpt_json
 from tests.models.paged import PagedSession, relative_error
 
@@ -299,3 +299,33 @@ def test_invalid_config_json(llama_dir: Path, broken: Callable[[Path], Path]) ->
     folder = broken(llama_dir)
     (folder / "config.json").write_text("{ not json")
     _expect_error(folder, "config.json", "invalid JSON")
+
+
+@pytest.mark.parametrize("layout", ["processor_config", "preprocessor_config"])
+def test_an_image_processor_gated_on_torchvision_falls_back_to_the_class_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """Some transformers versions gate AutoImageProcessor itself on torchvision; the
+    class the checkpoint names must then preprocess exactly as the Auto class would."""
+    folder = make_tiny_llava(tmp_path / "llava")
+    if layout == "preprocessor_config":  # the older layout, as the shipped model has
+        settings = json.loads((folder / "processor_config.json").read_text())["image_processor"]
+        (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+        (folder / "processor_config.json").unlink()
+    expected = checkpoint.load_image_processor(folder)
+
+    class Gated:
+        @staticmethod
+        def from_pretrained(*args: object, **kwargs: object) -> None:
+            raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(checkpoint, "AutoImageProcessor", Gated)
+    fallback = checkpoint.load_image_processor(folder)
+    image = Image.fromarray(
+        torch.randint(0, 256, (40, 56, 3), generator=torch.Generator().manual_seed(0))
+        .to(torch.uint8)
+        .numpy()
+    )
+    pixels = fallback(image, return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pixels, expected(image, return_tensors="pt").pixel_values)
