@@ -261,7 +261,8 @@ def _scale_by_temperature(
     temperatures = [1.0 if g else s.params.temperature for s, g in zip(seqs, greedy, strict=True)]
     if all(t == 1.0 for t in temperatures):
         return logits
-    return logits / column(temperatures, logits.device)  # [N, vocab]
+    # in place: a fresh [N, vocab] tensor costs its page faults (0.5 ms for 32 rows)
+    return logits.div_(column(temperatures, logits.device))  # [N, vocab]
 
 
 def _log_softmax_of_rows(
