@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from bench import ceiling
@@ -70,26 +69,16 @@ def run_workloads(
 ) -> dict[str, BenchReport]:
     """Every requested workload this contender's API serves, in the order given."""
     reports = {}
-    model = served_model(base_url, args.model)
     for name in args.workloads:
         if name not in contender.workloads:
             continue
         spec = workload_spec(args, name)
         if not contender.accepts_ignore_eos:
             spec = dataclasses.replace(spec, ignore_eos=False)
-        load = load_config(args, base_url, model)
+        # the checkpoint folder, for a server that lists no model for it
+        load = dataclasses.replace(load_config(args, base_url, None), unlisted_model=args.model)
         reports[name] = run_async(run_benchmark(load, spec, contender.name))
     return reports
-
-
-def served_model(base_url: str, checkpoint: str) -> str:
-    """The first model id the server lists, else the checkpoint folder it was started with:
-    `transformers serve` (5.17) lists only what is in the hub cache, yet answers requests
-    that name the folder it was pinned to."""
-    response = httpx.get(base_url + "/v1/models", timeout=30)
-    response.raise_for_status()
-    listed = response.json().get("data") or []
-    return str(listed[0]["id"]) if listed else checkpoint
 
 
 def run_contender(contender: Contender, args: argparse.Namespace) -> ContenderRun:
@@ -101,7 +90,6 @@ def run_contender(contender: Contender, args: argparse.Namespace) -> ContenderRu
     log_path = args.log_dir / f"{contender.name}.log"
     print(f"--- {contender.name}: {' '.join(argv)}  (log: {log_path})", flush=True)
     env = server_env(args.threads)
-    ensure_hub_cache()
     with ServerProcess(argv, env, base_url, contender.ready_path, log_path) as server:
         try:
             server.wait_ready(args.startup_timeout)
@@ -203,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"$ {command}\nthreads per contender: {args.threads}", flush=True)
     ceiling_report = run_ceiling(args) if args.ceiling else None
+    ensure_hub_cache()
     runs: list[ContenderRun] = []
     for name in args.contenders:
         runs.append(run_contender(CONTENDERS[name], args))

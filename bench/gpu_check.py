@@ -22,7 +22,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,7 @@ def run_checks(device: str, folder: Path) -> bool:
     llava_dir = make_tiny_llava(folder / "llava")
     passed = True
     for dtype, max_flips in ((torch.float32, MAX_FLIPS_FP32), (torch.bfloat16, MAX_FLIPS_BF16)):
-        load = partial(_load, device=device, dtype=dtype)
+        load = cache(partial(load_model, device=device, dtype=dtype))  # once per checkpoint
         for name, check in _checks(load, llama_dir, llava_dir, max_flips, dtype):
             try:
                 print(f"  ok    {dtype!s:15} {name}: {check()}", flush=True)
@@ -190,17 +190,6 @@ def _checks(
     if dtype == torch.float32:  # in bf16 generate() and we round differently
         checks.append(("greedy == generate()", lambda: check_against_transformers(llama())))
     return checks
-
-
-_loaded: dict[tuple[Path, str, torch.dtype], LoadedModel] = {}
-
-
-def _load(folder: Path, device: str, dtype: torch.dtype) -> LoadedModel:
-    """Each checkpoint loaded once per device and dtype."""
-    key = (folder, device, dtype)
-    if key not in _loaded:
-        _loaded[key] = load_model(folder, device, dtype)
-    return _loaded[key]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,7 @@ WARMUP_SEED_OFFSET = 1_000_003
 class LoadConfig:
     base_url: str
     model: str | None = None  # None: the first id GET /v1/models lists
+    unlisted_model: str | None = None  # sent where the server lists none (see discover_model)
     request_rate: float = float("inf")
     max_concurrency: int | None = None
     num_warmups: int = 0
@@ -88,10 +89,18 @@ def _request_row(result: RequestResult) -> dict[str, Any]:
     }
 
 
-async def discover_model(client: aiohttp.ClientSession, base_url: str) -> str:
+async def discover_model(
+    client: aiohttp.ClientSession, base_url: str, unlisted: str | None = None
+) -> str:
+    """The first model id the server lists, else `unlisted`: `transformers serve` (5.17)
+    lists only what is in the hub cache, yet answers requests that name the folder it
+    was pinned to."""
     async with client.get(base_url.rstrip("/") + "/v1/models") as response:
         response.raise_for_status()
-        return str((await response.json())["data"][0]["id"])
+        listed = (await response.json())["data"]
+    if listed or unlisted is None:
+        return str(listed[0]["id"])
+    return unlisted
 
 
 async def arrivals(count: int, rate: float, rng: random.Random) -> AsyncIterator[int]:
@@ -135,7 +144,7 @@ def warmup_requests(workload: WorkloadSpec, count: int) -> list[BenchRequest]:
 async def run_benchmark(load: LoadConfig, workload: WorkloadSpec, label: str = "") -> BenchReport:
     requests = build_requests(workload)
     async with _client(load, len(requests)) as client:
-        model = load.model or await discover_model(client, load.base_url)
+        model = load.model or await discover_model(client, load.base_url, load.unlisted_model)
         for request in warmup_requests(workload, load.num_warmups):
             await send_request(client, load.base_url, model, request)
         results, duration = await run_load(client, load, model, requests)

@@ -261,7 +261,8 @@ def _scale_by_temperature(
     temperatures = [1.0 if g else s.params.temperature for s, g in zip(seqs, greedy, strict=True)]
     if all(t == 1.0 for t in temperatures):
         return logits
-    # in place: a fresh [N, vocab] tensor costs its page faults (0.5 ms for 32 rows)
+    # in place: a fresh [N, vocab] tensor is 6.4 MB at 32 rows, and page faults where the
+    # allocator hands it back every step (BENCHMARKS.md, "Temperature applied in place")
     return logits.div_(column(temperatures, logits.device))  # [N, vocab]
 
 

@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 
 class ScriptedServer:
-    def __init__(self, fail_with: int | None = None) -> None:
+    def __init__(self, fail_with: int | None = None, listed: tuple[str, ...] = ("scripted",)):
         self.fail_with = fail_with
+        self.listed = listed  # the ids GET /v1/models lists
         self.bodies: list[dict[str, Any]] = []
         self.forms: list[dict[str, Any]] = []
         self.in_flight = 0
@@ -68,5 +69,6 @@ class ScriptedServer:
         app.add_api_route("/v1/chat/completions", self._json_route(chat=True), methods=["POST"])
         app.add_api_route("/v1/caption", self._form_route, methods=["POST"])
         app.add_api_route("/v1/qa", self._form_route, methods=["POST"])
-        app.add_api_route("/v1/models", lambda: {"data": [{"id": "scripted"}]}, methods=["GET"])
+        models = {"data": [{"id": name} for name in self.listed]}
+        app.add_api_route("/v1/models", lambda: models, methods=["GET"])
         return app

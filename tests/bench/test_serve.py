@@ -37,6 +37,17 @@ def test_text_counts_tokens_from_usage_and_caps_concurrency() -> None:
     assert isinstance(body["prompt"], str) and len(body["prompt"].split()) == 32
 
 
+def test_a_server_that_lists_no_model_is_sent_the_unlisted_one() -> None:
+    """As `transformers serve` pinned to a local folder: it lists nothing, yet answers."""
+    scripted = ScriptedServer(listed=())
+    spec = WorkloadSpec("text", num_prompts=2, output_len=3)
+    with ThreadServer(scripted.app) as server:
+        load = LoadConfig(base_url=server.base_url, unlisted_model="/ckpt/folder")
+        report = asyncio.run(run_benchmark(load, spec))
+    assert report.model == "/ckpt/folder" and report.summary.completed == 2
+    assert {body["model"] for body in scripted.bodies} == {"/ckpt/folder"}
+
+
 def test_chat_image_sends_a_data_url_png() -> None:
     scripted = ScriptedServer()
     spec = WorkloadSpec("chat-image", num_prompts=2, output_len=3, image_source="synthetic")

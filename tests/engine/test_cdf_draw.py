@@ -158,16 +158,13 @@ def test_draws_that_end_exactly_on_a_chunk_edge(vocab: int) -> None:
     assert drawn.tolist() == (torch.arange(ones) * (vocab // ones) + 1).tolist()
 
 
-def test_a_chunk_sum_above_its_own_running_sum_draws_no_padding(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_chunk_sum_above_its_own_running_sum_draws_no_padding(chunk: int) -> None:
     """A chunk's sum and the running sum inside it are computed apart and may round
     apart. Where the sum comes out above, a draw near the total must still end on the
     row's last weighted column, not in the padding past the vocabulary."""
-    monkeypatch.setattr(cdf_draw, "CHUNK", 256)
-    vocab = 1000  # 3 whole chunks, then 232 columns padded to 256
+    vocab = 3 * chunk + chunk // 2 + 1  # 3 whole chunks, then a shorter one, padded
     weights = torch.zeros(2, vocab)
-    weights[:, [768, vocab - 1]] = 1.0
+    weights[:, [3 * chunk, vocab - 1]] = 1.0
     cdf = ChunkedCdf(weights)
     cdf.running[:, -1] += 1e-3  # far more than rounding, for a clear margin
     near_the_total = torch.tensor([1.0 - 2.0**-53, 0.9999], dtype=torch.float64)
