@@ -15,6 +15,20 @@ if TYPE_CHECKING:
     from models.decode_mirror import DecodeMirror
 
 
+def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots (block * block_size + offset) of positions [start, end) of a
+    sequence whose blocks are `block_table`, one block-long run at a time."""
+    slots: list[int] = []
+    position = start
+    while position < end:
+        offset = position % block_size
+        run = min(block_size - offset, end - position)
+        base = block_table[position // block_size] * block_size + offset
+        slots += range(base, base + run)
+        position += run
+    return slots
+
+
 @dataclass
 class AttentionMetadata:
     """Where each token of one flat batch sits in the paged KV cache.

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.base import cache_slots
+
 MIN_SLOTS = 8
 # Below this many K/V bytes per layer the gather is cheap and the mirror's bookkeeping
 # costs more than it saves. Offline on the 2-core host: GPT-2 small at 32 sequences of
@@ -212,21 +214,18 @@ class DecodeMirror:
         """Where every token of the joining sequences sits in the cache and goes in the mirror."""
         if not joining:
             return None
-        cache_slots: list[int] = []
+        slots: list[int] = []
         mirror_slots: list[int] = []
         positions: list[int] = []
         block_tables, table_rows = tables
         for slot, i in joining:
             num_tokens = context_lens[i] + 1
             blocks = block_tables[table_rows[i], : -(-num_tokens // self.block_size)].tolist()
-            cache_slots += [
-                blocks[p // self.block_size] * self.block_size + p % self.block_size
-                for p in range(num_tokens)
-            ]
+            slots += cache_slots(blocks, 0, num_tokens, self.block_size)
             mirror_slots += [slot] * num_tokens
             positions += range(num_tokens)
         return Refill(
-            cache_slots=torch.tensor(cache_slots, device=self.device),
+            cache_slots=torch.tensor(slots, device=self.device),
             mirror_rows=self._rows(torch.tensor(mirror_slots), torch.tensor(positions)),
         )
 

@@ -21,7 +21,7 @@ from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, Sequence
 from app.engine.step_threads import StepThreads
 from models.attention import KVCache
-from models.base import AttentionMetadata, LoadedModel
+from models.base import AttentionMetadata, LoadedModel, cache_slots
 from models.decode_mirror import DecodeMirror
 
 
@@ -115,7 +115,7 @@ class ModelRunner:
             else:
                 token_ids += seq.token_ids[start : start + num_new]
                 positions += range(start, start + num_new)
-                slots += _slots(seq.block_table, start, start + num_new, bs)
+                slots += cache_slots(seq.block_table, start, start + num_new, bs)
                 first_fresh = -(-start // bs) * bs
                 fresh_blocks += [
                     seq.block_table[p // bs] for p in range(first_fresh, start + num_new, bs)
@@ -240,19 +240,6 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_cache:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
-
-
-def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Cache slots of positions [start, end), one block-long run at a time."""
-    slots: list[int] = []
-    position = start
-    while position < end:
-        offset = position % block_size
-        run = min(block_size - offset, end - position)
-        base = block_table[position // block_size] * block_size + offset
-        slots += range(base, base + run)
-        position += run
-    return slots
 
 
 def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ from models.attention import (
     paged_attention,
     prepare_attention,
 )
-from models.base import AttentionMetadata
+from models.base import AttentionMetadata, cache_slots
 from tests.models.paged import flat_metadata
 
 BLOCK_SIZE = 4
@@ -24,6 +24,16 @@ def _metadata(
     context_lens: list[int], query_lens: list[int], tables: list[list[int]]
 ) -> AttentionMetadata:
     return flat_metadata(context_lens, query_lens, tables, BLOCK_SIZE)
+
+
+def test_cache_slots_are_each_positions_block_and_offset() -> None:
+    table = [7, 2, 9]  # blocks out of order, as a real table's are
+    for start in range(len(table) * BLOCK_SIZE):
+        for end in range(start, len(table) * BLOCK_SIZE + 1):
+            expected = [
+                table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)
+            ]
+            assert cache_slots(table, start, end, BLOCK_SIZE) == expected
 
 
 def _naive(
