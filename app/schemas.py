@@ -29,6 +29,9 @@ MAX_STOP_STRINGS = 64
 MAX_PROMPTS = 128
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: an impossible token's logprob is reported as this
+MAX_LOGIT_BIAS = 1024  # biased tokens per request
+MAX_BIAS = 100.0  # OpenAI's range: -100 all but bans a token, +100 all but forces it
+MAX_TOKEN_ID_DIGITS = 10  # token ids are int32
 
 
 def _json_logprob(value: float) -> float:
@@ -105,6 +108,31 @@ class SamplingFields(BaseModel):
     )
 
 
+def _check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
+    """Keys are token ids in canonical decimal form ("7", not "07"), biases in [-100, 100]."""
+    if not bias:
+        return bias
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+    for key, value in bias.items():
+        canonical = key.isascii() and key.isdigit() and (key == "0" or key[0] != "0")
+        if not canonical or len(key) > MAX_TOKEN_ID_DIGITS:
+            raise ValueError(f"keys must be token ids written as decimal integers, not {key!r}")
+        if not -MAX_BIAS <= value <= MAX_BIAS:  # NaN fails too
+            raise ValueError(f"biases must lie in [-100, 100], not {value}")
+    return bias
+
+
+LogitBias = Annotated[
+    dict[str, float] | None,
+    AfterValidator(_check_logit_bias),
+    Field(
+        description="Token id (as a string) -> bias in [-100, 100], added to that token's "
+        "logit before sampling."
+    ),
+]
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT_JSON
 
@@ -153,15 +181,11 @@ class CompletionRequest(SamplingFields):
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
     suffix: str | None = Field(default=None, description="Not supported (must be empty).")
     best_of: JSONInt | None = Field(default=None, description="Not supported beyond n.")
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description="Not supported (must be empty)."
-    )
+    logit_bias: LogitBias = None
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
-        _refuse_unsupported(
-            {"suffix": self.suffix, "logit_bias": self.logit_bias}, ("suffix", "logit_bias")
-        )
+        _refuse_unsupported({"suffix": self.suffix}, ("suffix",))
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
         if isinstance(self.prompt, list) and not 0 < len(self.prompt) <= MAX_PROMPTS:
@@ -272,9 +296,7 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description="Not supported (must be empty)."
-    )
+    logit_bias: LogitBias = None
     tools: list[dict[str, Any]] | None = Field(
         default=None, description="Not supported (must be empty)."
     )
@@ -284,9 +306,7 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        _refuse_unsupported(
-            {"logit_bias": self.logit_bias, "tools": self.tools}, ("logit_bias", "tools")
-        )
+        _refuse_unsupported({"tools": self.tools}, ("tools",))
         if self.response_format and self.response_format.get("type") != "text":
             raise ValueError("response_format other than text is not supported")
         if len(self.stop_list) > MAX_STOP_STRINGS:

@@ -58,7 +58,13 @@ async def create_chat_completion(
     builder = runtime.prompts
     num_chars = sum(len(str(message["content"])) for message in messages)
     prompt_ids = await builder.run(num_chars, builder.chat, messages, len(images))
-    base = sampling_params(body, runtime, stop=body.stop_list, logprobs=body.logprobs_count)
+    base = sampling_params(
+        body,
+        runtime,
+        stop=body.stop_list,
+        logprobs=body.logprobs_count,
+        logit_bias=body.logit_bias,
+    )
     max_len = runtime.max_model_len
     requested = body.requested_max_tokens
     params = fit_to_context(base, requested, len(prompt_ids), max_len, "max_tokens")

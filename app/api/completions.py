@@ -65,7 +65,9 @@ async def complete(
     prompts = body.prompts()
     builder = runtime.prompts
     prompt_ids = [await builder.run(len(prompt), builder.completion, prompt) for prompt in prompts]
-    base = sampling_params(body, runtime, stop=body.stop_list, logprobs=body.logprobs)
+    base = sampling_params(
+        body, runtime, stop=body.stop_list, logprobs=body.logprobs, logit_bias=body.logit_bias
+    )
     requested = body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
     max_len = runtime.max_model_len
     params = [

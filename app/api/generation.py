@@ -68,6 +68,7 @@ def sampling_params(
     *,
     stop: list[str],
     logprobs: int | None,
+    logit_bias: dict[str, float] | None = None,
 ) -> SamplingParams:
     """The request's sampling fields; unset ones from the checkpoint's generation_config."""
     if logprobs is not None and logprobs > runtime.settings.max_logprobs:
@@ -87,7 +88,17 @@ def sampling_params(
         ignore_eos=fields.ignore_eos,
         seed=fields.seed,
         logprobs=logprobs,
+        logit_bias=_token_bias(logit_bias or {}, runtime.info.vocab_size),
     )
+
+
+def _token_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """The schema-checked logit_bias by token id; zero biases, which change nothing, dropped
+    (so that a greedy request keeps the sampler's fast path)."""
+    by_id = {int(key): value for key, value in bias.items()}
+    if any(token >= vocab_size for token in by_id):
+        raise bad_request(f"logit_bias token ids must lie in [0, {vocab_size}).", "logit_bias")
+    return {token: value for token, value in by_id.items() if value != 0.0}
 
 
 def _generation_defaults(config: dict[str, Any]) -> dict[str, Any]:

@@ -4,14 +4,17 @@ The order of processing, per row:
 1. repetition penalty (over prompt and output tokens: positive logits divided,
    negative ones multiplied), then frequency and presence penalties (over
    output tokens: `logit -= frequency * count + presence * (count > 0)`);
-2. while fewer than `min_tokens` are generated, EOS and stop token ids are masked;
-3. greedy rows (temperature below GREEDY_TEMPERATURE) take the argmax here;
-4. the others divide by their temperature, then keep the top_k tokens (every
+2. the row's logit_bias is added to its tokens' logits (OpenAI's -100..100: a
+   bias of -100 all but bans a token, +100 all but forces it);
+3. while fewer than `min_tokens` are generated, EOS and stop token ids are masked
+   (after the bias, so that no bias ends a completion early);
+4. greedy rows (temperature below GREEDY_TEMPERATURE) take the argmax here;
+5. the others divide by their temperature, then keep the top_k tokens (every
    token whose logit ties the k-th largest stays), then the smallest set of
    most likely tokens whose probability reaches top_p, then the tokens whose
    probability is at least min_p times the largest, and draw one token.
 
-Logprobs are the log-softmax of the logits after steps 1-2 and the temperature
+Logprobs are the log-softmax of the logits after steps 1-3 and the temperature
 (temperature 1 for greedy rows), before top_k / top_p / min_p truncation, so
 every alternative has a finite value. This is vLLM's "processed logprobs"
 minus the truncation.
@@ -124,6 +127,9 @@ class Sampler:
         penalised = [i for i, seq in enumerate(seqs) if seq.has_penalties]
         if penalised:
             apply_penalties(logits, [seqs[i] for i in penalised], penalised)
+        biased = [i for i, seq in enumerate(seqs) if seq.params.logit_bias]
+        if biased:
+            apply_logit_bias(logits, [seqs[i] for i in biased], biased)
         below_min = [
             i for i, seq in enumerate(seqs) if seq.num_output_tokens < seq.params.min_tokens
         ]
@@ -252,6 +258,22 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: list[int])
     # -inf logit into NaN (-inf * 0): keep banned tokens banned and the rest finite.
     logits[at] = torch.nan_to_num(
         values, nan=float("-inf"), posinf=POSINF_REPLACEMENT, neginf=float("-inf")
+    )
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """Each sequence's logit_bias added, in place, to its tokens' logits in `logits[rows]`."""
+    entries = [
+        (row, token, bias)
+        for row, seq in zip(rows, seqs, strict=True)
+        for token, bias in seq.params.logit_bias.items()
+    ]
+    device = logits.device
+    at_rows, at_tokens, biases = zip(*entries, strict=True)
+    logits.index_put_(
+        (torch.tensor(at_rows, device=device), torch.tensor(at_tokens, device=device)),
+        torch.tensor(biases, dtype=logits.dtype, device=device),
+        accumulate=True,
     )
 
 

@@ -26,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # top alternatives per sampled token; None: no logprobs
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     skip_special_tokens: bool = True
 
 
@@ -150,6 +151,7 @@ class Sequence:
         self.is_plain_greedy = (
             self.is_greedy
             and not self.has_penalties
+            and not params.logit_bias
             and params.logprobs is None
             and params.min_tokens == 0
         )

@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.schemas import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest
+from app.schemas import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRINGS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 
 
 def test_prompt_shapes() -> None:
@@ -23,7 +28,15 @@ def test_prompt_shapes() -> None:
     [
         {"prompt": []},
         {"prompt": "x", "suffix": "tail"},
-        {"prompt": "x", "logit_bias": {"5": 10}},
+        {"prompt": "x", "logit_bias": {"five": 10}},
+        {"prompt": "x", "logit_bias": {"05": 10}},
+        {"prompt": "x", "logit_bias": {"-5": 10}},
+        {"prompt": "x", "logit_bias": {"٣": 10}},  # a decimal digit, but not ASCII
+        {"prompt": "x", "logit_bias": {"1" * 11: 10}},
+        {"prompt": "x", "logit_bias": {"5": 100.5}},
+        {"prompt": "x", "logit_bias": {"5": float("nan")}},
+        {"prompt": "x", "logit_bias": {"5": "10"}},
+        {"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}},
         {"prompt": "x", "best_of": 3},
         {"prompt": "x", "echo": True, "logprobs": 2},
         {"prompt": "x", "stop": ["s"] * (MAX_STOP_STRINGS + 1)},
@@ -37,6 +50,16 @@ def test_prompt_shapes() -> None:
 def test_completion_requests_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate(fields)
+
+
+def test_logit_bias_takes_token_ids_and_biases_in_range() -> None:
+    bias = {"0": -100, "5": 2.5, str(MAX_LOGIT_BIAS * 99): 100}
+    assert CompletionRequest.model_validate({"prompt": "x", "logit_bias": bias}).logit_bias == bias
+    chat = {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"7": -1}}
+    assert ChatCompletionRequest.model_validate(chat).logit_bias == {"7": -1}
+    chat["logit_bias"] = {"7": 101}
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(chat)
 
 
 def test_unknown_fields_are_ignored() -> None:

@@ -53,6 +53,9 @@ def _chat_with_image(url: str) -> dict[str, Any]:
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "logprobs": 999}, "logprobs"),
         ({"prompt": "x", "seed": 2**70}, "seed"),
+        ({"prompt": "x", "logit_bias": {"token": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"999999999": 1}}, "logit_bias"),  # past the vocabulary
         ({"prompt": 42}, None),
         ({}, "prompt"),
     ],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 from openai import OpenAI
+from transformers import AutoTokenizer
 
 from tests.api.images import data_url, scene_png
 from tests.e2e.conftest import metric, metrics_text, stream_post
@@ -107,6 +109,24 @@ def test_prompt_lists_token_ids_echo_and_logprobs(http: httpx.Client, model_id: 
     assert len(scored["tokens"]) == len(scored["token_logprobs"]) == 5
     assert all(len(top) >= 1 for top in scored["top_logprobs"])
     assert all(logprob <= 0 for logprob in scored["token_logprobs"])
+
+
+def test_logit_bias_steers_completions_and_chat(
+    openai_client: OpenAI, model_id: str, tiny_llava_dir: Path
+) -> None:
+    forced = 40  # any ordinary token of the tiny model's vocabulary
+    text = AutoTokenizer.from_pretrained(tiny_llava_dir).decode([forced] * 4)
+    bias = {str(forced): 100}
+    completion = openai_client.completions.create(
+        model=model_id, prompt="a red circle", logit_bias=bias, extra_body=FIXED_LENGTH,
+        temperature=1.0, max_tokens=4,
+    )  # fmt: skip
+    assert completion.choices[0].text == text
+    chat = openai_client.chat.completions.create(
+        model=model_id, messages=_image_chat("what is it?"), logit_bias=bias,
+        extra_body=FIXED_LENGTH, temperature=0, max_tokens=4,
+    )  # fmt: skip
+    assert chat.choices[0].message.content == text
 
 
 def test_legacy_engines_route(http: httpx.Client, model_id: str) -> None:

@@ -230,6 +230,46 @@ def test_min_tokens_masks_eos_and_stop_tokens() -> None:
     assert Sampler(CPU, (EOS,)).sample(logits, seqs).token_ids == [3, 0, 0]
 
 
+def test_logit_bias_is_added_to_its_own_rows_tokens() -> None:
+    logits = torch.tensor([[0.1, 2.0, 1.9, 0.0]] * 3)
+    seqs = [
+        make_seq(temperature=0.0),  # no bias: the argmax of its raw logits
+        make_seq(temperature=0.0, logit_bias={2: 0.2}),  # 1.9 + 0.2 passes 2.0
+        make_seq(temperature=0.0, logit_bias={1: -100.0, 2: -100.0}),
+    ]
+    assert Sampler(CPU, (EOS,)).sample(logits, seqs).token_ids == [1, 2, 0]
+    alone = [make_seq(temperature=0.0, logit_bias={2: 0.2})]  # the fast path must not skip it
+    assert Sampler(CPU, (EOS,)).sample(logits[:1].clone(), alone).token_ids == [2]
+
+
+@RACE_OR_CDF
+def test_a_large_logit_bias_forces_a_sampled_token(race: bool) -> None:
+    sampler = sampler_drawing(race, seed=4)
+    logits = probs_logits([0.7, 0.2, 0.09, 0.01]).repeat(2, 1)
+    seqs = [make_seq(logit_bias={3: 100.0}), make_seq(top_p=0.5, logit_bias={0: -100.0})]
+    for _ in range(50):
+        assert sampler.sample(logits.clone(), seqs).token_ids == [3, 1]
+
+
+def test_logprobs_include_the_logit_bias() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    seq = make_seq(temperature=0.0, logprobs=2, logit_bias={3: 4.0})
+    row = Sampler(CPU, (EOS,)).sample(logits.clone(), [seq]).logprobs[0]
+    expected = torch.log_softmax(logits[0] + torch.tensor([0.0, 0.0, 0.0, 4.0]), dim=-1)
+    assert row is not None and row.top_token_ids == [3, 0]
+    assert row.top_logprobs == pytest.approx(expected[[3, 0]].tolist(), abs=1e-6)
+
+
+def test_logit_bias_neither_unbans_nor_ends_early() -> None:
+    logits = torch.tensor([[0.0, 1.0, 9.0, 0.5]] * 2)
+    seqs = [
+        make_seq(temperature=0.0, logit_bias={2: 100.0}),  # 2 is banned: bias cannot lift it
+        make_seq(temperature=0.0, min_tokens=1, logit_bias={EOS: 100.0}),
+    ]
+    sampler = Sampler(CPU, (EOS,), banned_token_ids=(2,))
+    assert sampler.sample(logits, seqs).token_ids == [1, 1]
+
+
 @RACE_OR_CDF
 def test_seeded_rows_give_the_same_tokens_alone_and_in_a_batch(race: bool) -> None:
     torch.manual_seed(3)
