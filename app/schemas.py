@@ -175,7 +175,11 @@ class CompletionRequest(SamplingFields):
         ge=0,
         description="Return the log probabilities of this many top tokens per token.",
     )
-    echo: bool = Field(default=False, description="Put the prompt before the completion text.")
+    echo: bool = Field(
+        default=False,
+        description="Put the prompt before the completion text; with logprobs, its tokens "
+        "are scored too (the first has null).",
+    )
     stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
@@ -192,8 +196,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"prompt must hold 1 to {MAX_PROMPTS} items")
         if len(self.stop_list) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (prompt logprobs) is not supported")
         return self
 
     @property
@@ -218,8 +220,9 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[Logprob] = Field(default_factory=list)
-    top_logprobs: list[dict[str, Logprob]] = Field(default_factory=list)
+    # null for an echoed prompt's first token, which nothing predicts
+    token_logprobs: list[Logprob | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, Logprob] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
@@ -68,19 +70,32 @@ async def complete(
     base = sampling_params(
         body, runtime, stop=body.stop_list, logprobs=body.logprobs, logit_bias=body.logit_bias
     )
+    if body.echo:  # with logprobs, the echoed prompt's tokens are scored too
+        base = replace(base, prompt_logprobs=body.logprobs)
     requested = body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
     max_len = runtime.max_model_len
     params = [
         fit_to_context(base, requested, len(ids), max_len, "max_tokens") for ids in prompt_ids
     ]
     job = Job("completions", new_request_id("cmpl"), runtime.model_id, prompt_ids, params)
-    echo = [_prompt_text(runtime, prompt) for prompt in prompts] if body.echo else None
+    echo = _echo(runtime, prompts, prompt_ids) if body.echo else None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond_with_text(request, runtime, job, body.stream, include_usage, echo)
 
 
-def _prompt_text(runtime: Runtime, prompt: str | list[int]) -> str:
-    return prompt if isinstance(prompt, str) else runtime.prompts.decode(prompt)
+@dataclass
+class Echo:
+    """The prompts put back before their completions."""
+
+    texts: list[str]  # per prompt
+    first_tokens: list[str]  # per prompt, the text of its first token, which nothing predicts
+
+
+def _echo(runtime: Runtime, prompts: list[str | list[int]], prompt_ids: list[list[int]]) -> Echo:
+    texts = [
+        prompt if isinstance(prompt, str) else runtime.prompts.decode(prompt) for prompt in prompts
+    ]
+    return Echo(texts, [runtime.prompts.decode(ids[:1]) for ids in prompt_ids])
 
 
 async def respond_with_text(
@@ -89,7 +104,7 @@ async def respond_with_text(
     job: Job,
     stream: bool,
     include_usage: bool,
-    echo: list[str] | None = None,
+    echo: Echo | None = None,
 ) -> Response:
     """Answers in the completions shape: one JSON response or SSE chunks (also caption, QA)."""
     streams = submit(runtime, job)
@@ -105,7 +120,7 @@ async def respond_with_text(
 class TextRenderer:
     """Builds completion-shaped chunks and responses from choices."""
 
-    def __init__(self, job: Job, echo: list[str] | None) -> None:
+    def __init__(self, job: Job, echo: Echo | None) -> None:
         self.job = job
         self.echo = echo
         self.with_logprobs = job.params[0].logprobs is not None
@@ -115,7 +130,8 @@ class TextRenderer:
         if not (prefix or output.text or output.finish_reason or output.logprobs):
             return []
         start = len(self._echo(choice)) + len(choice.text) - len(output.text)
-        logprobs = self._logprobs(output.logprobs or [], start)
+        scored_prompt = output.prompt_logprobs if choice.num_outputs == 1 else None
+        logprobs = self._logprobs(choice, scored_prompt, output.logprobs or [], start)
         item = CompletionChoice(
             index=choice.index,
             text=prefix + output.text,
@@ -132,7 +148,9 @@ class TextRenderer:
             CompletionChoice(
                 index=choice.index,
                 text=self._echo(choice) + choice.text,
-                logprobs=self._logprobs(choice.logprobs, len(self._echo(choice))),
+                logprobs=self._logprobs(
+                    choice, choice.prompt_logprobs, choice.logprobs, len(self._echo(choice))
+                ),
                 finish_reason=choice.finish_reason,
             )
             for choice in tally.ordered()
@@ -148,18 +166,33 @@ class TextRenderer:
         )
 
     def _echo(self, choice: Choice) -> str:
-        return self.echo[choice.index // self.job.n] if self.echo else ""
+        return self.echo.texts[choice.index // self.job.n] if self.echo else ""
 
-    def _logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs | None:
+    def _logprobs(
+        self,
+        choice: Choice,
+        scored_prompt: list[TokenLogprob] | None,
+        entries: list[TokenLogprob],
+        offset: int,
+    ) -> CompletionLogprobs | None:
+        """The generated tokens' logprobs from `offset` in the text; with `scored_prompt`,
+        preceded by the echoed prompt's, from 0 (its first token has none: null)."""
         if not self.with_logprobs:
             return None
-        text_offset = []
+        rows: list[tuple[str, float | None, dict[str, float] | None, int]] = []
+        if scored_prompt is not None and self.echo is not None:
+            first = self.echo.first_tokens[choice.index // self.job.n]
+            rows.append((first, None, None, 0))
+            at = len(first)
+            for entry in scored_prompt:
+                rows.append((entry.token, entry.logprob, entry.top_logprobs, at))
+                at += len(entry.token)
         for entry in entries:
-            text_offset.append(offset)
+            rows.append((entry.token, entry.logprob, entry.top_logprobs, offset))
             offset += len(entry.token)
         return CompletionLogprobs(  # built in one call so that its fields are validated
-            tokens=[entry.token for entry in entries],
-            token_logprobs=[entry.logprob for entry in entries],
-            top_logprobs=[entry.top_logprobs for entry in entries],
-            text_offset=text_offset,
+            tokens=[row[0] for row in rows],
+            token_logprobs=[row[1] for row in rows],
+            top_logprobs=[row[2] for row in rows],
+            text_offset=[row[3] for row in rows],
         )

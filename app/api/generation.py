@@ -200,6 +200,7 @@ class Choice:
     index: int
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens after the first
     finish_reason: str | None = None
     num_generated_tokens: int = 0
     error: str | None = None
@@ -219,6 +220,8 @@ class Tally:
         choice = self.choices.setdefault(index, Choice(index))
         choice.text += output.text
         choice.logprobs.extend(output.logprobs or ())
+        if output.prompt_logprobs is not None:
+            choice.prompt_logprobs = output.prompt_logprobs
         choice.num_generated_tokens = output.num_generated_tokens
         choice.finish_reason = output.finish_reason or choice.finish_reason
         choice.error = output.error or choice.error

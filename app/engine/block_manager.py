@@ -96,7 +96,7 @@ class BlockManager:
 
         The last token is always recomputed so that the step has logits to sample from.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(seq, max_blocks)

@@ -146,10 +146,17 @@ class EngineCore:
     def _update(
         self, batch: ScheduledBatch, result: StepResult, deliveries: list[Delivery]
     ) -> None:
+        if result.prompt_logprobs:
+            self._add_prompt_logprobs(batch, result)  # before the update forks samples off
         with_token = self.scheduler.update(batch, result.sampled)
         now = time.monotonic()
         for seq in with_token:
             deliveries.append(self._on_token(seq, result, now))
+
+    def _add_prompt_logprobs(self, batch: ScheduledBatch, result: StepResult) -> None:
+        for seq in batch.seqs:
+            for token_id, row in result.prompt_logprobs.get(seq.seq_id, ()):
+                seq.prompt_logprobs.append(self._token_logprob(token_id, row))
 
     def _fail(self, batch: ScheduledBatch, exc: Exception) -> list[Delivery]:
         error = f"{type(exc).__name__}: {exc}"
@@ -187,6 +194,8 @@ class EngineCore:
         row_logprobs = result.logprobs.get(seq.seq_id)
         if row_logprobs is not None:
             output.logprobs = [self._token_logprob(token_id, row_logprobs)]
+        if seq.num_output_tokens == 1 and seq.params.prompt_logprobs is not None:
+            output.prompt_logprobs = seq.prompt_logprobs
         if reason is not None:
             output = self._count_finished(request, output, now)
         return request.sink, output

@@ -3,8 +3,10 @@
 The batch is flat: every scheduled sequence contributes its new tokens (a
 prefill chunk, or one token for a decode) to one `input_ids` row. Logits are
 computed only for the last token of the sequences whose prompt or decode
-completes in this step. Python lists are built first and each field becomes
-a tensor in one call, since on small models per-step overhead is the cost.
+completes in this step, and for the prompt rows of requests that asked for
+prompt logprobs (app/engine/prompt_logprobs.py). Python lists are built first and
+each field becomes a tensor in one call, since on small models per-step overhead
+is the cost.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from app.engine.config import EngineConfig
 from app.engine.image_cache import ImageEmbeddingCache
+from app.engine.prompt_logprobs import PromptRows, score_prompt_rows
 from app.engine.sampler import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, Sequence
@@ -35,12 +38,15 @@ class ModelInputs:
     sample_seqs: list[Sequence]  # whose token each logit row samples
     samples_per_seq: list[int]  # per scheduled sequence: 0, 1, or its group size at a fork
     fresh_blocks: list[int]  # blocks this step starts writing at their first slot
+    prompt_rows: PromptRows = field(default_factory=PromptRows)  # rows that score prompt tokens
 
 
 @dataclass
 class StepResult:
     sampled: list[list[int]]  # per scheduled sequence, as Scheduler.update takes them
     logprobs: dict[int, RowLogprobs] = field(default_factory=dict)  # by seq_id
+    # by seq_id: (prompt token, its logprobs) for the prompt positions this step computed
+    prompt_logprobs: dict[int, list[tuple[int, RowLogprobs]]] = field(default_factory=dict)
     nonfinite_seq_ids: set[int] = field(default_factory=set)
 
 
@@ -82,15 +88,30 @@ class ModelRunner:
             self.kv_cache,
             inputs.image_embeds,
         )  # [T, hidden]
+        prompt_logprobs = self._score_prompts(hidden, inputs.prompt_rows)
         if not inputs.sample_seqs:
-            return StepResult([[] for _ in batch.seqs])
+            return StepResult([[] for _ in batch.seqs], prompt_logprobs=prompt_logprobs)
         if inputs.logit_rows is not None:
             hidden = hidden.index_select(0, inputs.logit_rows)  # [N, hidden]
         self.threads.apply_to_output(hidden.shape[0])
         row_major = self.sampler.wants_row_major(inputs.sample_seqs)
         logits = self.model.compute_logits(hidden, row_major)  # [N, vocab]
         sampled = self.sampler.sample(logits, inputs.sample_seqs)
-        return _step_result(inputs, sampled.token_ids, sampled.logprobs, sampled.nonfinite_rows)
+        result = _step_result(inputs, sampled.token_ids, sampled.logprobs, sampled.nonfinite_rows)
+        result.prompt_logprobs = prompt_logprobs
+        return result
+
+    def _score_prompts(
+        self, hidden: torch.Tensor, plan: PromptRows
+    ) -> dict[int, list[tuple[int, RowLogprobs]]]:
+        if not plan.rows:
+            return {}
+
+        def logits_of(rows: torch.Tensor) -> torch.Tensor:
+            self.threads.apply_to_output(rows.shape[0])
+            return self.model.compute_logits(rows, row_major=True)
+
+        return score_prompt_rows(hidden, plan, logits_of)
 
     # ---- the flat batch --------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
@@ -103,9 +124,11 @@ class ModelRunner:
         sample_seqs: list[Sequence] = []
         samples_per_seq: list[int] = []
         fresh_blocks: list[int] = []
+        prompt_rows = PromptRows()
         has_forks = False
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start = seq.num_computed_tokens
+            prompt_rows.add(seq, start, num_new, first_row=len(token_ids))
             if num_new == 1:  # a decode, or a prompt whose other tokens were cached
                 token_ids.append(seq.token_ids[start])
                 positions.append(start)
@@ -145,6 +168,7 @@ class ModelRunner:
             sample_seqs=sample_seqs,
             samples_per_seq=samples_per_seq,
             fresh_blocks=fresh_blocks,
+            prompt_rows=prompt_rows,
         )
 
     def _attention_metadata(

@@ -169,6 +169,7 @@ class Scheduler:
             child.token_ids = [*parent.token_ids[: parent.num_prompt_tokens], token]
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
+            child.prompt_logprobs = parent.prompt_logprobs  # complete: the prompt is done
             child.was_admitted = True
             self.block_manager.fork(parent, child)
             child.status = SequenceStatus.RUNNING

@@ -26,6 +26,8 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # top alternatives per sampled token; None: no logprobs
+    # top alternatives per prompt token, whose own logprob is always given; None: none
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     skip_special_tokens: bool = True
 
@@ -72,6 +74,9 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    # with SamplingParams.prompt_logprobs, on a sample's first output: each prompt token
+    # after the first, given the ones before it
+    prompt_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0  # total so far for this sample
@@ -139,6 +144,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chain hashes of the leading full blocks (memo)
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.pending_forks: list[Sequence] = []
+        # with params.prompt_logprobs: those of prompt tokens 1, 2, ... computed so far
+        self.prompt_logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
         self.generator: Any = None  # the sampler's per-sequence random state, when seeded
         self.is_greedy = params.temperature < GREEDY_TEMPERATURE
@@ -177,6 +184,13 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether some prompt token's logprob is still to be computed (so no prompt token
+        may come from the prefix cache, which keeps K/V but no logits)."""
+        wanted = self.params.prompt_logprobs is not None
+        return wanted and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def is_decoding(self) -> bool:

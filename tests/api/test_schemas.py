@@ -38,7 +38,6 @@ def test_prompt_shapes() -> None:
         {"prompt": "x", "logit_bias": {"5": "10"}},
         {"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}},
         {"prompt": "x", "best_of": 3},
-        {"prompt": "x", "echo": True, "logprobs": 2},
         {"prompt": "x", "stop": ["s"] * (MAX_STOP_STRINGS + 1)},
         {"prompt": "x", "n": 0},
         {"prompt": "x", "temperature": -1},

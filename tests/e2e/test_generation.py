@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import torch
 from openai import OpenAI
-from transformers import AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from tests.api.images import data_url, scene_png
 from tests.e2e.conftest import metric, metrics_text, stream_post
@@ -127,6 +129,35 @@ def test_logit_bias_steers_completions_and_chat(
         extra_body=FIXED_LENGTH, temperature=0, max_tokens=4,
     )  # fmt: skip
     assert chat.choices[0].message.content == text
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(
+    openai_client: OpenAI, model_id: str, tiny_llava_dir: Path
+) -> None:
+    """What evaluation harnesses ask for a log-likelihood: the prompt echoed and scored."""
+    prompt = [40, 41, 97, 12, 55, 60, 61, 12]
+    request: dict[str, Any] = {
+        "model": model_id, "prompt": prompt, "echo": True, "logprobs": 2, **GREEDY,
+        "max_tokens": 1,
+    }  # fmt: skip
+    scored = openai_client.completions.create(**request).choices[0]
+    logprobs = scored.logprobs
+    assert logprobs is not None and logprobs.token_logprobs and logprobs.top_logprobs
+    assert len(logprobs.token_logprobs) == len(prompt) + 1  # the prompt, then one new token
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_llava_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        reference = hf(input_ids=torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+    expected = [reference[i, token].item() for i, token in enumerate(prompt[1:])]
+    assert logprobs.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+    best = [max(top.values()) for top in logprobs.top_logprobs[1 : len(prompt)] if top]
+    assert best == pytest.approx(reference.max(-1).values.tolist(), abs=1e-4)
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    assert scored.text.startswith("".join(logprobs.tokens[: len(prompt)]))
+    chunks = list(openai_client.completions.create(stream=True, **request))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for part in streamed for t in part.tokens or []] == logprobs.tokens
+    assert [v for part in streamed for v in part.token_logprobs or []] == logprobs.token_logprobs
 
 
 def test_legacy_engines_route(http: httpx.Client, model_id: str) -> None:

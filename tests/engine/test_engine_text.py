@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -188,3 +189,79 @@ def test_forked_samples_under_preemption_equal_one_greedy_run(llama: LoadedModel
     for single, group in zip(singles, groups, strict=True):
         assert [s.token_ids for s in group] == [single[0].token_ids] * 3
     assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks
+
+
+def _reference_prompt_logprobs(hf: torch.nn.Module, prompt: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at each prompt position but the last [P - 1, vocab]."""
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _prompt_entries(samples: list[Sample]) -> list[list[tuple[int, float, list[int]]]]:
+    entries = []
+    for sample in samples:
+        given = sample.outputs[0].prompt_logprobs
+        assert given is not None
+        assert all(output.prompt_logprobs is None for output in sample.outputs[1:])
+        entries.append([(e.token_id, e.logprob, list(e.top_logprobs.values())) for e in given])
+    return entries
+
+
+def test_prompt_logprobs_match_transformers_through_chunks_cache_and_preemption(
+    llama: LoadedModel,
+) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(llama.path, dtype=torch.float32)
+    rng = random.Random(9)
+    shared = [rng.randrange(FIRST_TEXT_TOKEN, 384) for _ in range(40)]
+    prompts = [shared + [rng.randrange(FIRST_TEXT_TOKEN, 384) for _ in range(n)] for n in (9, 30)]
+    prompts += [[rng.randrange(FIRST_TEXT_TOKEN, 384)]]  # one token: nothing to score
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    forked = SamplingParams(max_tokens=6, temperature=1.0, n=2, seed=1, prompt_logprobs=0)
+    jobs = [Job(prompt, params) for prompt in prompts] * 3 + [Job(prompts[1], forked)]
+    per_token = llama.info.kv_bytes_per_token()
+    cores = {
+        "chunked": make_core(llama, max_num_batched_tokens=16),
+        "preempted": make_core(llama, kv_cache_bytes=112 * per_token, max_num_batched_tokens=32),
+    }
+    for name, core in cores.items():
+        run_jobs(core, jobs[:1])  # the shared prefix now sits in the prefix cache
+        results = run_jobs(core, jobs)
+        if name == "preempted":
+            assert core.scheduler.num_preemptions > 0
+        for job, samples in zip(jobs, results, strict=True):
+            reference = _reference_prompt_logprobs(hf, job.prompt)
+            k = job.params.prompt_logprobs or 0
+            expected = [
+                (token, reference[i, token].item(), reference[i].topk(k).values.tolist())
+                for i, token in enumerate(job.prompt[1:])
+            ]
+            for entries in _prompt_entries(samples):
+                assert [e[0] for e in entries] == [e[0] for e in expected], name
+                for (_, logprob, top), (_, want, want_top) in zip(entries, expected, strict=True):
+                    assert logprob == pytest.approx(want, abs=1e-4), name
+                    assert top == pytest.approx(want_top, abs=1e-4), name
+        assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+def test_prompt_logprobs_of_a_prompt_preempted_half_way(llama: LoadedModel) -> None:
+    """A decode that needs a block preempts the newest sequence: here one part-way through
+    a chunked prefill, which is then recomputed from its first token."""
+    hf = AutoModelForCausalLM.from_pretrained(llama.path, dtype=torch.float32)
+    rng = random.Random(10)
+    decoding = [rng.randrange(FIRST_TEXT_TOKEN, 384) for _ in range(31)]  # 2 blocks, then 3
+    prefilling = [rng.randrange(FIRST_TEXT_TOKEN, 384) for _ in range(70)]  # 5 blocks, chunked
+    scored = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    jobs = [
+        Job(decoding, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)),
+        Job(prefilling, scored),
+    ]
+    per_token = llama.info.kv_bytes_per_token()
+    core = make_core(llama, kv_cache_bytes=112 * per_token, max_num_batched_tokens=16)
+    results = run_jobs(core, jobs)
+    assert core.scheduler.num_preemptions > 0
+    reference = _reference_prompt_logprobs(hf, prefilling)
+    [entries] = _prompt_entries(results[1])
+    assert [e[0] for e in entries] == prefilling[1:]
+    expected = [reference[i, token].item() for i, token in enumerate(prefilling[1:])]
+    assert [e[1] for e in entries] == pytest.approx(expected, abs=1e-4)
