@@ -133,6 +133,49 @@ LogitBias = Annotated[
 ]
 
 
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _check_response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if value.get("type") not in RESPONSE_FORMATS:
+        raise ValueError(f"type must be one of {', '.join(RESPONSE_FORMATS)}")
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ValueError("json_schema must be an object whose schema is a JSON schema")
+    return value
+
+
+ResponseFormat = Annotated[
+    dict[str, Any] | None,
+    AfterValidator(_check_response_format),
+    Field(
+        description="{'type': 'text'}, {'type': 'json_object'} (any JSON object), or "
+        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}: the output is "
+        "JSON that matches the schema (unless cut short by max_tokens)."
+    ),
+]
+
+
+def response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema the output must match; None for free text."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        assert response_format is not None
+        schema: dict[str, Any] = response_format["json_schema"].get("schema") or {}
+        return schema
+    return None
+
+
+def _check_structured(response_format: dict[str, Any] | None, min_tokens: int) -> None:
+    if min_tokens and response_schema(response_format) is not None:
+        raise ValueError("min_tokens cannot be combined with a JSON response_format")
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT_JSON
 
@@ -186,10 +229,12 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = Field(default=None, description="Not supported (must be empty).")
     best_of: JSONInt | None = Field(default=None, description="Not supported beyond n.")
     logit_bias: LogitBias = None
+    response_format: ResponseFormat = None
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
         _refuse_unsupported({"suffix": self.suffix}, ("suffix",))
+        _check_structured(self.response_format, self.min_tokens)
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
         if isinstance(self.prompt, list) and not 0 < len(self.prompt) <= MAX_PROMPTS:
@@ -303,15 +348,12 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = Field(
         default=None, description="Not supported (must be empty)."
     )
-    response_format: dict[str, Any] | None = Field(
-        default=None, description="Only {'type': 'text'}."
-    )
+    response_format: ResponseFormat = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         _refuse_unsupported({"tools": self.tools}, ("tools",))
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than text is not supported")
+        _check_structured(self.response_format, self.min_tokens)
         if len(self.stop_list) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
         if self.top_logprobs and not self.logprobs:

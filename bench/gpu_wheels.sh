@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_wheels.sh [DIR] [PYTHON_VERSION]      # default: .whl 3.12
 #
-# Pure-Python wheels serve any version; pydantic-core and jiter are built per Python.
+# Pure-Python wheels serve any version; pydantic-core and jiter are built per Python,
+# llguidance once for every CPython 3 (abi3).
 set -euo pipefail
 DIR=${1:-.whl}
 PYVER=${2:-3.12}
@@ -15,7 +16,7 @@ VENV_PY=${VENV_PY:-.venv/bin/python}
 # anyio, uvloop and prometheus-client are expected on the host.
 PACKAGES=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv
     annotated-types typing-inspection opentelemetry-api uvicorn python-multipart openai jiter
-    distro sniffio httpx2 httpcore2 truststore)
+    distro sniffio httpx2 httpcore2 truststore llguidance)
 
 pins=()
 for name in "${PACKAGES[@]}"; do  # the .venv's version; the newest where it has none
@@ -24,6 +25,7 @@ for name in "${PACKAGES[@]}"; do  # the .venv's version; the newest where it has
 done
 mkdir -p "$DIR"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PYVER" \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$DIR" "${pins[@]}"
 ls "$DIR"

@@ -17,6 +17,7 @@ from app.api.generation import (
     sampling_params,
     stream_events,
     submit,
+    with_response_format,
 )
 from app.api.images import check_image_count, image_intake, load_image_url
 from app.api.sse import EventStreamResponse, streamed_ok
@@ -65,6 +66,7 @@ async def create_chat_completion(
         logprobs=body.logprobs_count,
         logit_bias=body.logit_bias,
     )
+    base = await with_response_format(base, runtime, body.response_format)
     max_len = runtime.max_model_len
     requested = body.requested_max_tokens
     params = fit_to_context(base, requested, len(prompt_ids), max_len, "max_tokens")

@@ -19,6 +19,7 @@ from app.api.generation import (
     sampling_params,
     stream_events,
     submit,
+    with_response_format,
 )
 from app.api.sse import EventStreamResponse, streamed_ok
 from app.engine.sequence import RequestOutput, TokenLogprob
@@ -72,6 +73,7 @@ async def complete(
     )
     if body.echo:  # with logprobs, the echoed prompt's tokens are scored too
         base = replace(base, prompt_logprobs=body.logprobs)
+    base = await with_response_format(base, runtime, body.response_format)
     requested = body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
     max_len = runtime.max_model_len
     params = [

@@ -27,6 +27,7 @@ from app.api.sse import SSE_DONE, sse
 from app.engine.async_engine import RequestStream
 from app.engine.errors import EngineError
 from app.engine.sequence import ImageInput, RequestOutput, SamplingParams, TokenLogprob
+from app.engine.structured import GrammarError
 from app.errors import (
     CLIENT_CLOSED_REQUEST,
     APIError,
@@ -34,7 +35,7 @@ from app.errors import (
     error_body,
     from_engine_error,
 )
-from app.schemas import SamplingFields, Usage
+from app.schemas import SamplingFields, Usage, response_schema
 from app.service import Runtime
 
 logger = logging.getLogger("mmgpt.api")
@@ -99,6 +100,22 @@ def _token_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     if any(token >= vocab_size for token in by_id):
         raise bad_request(f"logit_bias token ids must lie in [0, {vocab_size}).", "logit_bias")
     return {token: value for token, value in by_id.items() if value != 0.0}
+
+
+async def with_response_format(
+    params: SamplingParams, runtime: Runtime, response_format: dict[str, Any] | None
+) -> SamplingParams:
+    """`params` held to the request's JSON schema, compiled off the event loop (a large
+    schema, or the first one, which builds the tokenizer's grammar tables, takes a while)."""
+    schema = response_schema(response_format)
+    if schema is None:
+        return params
+    compile_schema = runtime.engine.structured.json_schema_grammar
+    try:
+        grammar = await anyio.to_thread.run_sync(compile_schema, schema)
+    except GrammarError as exc:
+        raise bad_request(str(exc), "response_format") from exc
+    return dataclasses.replace(params, grammar=grammar)
 
 
 def _generation_defaults(config: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from app.engine.engine_core import Delivery, EngineCore
 from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
 from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
 from app.engine.step_threads import in_passing_thread
+from app.engine.structured import StructuredOutputs
 from app.engine.validation import image_spans, validate_length, validate_params, validate_prompt
 from models.base import LoadedModel, ModelInfo
 
@@ -142,6 +143,11 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self._core.max_model_len
+
+    @property
+    def structured(self) -> StructuredOutputs:
+        """Compiles response_format schemas; thread-safe, so callable off the event loop."""
+        return self._core.structured
 
     @property
     def is_running(self) -> bool:

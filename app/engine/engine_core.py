@@ -28,6 +28,7 @@ from app.engine.sequence import (
     Sequence,
     TokenLogprob,
 )
+from app.engine.structured import StructuredOutputs, consume
 from app.engine.warm_up import warm_up
 from models.base import LoadedModel
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 Delivery = tuple[Any, RequestOutput]  # (the request's sink, one output)
 NONFINITE_ERROR = "the model produced no finite logits for this sequence"
+GRAMMAR_ERROR = "the sampled token does not fit the response_format"
 
 
 class EngineCore:
@@ -51,6 +53,9 @@ class EngineCore:
         )
         self.runner = ModelRunner(loaded, config, num_blocks)
         self.detokenizer = Detokenizer(loaded.tokenizer)
+        self.structured = StructuredOutputs(
+            loaded.tokenizer, loaded.info.vocab_size, loaded.info.eos_token_ids
+        )
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.last_step_end = 0.0
@@ -89,6 +94,9 @@ class EngineCore:
             for i in range(params.n)
         ]
         seqs[0].pending_forks = seqs[1:]
+        if params.grammar is not None:
+            for seq in seqs:
+                seq.matcher = self.structured.matcher(params.grammar)
         texts = [
             SequenceText(
                 self.detokenizer.new_stream(prompt_token_ids, params.skip_special_tokens), params
@@ -181,10 +189,13 @@ class EngineCore:
         text = request.texts[seq.index]
         reason = seq.stop_reason_for(token_id, self.info.eos_token_ids)
         error = NONFINITE_ERROR if seq.seq_id in result.nonfinite_seq_ids else None
+        grammar = consume(seq.matcher, token_id) if seq.matcher is not None else None
+        if error is None and grammar == "error":
+            error = GRAMMAR_ERROR
         if error is not None:
             reason = "error"
-        elif reason != "stop" and text.append(token_id):  # stop tokens add no text
-            reason = "stop"
+        elif reason != "stop" and (text.append(token_id) or grammar == "stop"):
+            reason = "stop"  # a stop string, or the end of the grammar (stop tokens add no text)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             text.finish()

@@ -7,7 +7,8 @@ The order of processing, per row:
 2. the row's logit_bias is added to its tokens' logits (OpenAI's -100..100: a
    bias of -100 all but bans a token, +100 all but forces it);
 3. while fewer than `min_tokens` are generated, EOS and stop token ids are masked
-   (after the bias, so that no bias ends a completion early);
+   (after the bias, so that no bias ends a completion early); then rows held to a
+   response_format keep only the tokens their grammar allows (app/engine/structured.py);
 4. greedy rows (temperature below GREEDY_TEMPERATURE) take the argmax here;
 5. the others divide by their temperature, then keep the top_k tokens (every
    token whose logit ties the k-th largest stays), then the smallest set of
@@ -52,6 +53,7 @@ import torch
 from app.engine.argmax import argmax, max_and_argmax
 from app.engine.cdf_draw import draw_truncated
 from app.engine.sequence import Sequence
+from app.engine.structured import allowed_tokens
 from app.engine.topk import topk
 from app.engine.truncation import column, probabilities, truncate, truncation_params
 
@@ -138,6 +140,11 @@ class Sampler:
             if not seqs[i].params.ignore_eos:
                 banned += self.eos_token_ids
             logits[i, banned] = float("-inf")
+        constrained = [i for i, seq in enumerate(seqs) if seq.matcher is not None]
+        if constrained:
+            matchers = [seqs[i].matcher for i in constrained]
+            allowed = allowed_tokens(matchers, logits.shape[1], logits.device)  # [R, vocab]
+            logits[constrained] = logits[constrained].masked_fill_(~allowed, float("-inf"))
 
     def _draw(self, scaled: torch.Tensor, seqs: Seq[Sequence], greedy: list[bool]) -> torch.Tensor:
         """One token per row: argmax for greedy rows, a truncated categorical draw for others."""

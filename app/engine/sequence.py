@@ -28,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per sampled token; None: no logprobs
     # top alternatives per prompt token, whose own logprob is always given; None: none
     prompt_logprobs: int | None = None
+    grammar: str | None = None  # an llguidance grammar the output must match (response_format)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     skip_special_tokens: bool = True
 
@@ -146,6 +147,7 @@ class Sequence:
         self.pending_forks: list[Sequence] = []
         # with params.prompt_logprobs: those of prompt tokens 1, 2, ... computed so far
         self.prompt_logprobs: list[TokenLogprob] = []
+        self.matcher: Any = None  # with params.grammar: where this sample is in it
         self.finish_reason: str | None = None
         self.generator: Any = None  # the sampler's per-sequence random state, when seeded
         self.is_greedy = params.temperature < GREEDY_TEMPERATURE
@@ -159,6 +161,7 @@ class Sequence:
             self.is_greedy
             and not self.has_penalties
             and not params.logit_bias
+            and params.grammar is None
             and params.logprobs is None
             and params.min_tokens == 0
         )

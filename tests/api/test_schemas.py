@@ -12,6 +12,7 @@ from app.schemas import (
     MAX_STOP_STRINGS,
     ChatCompletionRequest,
     CompletionRequest,
+    response_schema,
 )
 
 
@@ -61,6 +62,20 @@ def test_logit_bias_takes_token_ids_and_biases_in_range() -> None:
         ChatCompletionRequest.model_validate(chat)
 
 
+def test_response_formats_name_the_schema_to_follow() -> None:
+    def schema_of(response_format: dict[str, Any]) -> dict[str, Any] | None:
+        fields = {"prompt": "x", "response_format": response_format}
+        return response_schema(CompletionRequest.model_validate(fields).response_format)
+
+    assert schema_of({"type": "text"}) is None
+    assert schema_of({"type": "json_object"}) == {"type": "object"}
+    schema = {"type": "array", "items": {"type": "integer"}}
+    assert schema_of({"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}) == (
+        schema
+    )
+    assert schema_of({"type": "json_schema", "json_schema": {"name": "any"}}) == {}
+
+
 def test_unknown_fields_are_ignored() -> None:
     request = CompletionRequest.model_validate({"prompt": "x", "user": "u", "made_up": 1})
     assert request.prompts() == ["x"]
@@ -80,9 +95,15 @@ def test_chat_requests() -> None:
         {"messages": [{"role": "tool", "content": "x"}]},
         {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema"},
+        },
         {
             "messages": [{"role": "user", "content": "x"}],
             "response_format": {"type": "json_object"},
+            "min_tokens": 2,
         },
         {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
     ]

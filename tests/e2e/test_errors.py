@@ -56,6 +56,14 @@ def _chat_with_image(url: str) -> dict[str, Any]:
         ({"prompt": "x", "logit_bias": {"token": 1}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"999999999": 1}}, "logit_bias"),  # past the vocabulary
+        ({"prompt": "x", "response_format": {"type": "yaml"}}, "response_format"),
+        (
+            {
+                "prompt": "x",
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}},
+            },
+            "response_format",
+        ),
         ({"prompt": 42}, None),
         ({}, "prompt"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,34 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     assert [t for part in streamed for t in part.tokens or []] == logprobs.tokens
     assert [v for part in streamed for v in part.token_logprobs or []] == logprobs.token_logprobs
+
+
+def test_response_format_holds_chat_and_completions_to_a_schema(
+    openai_client: OpenAI, model_id: str
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "blue"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["colour", "count"],
+        "additionalProperties": False,
+    }
+    chat = openai_client.chat.completions.create(
+        model=model_id, messages=_image_chat("what is it?"), max_tokens=40, temperature=1.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )  # fmt: skip
+    answer = json.loads(chat.choices[0].message.content or "")
+    assert set(answer) == {"colour", "count"} and answer["colour"] in ("red", "blue")
+    assert isinstance(answer["count"], int) and chat.choices[0].finish_reason == "stop"
+    as_schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    completion = openai_client.completions.create(
+        model=model_id, prompt="a red circle", max_tokens=40, n=2, seed=3,
+        extra_body={"response_format": as_schema},
+    )  # fmt: skip
+    for choice in completion.choices:
+        assert set(json.loads(choice.text)) == {"colour", "count"}, choice.text
 
 
 def test_legacy_engines_route(http: httpx.Client, model_id: str) -> None:
