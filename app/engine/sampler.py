@@ -53,7 +53,7 @@ import torch
 from app.engine.argmax import argmax, max_and_argmax
 from app.engine.cdf_draw import draw_truncated
 from app.engine.sequence import Sequence
-from app.engine.structured import allowed_tokens
+from app.engine.structured import blocked_tokens
 from app.engine.topk import topk
 from app.engine.truncation import column, probabilities, truncate, truncation_params
 
@@ -143,8 +143,11 @@ class Sampler:
         constrained = [i for i, seq in enumerate(seqs) if seq.matcher is not None]
         if constrained:
             matchers = [seqs[i].matcher for i in constrained]
-            allowed = allowed_tokens(matchers, logits.shape[1], logits.device)  # [R, vocab]
-            logits[constrained] = logits[constrained].masked_fill_(~allowed, float("-inf"))
+            blocked = blocked_tokens(matchers, logits.shape[1], logits.device)  # [R, vocab]
+            if len(constrained) == len(seqs):
+                logits.masked_fill_(blocked, float("-inf"))
+            else:
+                logits[constrained] = logits[constrained].masked_fill_(blocked, float("-inf"))
 
     def _draw(self, scaled: torch.Tensor, seqs: Seq[Sequence], greedy: list[bool]) -> torch.Tensor:
         """One token per row: argmax for greedy rows, a truncated categorical draw for others."""

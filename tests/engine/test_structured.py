@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from app.engine.sequence import SamplingParams
-from app.engine.structured import GrammarError, StructuredOutputs, allowed_tokens
+from app.engine.structured import GrammarError, StructuredOutputs, blocked_tokens
 from models.base import LoadedModel
 from tests.engine.drive import Job, make_core, run_jobs
 
@@ -50,8 +50,10 @@ def test_every_sample_is_json_matching_the_schema(llama: LoadedModel) -> None:
         Job([8, 9], SamplingParams(max_tokens=64, n=3, seed=2, grammar=grammar)),
         Job([8, 9], SamplingParams(max_tokens=64, temperature=1.5, top_p=0.9, grammar=grammar)),
     ]
-    free = run_jobs(make_core(llama), [Job([5, 6, 7], SamplingParams(max_tokens=16))])
-    results = run_jobs(core, jobs)
+    unconstrained = Job([5, 6, 7], SamplingParams(max_tokens=16, temperature=0.0))
+    free = run_jobs(make_core(llama), [unconstrained])
+    *results, beside = run_jobs(core, [*jobs, unconstrained])
+    assert beside[0].token_ids == free[0][0].token_ids  # a row without a schema is untouched
     samples = [sample for job_samples in results for sample in job_samples]
     assert len(samples) == 5
     for sample in samples:
@@ -97,7 +99,7 @@ def test_tokens_past_the_tokenizer_are_never_allowed(llama: LoadedModel) -> None
     wider = tokenizer_size + 40
     structured = StructuredOutputs(llama.tokenizer, wider, (2,))
     matcher = structured.matcher(structured.json_schema_grammar(SCHEMA))
-    allowed = allowed_tokens([matcher], wider, torch.device("cpu"))
+    allowed = ~blocked_tokens([matcher], wider, torch.device("cpu"))
     assert allowed.shape == (1, wider)
     assert allowed[0, :tokenizer_size].any() and not allowed[0, tokenizer_size:].any()
     first = llama.tokenizer.decode(allowed[0].nonzero().flatten().tolist()[:1])
