@@ -213,6 +213,11 @@ class CompletionRequest(SamplingFields):
         description="Text, a list of texts, token ids, or a list of token id lists."
     )
     stop: StopField = None
+    max_tokens: JSONInt | None = Field(
+        default=None,
+        ge=0,
+        description="Most tokens to generate (default 16); 0, with echo, scores the prompt alone.",
+    )
     logprobs: JSONInt | None = Field(
         default=None,
         ge=0,

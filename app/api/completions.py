@@ -23,7 +23,7 @@ from app.api.generation import (
 )
 from app.api.sse import EventStreamResponse, streamed_ok
 from app.engine.sequence import RequestOutput, TokenLogprob
-from app.errors import ERROR_RESPONSES
+from app.errors import ERROR_RESPONSES, bad_request
 from app.schemas import (
     CompletionChoice,
     CompletionLogprobs,
@@ -65,6 +65,8 @@ async def complete(
     body: CompletionRequest, request: Request, runtime: RuntimeDep, model: str | None
 ) -> Response:
     check_model(runtime, model)
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens may be 0 only with echo (to score the prompt).", "max_tokens")
     prompts = body.prompts()
     builder = runtime.prompts
     prompt_ids = [await builder.run(len(prompt), builder.completion, prompt) for prompt in prompts]
@@ -74,13 +76,14 @@ async def complete(
     if body.echo:  # with logprobs, the echoed prompt's tokens are scored too
         base = replace(base, prompt_logprobs=body.logprobs)
     base = await with_response_format(base, runtime, body.response_format)
-    requested = body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
+    score_only = body.max_tokens == 0  # the engine makes one token, which is not shown
+    requested = 1 if score_only else body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
     max_len = runtime.max_model_len
     params = [
         fit_to_context(base, requested, len(ids), max_len, "max_tokens") for ids in prompt_ids
     ]
     job = Job("completions", new_request_id("cmpl"), runtime.model_id, prompt_ids, params)
-    echo = _echo(runtime, prompts, prompt_ids) if body.echo else None
+    echo = _echo(runtime, prompts, prompt_ids, score_only) if body.echo else None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond_with_text(request, runtime, job, body.stream, include_usage, echo)
 
@@ -91,13 +94,19 @@ class Echo:
 
     texts: list[str]  # per prompt
     first_tokens: list[str]  # per prompt, the text of its first token, which nothing predicts
+    score_only: bool = False  # max_tokens 0: nothing generated is shown
 
 
-def _echo(runtime: Runtime, prompts: list[str | list[int]], prompt_ids: list[list[int]]) -> Echo:
+def _echo(
+    runtime: Runtime,
+    prompts: list[str | list[int]],
+    prompt_ids: list[list[int]],
+    score_only: bool,
+) -> Echo:
     texts = [
         prompt if isinstance(prompt, str) else runtime.prompts.decode(prompt) for prompt in prompts
     ]
-    return Echo(texts, [runtime.prompts.decode(ids[:1]) for ids in prompt_ids])
+    return Echo(texts, [runtime.prompts.decode(ids[:1]) for ids in prompt_ids], score_only)
 
 
 async def respond_with_text(
@@ -129,35 +138,50 @@ class TextRenderer:
 
     def chunks(self, choice: Choice, output: RequestOutput) -> list[CompletionResponse]:
         prefix = self._echo(choice) if choice.num_outputs == 1 else ""
-        if not (prefix or output.text or output.finish_reason or output.logprobs):
+        text, entries, reason = self._shown(
+            output.text, output.logprobs or [], output.finish_reason
+        )
+        if not (prefix or text or reason or entries):
             return []
         start = len(self._echo(choice)) + len(choice.text) - len(output.text)
         scored_prompt = output.prompt_logprobs if choice.num_outputs == 1 else None
-        logprobs = self._logprobs(choice, scored_prompt, output.logprobs or [], start)
         item = CompletionChoice(
             index=choice.index,
-            text=prefix + output.text,
-            logprobs=logprobs,
-            finish_reason=output.finish_reason,
+            text=prefix + text,
+            logprobs=self._logprobs(choice, scored_prompt, entries, start),
+            finish_reason=reason,
         )
         return [self._envelope([item])]
 
     def usage_chunk(self, usage: Usage) -> CompletionResponse:
-        return self._envelope([], usage)
+        return self._envelope([], self._usage(usage))
 
     def response(self, tally: Tally) -> CompletionResponse:
-        items = [
-            CompletionChoice(
-                index=choice.index,
-                text=self._echo(choice) + choice.text,
-                logprobs=self._logprobs(
-                    choice, choice.prompt_logprobs, choice.logprobs, len(self._echo(choice))
-                ),
-                finish_reason=choice.finish_reason,
+        items = []
+        for choice in tally.ordered():
+            text, entries, reason = self._shown(choice.text, choice.logprobs, choice.finish_reason)
+            echo = self._echo(choice)
+            logprobs = self._logprobs(choice, choice.prompt_logprobs, entries, len(echo))
+            item = CompletionChoice(
+                index=choice.index, text=echo + text, logprobs=logprobs, finish_reason=reason
             )
-            for choice in tally.ordered()
-        ]
-        return self._envelope(items, tally.usage())
+            items.append(item)
+        return self._envelope(items, self._usage(tally.usage()))
+
+    def _shown(
+        self, text: str, entries: list[TokenLogprob], reason: str | None
+    ) -> tuple[str, list[TokenLogprob], str | None]:
+        """What the client sees of the generated part: none of it when only the prompt
+        is scored (max_tokens 0), which ends for want of tokens."""
+        if self.echo is not None and self.echo.score_only:
+            return "", [], reason and "length"
+        return text, entries, reason
+
+    def _usage(self, usage: Usage) -> Usage:
+        if self.echo is None or not self.echo.score_only:
+            return usage
+        prompt = usage.prompt_tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=0, total_tokens=prompt)
 
     def _envelope(
         self, items: list[CompletionChoice], usage: Usage | None = None

@@ -43,7 +43,7 @@ def test_prompt_shapes() -> None:
         {"prompt": "x", "n": 0},
         {"prompt": "x", "temperature": -1},
         {"prompt": "x", "seed": 2**64},
-        {"prompt": "x", "max_tokens": 0},
+        {"prompt": "x", "max_tokens": -1},
         {"prompt": {"nested": ["deep"]}},
     ],
 )

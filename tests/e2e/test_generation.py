@@ -159,6 +159,26 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     assert [t for part in streamed for t in part.tokens or []] == logprobs.tokens
     assert [v for part in streamed for v in part.token_logprobs or []] == logprobs.token_logprobs
+    _check_prompt_alone(openai_client, {**request, "max_tokens": 0}, scored)
+
+
+def _check_prompt_alone(openai_client: OpenAI, request: dict[str, Any], scored: Any) -> None:
+    """max_tokens 0: the prompt echoed and scored, nothing generated."""
+    prompt_len = len(request["prompt"])
+    alone = openai_client.completions.create(**request)
+    choice = alone.choices[0]
+    assert choice.logprobs is not None and choice.finish_reason == "length"
+    assert choice.logprobs.tokens == scored.logprobs.tokens[:prompt_len]
+    assert choice.logprobs.token_logprobs == scored.logprobs.token_logprobs[:prompt_len]
+    assert choice.text == "".join(choice.logprobs.tokens or [])
+    assert alone.usage is not None and alone.usage.completion_tokens == 0
+    chunks = list(
+        openai_client.completions.create(
+            stream=True, stream_options={"include_usage": True}, **request
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage == alone.usage
 
 
 def test_response_format_holds_chat_and_completions_to_a_schema(
