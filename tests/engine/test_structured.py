@@ -104,3 +104,18 @@ def test_tokens_past_the_tokenizer_are_never_allowed(llama: LoadedModel) -> None
     assert allowed[0, :tokenizer_size].any() and not allowed[0, tokenizer_size:].any()
     first = llama.tokenizer.decode(allowed[0].nonzero().flatten().tolist()[:1])
     assert first.startswith("{")
+
+
+def test_schemas_hold_through_preemption(llama: LoadedModel) -> None:
+    """A preempted sample is recomputed from its tokens; its matcher, which saw each token
+    once, goes on from where it was."""
+    per_token = llama.info.kv_bytes_per_token()
+    core = make_core(llama, kv_cache_bytes=96 * per_token, max_num_batched_tokens=32)
+    grammar = core.structured.json_schema_grammar(SCHEMA)
+    params = SamplingParams(max_tokens=64, temperature=1.0, n=2, seed=5, grammar=grammar)
+    prompts = [[10 + i] * (20 + 7 * i) for i in range(6)]
+    results = run_jobs(core, [Job(prompt, params) for prompt in prompts])
+    assert core.scheduler.num_preemptions > 0
+    for samples in results:
+        for sample in samples:
+            assert sample.finish_reason == "stop" and _matches(sample.text), sample.text
