@@ -72,11 +72,18 @@ class PromptBuilder:
             raise bad_request("Completion prompts cannot hold image tokens; use chat.", param)
         return token_ids
 
-    def chat(self, messages: list[Message], num_images: int, param: str = "messages") -> list[int]:
-        """Renders the chat template and expands one image token per image part."""
+    def chat(
+        self,
+        messages: list[Message],
+        num_images: int,
+        param: str = "messages",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Renders the chat template (with the tools the model is shown, if any) and
+        expands one image token per image part."""
         if num_images and not self.info.is_multimodal:
             raise bad_request(f"The model {self.info.name} does not accept images.", param)
-        text = self._render(messages, param)
+        text = self._render(messages, param, tools)
         check_unicode(text, param)
         token_ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if num_images and token_ids.count(self._image_token_id) != num_images:
@@ -101,12 +108,15 @@ class PromptBuilder:
         assert self.info.image_token_id is not None
         return self.info.image_token_id
 
-    def _render(self, messages: list[Message], param: str) -> str:
+    def _render(
+        self, messages: list[Message], param: str, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         if not self.chat_template:
             raise bad_request(f"The model {self.info.name} has no chat template.", param)
         try:
             rendered = self.tokenizer.apply_chat_template(
                 messages,
+                tools=tools,
                 chat_template=self.chat_template,
                 add_generation_prompt=True,
                 tokenize=False,

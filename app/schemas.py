@@ -321,14 +321,83 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+MAX_TOOLS = 128
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ToolCallFunction(BaseModel):
+    model_config = STRICT_JSON
+
+    name: str
+    arguments: str = Field(description="The arguments, as JSON text.")
+
+
+class ToolCallSpec(BaseModel):
+    """A call the assistant made: in an assistant message, and in a response."""
+
+    model_config = STRICT_JSON
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT_JSON
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = Field(
         default=None, description="Text or content parts."
     )
     name: str | None = None
+    tool_calls: list[ToolCallSpec] | None = Field(
+        default=None, description="An assistant message's calls."
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="A tool message's answer is to this call."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages hold tool_calls")
+        return self
+
+
+class ToolFunction(BaseModel):
+    model_config = STRICT_JSON
+
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="A JSON schema of the arguments."
+    )
+    strict: bool | None = Field(default=None, description="Arguments always follow the schema.")
+
+
+class ToolSpec(BaseModel):
+    model_config = STRICT_JSON
+
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT_JSON
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT_JSON
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -350,15 +419,23 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
     logit_bias: LogitBias = None
-    tools: list[dict[str, Any]] | None = Field(
-        default=None, description="Not supported (must be empty)."
+    tools: list[ToolSpec] | None = Field(
+        default=None, max_length=MAX_TOOLS, description="Functions the model may call."
+    )
+    tool_choice: ToolChoice | None = Field(
+        default=None,
+        description="none, auto (the default with tools), required, or one named function. "
+        "With required or a name the call is held to the tools' schemas.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Accepted; a forced call is one call."
     )
     response_format: ResponseFormat = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        _refuse_unsupported({"tools": self.tools}, ("tools",))
         _check_structured(self.response_format, self.min_tokens)
+        self._check_tools()
         if len(self.stop_list) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
         if self.top_logprobs and not self.logprobs:
@@ -372,6 +449,24 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def tool_choice_value(self) -> str | dict[str, Any]:
+        """tool_choice as plain data; unset: auto with tools, none without."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        return choice if isinstance(choice, str) else choice.model_dump()
+
+    def _check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be distinct")
+        choice = self.tool_choice_value
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise ValueError(f"tool_choice names {choice['function']['name']!r}, not a tool")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice required needs tools")
+        if choice != "none" and response_schema(self.response_format) is not None:
+            raise ValueError("response_format cannot be combined with tools")
 
     @property
     def logprobs_count(self) -> int | None:
@@ -394,7 +489,15 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallSpec] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_only_if_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -413,9 +516,19 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(BaseModel):
+    """A call in a stream: sent whole, in one delta."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

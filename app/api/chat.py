@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
@@ -13,6 +16,7 @@ from app.api.generation import (
     Tally,
     fit_to_context,
     gather,
+    held_to_schema,
     new_request_id,
     sampling_params,
     stream_events,
@@ -36,10 +40,14 @@ from app.schemas import (
     ChatMessage,
     TextPart,
     TokenLogprobEntry,
+    ToolCallDelta,
+    ToolCallFunction,
+    ToolCallSpec,
     TopLogprob,
     Usage,
 )
 from app.service import Runtime
+from app.tools import CallWatcher, ToolCall, ToolPlan, plan_tools
 
 router = APIRouter(tags=["chat"])
 
@@ -58,7 +66,10 @@ async def create_chat_completion(
     images = await _load_images(runtime, image_urls)
     builder = runtime.prompts
     num_chars = sum(len(str(message["content"])) for message in messages)
-    prompt_ids = await builder.run(num_chars, builder.chat, messages, len(images))
+    plan, shown_tools = _tools(body)
+    prompt_ids = await builder.run(
+        num_chars, builder.chat, messages, len(images), "messages", shown_tools
+    )
     base = sampling_params(
         body,
         runtime,
@@ -67,12 +78,14 @@ async def create_chat_completion(
         logit_bias=body.logit_bias,
     )
     base = await with_response_format(base, runtime, body.response_format)
+    if plan is not None and plan.mode == "forced":
+        base = await held_to_schema(base, runtime, plan.call_schema, "tool_choice")
     max_len = runtime.max_model_len
     requested = body.requested_max_tokens
     params = fit_to_context(base, requested, len(prompt_ids), max_len, "max_tokens")
     job = Job("chat", new_request_id("chatcmpl"), runtime.model_id, [prompt_ids], [params], images)
     streams = submit(runtime, job)
-    tally, render = Tally(job), ChatRenderer(job)
+    tally, render = Tally(job), ChatRenderer(job, plan)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         usage_chunk = render.usage_chunk if include_usage else None
@@ -82,33 +95,61 @@ async def create_chat_completion(
     return JSONResponse(render.response(tally).model_dump(mode="json"))
 
 
+def _tools(body: ChatCompletionRequest) -> tuple[ToolPlan | None, list[dict[str, Any]] | None]:
+    """The request's tool plan, and the tools the chat template shows the model."""
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or ()]
+    choice = body.tool_choice_value
+    return plan_tools(tools, choice), (tools if tools and choice != "none" else None)
+
+
 def template_messages(messages: list[ChatMessage]) -> tuple[list[Message], list[tuple[str, str]]]:
     """OpenAI messages -> chat-template messages, and the image URLs in order with their params.
 
     Text-only content becomes a plain string (what every template accepts); content
-    with images keeps its parts, each image_url part becoming {"type": "image"}.
+    with images keeps its parts, each image_url part becoming {"type": "image"}. An
+    assistant's calls and a tool's answer keep the fields chat templates read.
     """
     converted: list[Message] = []
     image_urls: list[tuple[str, str]] = []
     for message_index, message in enumerate(messages):
-        content = message.content or ""
-        if isinstance(content, str):
-            converted.append({"role": message.role, "content": content})
-            continue
-        texts = [part.text for part in content if isinstance(part, TextPart)]
-        if len(texts) == len(content):
-            converted.append({"role": message.role, "content": "\n".join(texts)})
-            continue
-        parts: list[dict[str, str]] = []
-        for part_index, part in enumerate(content):
-            if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": part.text})
-            else:
-                param = f"messages.{message_index}.content.{part_index}.image_url.url"
-                image_urls.append((part.image_url.url, param))
-                parts.append({"type": "image"})
-        converted.append({"role": message.role, "content": parts})
+        content = _template_content(message, message_index, image_urls)
+        entry: Message = {"role": message.role, "content": content}
+        if message.tool_calls:
+            entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        converted.append(entry)
     return converted, image_urls
+
+
+def _template_content(
+    message: ChatMessage, message_index: int, image_urls: list[tuple[str, str]]
+) -> str | list[dict[str, str]]:
+    content = message.content or ""
+    if isinstance(content, str):
+        return content
+    texts = [part.text for part in content if isinstance(part, TextPart)]
+    if len(texts) == len(content):
+        return "\n".join(texts)
+    parts: list[dict[str, str]] = []
+    for part_index, part in enumerate(content):
+        if isinstance(part, TextPart):
+            parts.append({"type": "text", "text": part.text})
+        else:
+            param = f"messages.{message_index}.content.{part_index}.image_url.url"
+            image_urls.append((part.image_url.url, param))
+            parts.append({"type": "image"})
+    return parts
+
+
+def _template_call(call: ToolCallSpec) -> dict[str, Any]:
+    """A call as chat templates take it: its arguments as an object where they parse."""
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
 
 
 async def _load_images(runtime: Runtime, image_urls: list[tuple[str, str]]) -> list[ImageInput]:
@@ -122,9 +163,11 @@ async def _load_images(runtime: Runtime, image_urls: list[tuple[str, str]]) -> l
 class ChatRenderer:
     """Builds chat.completion responses and chat.completion.chunk events from choices."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, plan: ToolPlan | None = None) -> None:
         self.job = job
+        self.plan = plan
         self.with_logprobs = job.params[0].logprobs is not None
+        self._watchers: dict[int, CallWatcher] = {}  # by choice index, while streaming
 
     def chunks(self, choice: Choice, output: RequestOutput) -> list[ChatCompletionChunk]:
         chunks = []
@@ -136,30 +179,55 @@ class ChatRenderer:
                     )
                 )
             )
-        if output.text or output.finish_reason or output.logprobs:
+        text, calls, reason = self._streamed(choice, output)
+        if text or calls or reason or output.logprobs:
             item = ChatChunkChoice(
                 index=choice.index,
-                delta=ChatDelta(content=output.text) if output.text else ChatDelta(),
+                delta=ChatDelta(content=text or None, tool_calls=calls or None),
                 logprobs=self._logprobs(output.logprobs or []),
-                finish_reason=output.finish_reason,
+                finish_reason=reason,
             )
             chunks.append(self._chunk(item))
         return chunks
+
+    def _streamed(
+        self, choice: Choice, output: RequestOutput
+    ) -> tuple[str, list[ToolCallDelta], str | None]:
+        """The content to send now, the calls found at the end, and the finish reason."""
+        if self.plan is None:
+            return output.text, [], output.finish_reason
+        watcher = self._watchers.setdefault(choice.index, CallWatcher(self.plan))
+        text = watcher.feed(output.text)
+        if output.finish_reason is None:
+            return text, [], None
+        del self._watchers[choice.index]
+        content, calls = watcher.finish()
+        deltas = [
+            ToolCallDelta(index=i, id=call.id, function=_call_function(call))
+            for i, call in enumerate(calls)
+        ]
+        return text + (content or ""), deltas, "tool_calls" if calls else output.finish_reason
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk(None, usage)
 
     def response(self, tally: Tally) -> ChatCompletionResponse:
         job = self.job
-        items = [
-            ChatChoice(
+        items = []
+        for choice in tally.ordered():
+            content, calls = self.plan.parse(choice.text) if self.plan else (choice.text, [])
+            message = AssistantMessage(content=content, tool_calls=None)
+            if calls:
+                message.tool_calls = [
+                    ToolCallSpec(id=call.id, function=_call_function(call)) for call in calls
+                ]
+            item = ChatChoice(
                 index=choice.index,
-                message=AssistantMessage(content=choice.text),
+                message=message,
                 logprobs=self._logprobs(choice.logprobs),
-                finish_reason=choice.finish_reason,
+                finish_reason="tool_calls" if calls else choice.finish_reason,
             )
-            for choice in tally.ordered()
-        ]
+            items.append(item)
         return ChatCompletionResponse(
             id=job.request_id,
             created=job.created,
@@ -184,6 +252,10 @@ class ChatRenderer:
         if not self.with_logprobs:
             return None
         return ChatLogprobs(content=[_logprob_entry(entry) for entry in entries])
+
+
+def _call_function(call: ToolCall) -> ToolCallFunction:
+    return ToolCallFunction(name=call.name, arguments=call.arguments)
 
 
 def _logprob_entry(entry: TokenLogprob) -> TokenLogprobEntry:

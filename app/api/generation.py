@@ -105,16 +105,23 @@ def _token_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
 async def with_response_format(
     params: SamplingParams, runtime: Runtime, response_format: dict[str, Any] | None
 ) -> SamplingParams:
-    """`params` held to the request's JSON schema, compiled off the event loop (a large
-    schema, or the first one, which builds the tokenizer's grammar tables, takes a while)."""
+    """`params` held to the JSON schema of the request's response_format, if any."""
     schema = response_schema(response_format)
+    return await held_to_schema(params, runtime, schema, "response_format")
+
+
+async def held_to_schema(
+    params: SamplingParams, runtime: Runtime, schema: dict[str, Any] | None, param: str
+) -> SamplingParams:
+    """`params` held to `schema`, compiled off the event loop (a large schema, or the first
+    one, which builds the tokenizer's grammar tables, takes a while)."""
     if schema is None:
         return params
     compile_schema = runtime.engine.structured.json_schema_grammar
     try:
         grammar = await anyio.to_thread.run_sync(compile_schema, schema)
     except GrammarError as exc:
-        raise bad_request(str(exc), "response_format") from exc
+        raise bad_request(str(exc), param) from exc
     return dataclasses.replace(params, grammar=grammar)
 
 

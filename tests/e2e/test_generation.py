@@ -209,6 +209,61 @@ def test_response_format_holds_chat_and_completions_to_a_schema(
         assert set(json.loads(choice.text)) == {"colour", "count"}, choice.text
 
 
+CITY = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Oslo", "Rome"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "weather", "parameters": CITY}},
+    {"type": "function", "function": {"name": "clock", "parameters": NO_ARGUMENTS}},
+]
+
+
+def test_forced_tool_calls_plain_and_streamed(openai_client: OpenAI, model_id: str) -> None:
+    asked = [{"role": "user", "content": "weather in Oslo?"}]
+    response = openai_client.chat.completions.create(
+        model=model_id, messages=asked, tools=TOOLS, tool_choice="required", max_tokens=100
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name in ("weather", "clock")
+    assert arguments in ({"city": "Oslo"}, {"city": "Rome"}, {})
+    named = {"type": "function", "function": {"name": "weather"}}
+    chunks = list(
+        openai_client.chat.completions.create(
+            model=model_id, messages=asked, tools=TOOLS, tool_choice=named, max_tokens=100,
+            stream=True,
+        )
+    )  # fmt: skip
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert all(not delta.content for delta in deltas)
+    [streamed] = [call for delta in deltas for call in delta.tool_calls or []]
+    assert streamed.function.name == "weather" and streamed.id.startswith("call_")
+    assert json.loads(streamed.function.arguments)["city"] in ("Oslo", "Rome")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_conversation_with_a_tool_turn(openai_client: OpenAI, model_id: str) -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}  # fmt: skip
+    messages: list[Any] = [
+        {"role": "user", "content": "weather in Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"},
+    ]
+    response = openai_client.chat.completions.create(
+        model=model_id, messages=messages, tools=TOOLS, max_tokens=8, temperature=0
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert choice.message.content or choice.message.tool_calls
+
+
 def test_legacy_engines_route(http: httpx.Client, model_id: str) -> None:
     """What openai<1's Completion.create(engine=..., ...) sends."""
     response = http.post(

@@ -1,0 +1,131 @@
+"""Tool calls (OpenAI function calling), built on structured output.
+
+`tool_choice` "required", or one named function: the output is held by grammar to a single
+call, `{"name": ..., "arguments": {...}}`, with each tool's arguments held to its parameters
+schema, so any model makes a well-formed call. "auto": the model writes freely, and its
+output is read as calls when it takes one of the two forms most open models are trained to
+write: a bare JSON object `{"name": ..., "arguments" or "parameters": {...}}` (Llama 3.1 and
+later), or `<tool_call>{...}</tool_call>` blocks (Hermes, Qwen 2.5 and later), the text
+around them kept as content. "none": the model is not shown the tools.
+
+Streamed, a choice's text is held back while it could still be the start of a call; once it
+cannot, what was held and everything after it streams as content. So with "auto" a call is
+recognised only at the start of the output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BLOCK_OPEN, BLOCK_CLOSE = "<tool_call>", "</tool_call>"
+BLOCK = re.compile(re.escape(BLOCK_OPEN) + r"(.*?)" + re.escape(BLOCK_CLOSE), re.DOTALL)
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a request's tools mean for its generation and its answer."""
+
+    mode: Literal["auto", "forced"]
+    tools: dict[str, dict[str, Any]]  # name -> parameters schema, of the tools it may call
+
+    @property
+    def call_schema(self) -> dict[str, Any]:
+        """The JSON schema a forced call is held to: one of the tools, with its arguments."""
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for name, parameters in self.tools.items()
+        ]
+        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """The content left and the calls in a finished output; no calls: all content."""
+        calls = self._blocks(text)
+        if calls:
+            content = BLOCK.sub("", text).strip()
+            return content or None, calls
+        bare = self._call(text)
+        if bare is not None:
+            return None, [bare]
+        return text, []
+
+    def may_start_call(self, text: str) -> bool:
+        """Whether streamed text so far could still be the start of a call."""
+        head = text.lstrip()
+        if self.mode == "forced" or not head:
+            return True
+        return head.startswith(("{", BLOCK_OPEN)) or BLOCK_OPEN.startswith(head)
+
+    def _blocks(self, text: str) -> list[ToolCall]:
+        calls = [self._call(body) for body in BLOCK.findall(text)]
+        return [call for call in calls if call is not None] if all(calls) else []
+
+    def _call(self, text: str) -> ToolCall | None:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or value.get("name") not in self.tools:
+            return None
+        arguments = value.get("arguments", value.get("parameters", {}))
+        if isinstance(arguments, str):  # some models write the arguments as JSON text
+            return ToolCall(value["name"], arguments)
+        return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def plan_tools(tools: list[dict[str, Any]], tool_choice: str | dict[str, Any]) -> ToolPlan | None:
+    """The plan for schema-checked `tools` and `tool_choice`; None when no call is possible."""
+    if not tools or tool_choice == "none":
+        return None
+    schemas = {
+        tool["function"]["name"]: tool["function"].get("parameters") or {"type": "object"}
+        for tool in tools
+    }
+    if tool_choice == "auto":
+        return ToolPlan("auto", schemas)
+    if tool_choice == "required":
+        return ToolPlan("forced", schemas)
+    assert isinstance(tool_choice, dict)
+    name = tool_choice["function"]["name"]
+    return ToolPlan("forced", {name: schemas[name]})
+
+
+class CallWatcher:
+    """One streamed choice: passes text on, or holds it while it may be a call."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.held = ""
+        self.passing = False
+
+    def feed(self, text: str) -> str:
+        """The text to stream now."""
+        if self.passing:
+            return text
+        self.held += text
+        if self.plan.may_start_call(self.held):
+            return ""
+        self.passing = True
+        released, self.held = self.held, ""
+        return released
+
+    def finish(self) -> tuple[str | None, list[ToolCall]]:
+        """At the end: the held text's content and calls."""
+        if self.passing or not self.held:
+            return None, []
+        return self.plan.parse(self.held)
