@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 Delivery = tuple[Any, RequestOutput]  # (the request's sink, one output)
 NONFINITE_ERROR = "the model produced no finite logits for this sequence"
-GRAMMAR_ERROR = "the sampled token does not fit the response_format"
+GRAMMAR_ERROR = "the sampled token does not fit the JSON schema the request holds it to"
 
 
 class EngineCore:

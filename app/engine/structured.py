@@ -1,4 +1,4 @@
-"""Structured output: generation held to a JSON schema (OpenAI's `response_format`).
+"""Structured output: generation held to a JSON schema (`response_format`, forced tool calls).
 
 llguidance does the work. A request's schema becomes a grammar, compiled and checked
 before the request is queued (a bad schema is a 400, not a failed generation); each of
@@ -72,7 +72,7 @@ class StructuredOutputs:
                 self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos
             )
         except Exception as exc:  # llguidance reads only byte-level and byte-fallback vocabularies
-            self._error = f"this model's tokenizer does not support response_format ({exc})"
+            self._error = f"this model's tokenizer cannot be held to a JSON schema ({exc})"
 
 
 def blocked_tokens(matchers: Seq[Any], vocab_size: int, device: torch.device) -> torch.Tensor:
