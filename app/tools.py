@@ -8,9 +8,8 @@ write: a bare JSON object `{"name": ..., "arguments" or "parameters": {...}}` (L
 later), or `<tool_call>{...}</tool_call>` blocks (Hermes, Qwen 2.5 and later), the text
 around them kept as content. "none": the model is not shown the tools.
 
-Streamed, a choice's text is held back while it could still be the start of a call; once it
-cannot, what was held and everything after it streams as content. So with "auto" a call is
-recognised only at the start of the output.
+Streamed, a choice's text is held back while it could still be a call (`CallWatcher`), so a
+stream carries the same content and calls as the plain answer.
 """
 
 from __future__ import annotations
@@ -106,26 +105,47 @@ def plan_tools(tools: list[dict[str, Any]], tool_choice: str | dict[str, Any]) -
 
 
 class CallWatcher:
-    """One streamed choice: passes text on, or holds it while it may be a call."""
+    """One streamed choice: passes text on, and holds back what may be a call.
+
+    An output that may still be one bare call (it starts like JSON) is held whole. After
+    that, text streams on except from a `<tool_call>` tag to the end, which waits for the
+    end to be read as calls; a tail that could be the start of that tag waits to see.
+    """
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
-        self.held = ""
-        self.passing = False
+        self.held = ""  # text not sent yet
+        self.at_start = True  # nothing sent yet: the output may still be one bare call
+        self.in_block = False  # a <tool_call> tag has come: the rest waits for the end
 
     def feed(self, text: str) -> str:
         """The text to stream now."""
-        if self.passing:
-            return text
         self.held += text
-        if self.plan.may_start_call(self.held):
+        if self.plan.mode == "forced" or self.in_block:
             return ""
-        self.passing = True
-        released, self.held = self.held, ""
-        return released
+        if self.at_start and self.plan.may_start_call(self.held):
+            return ""
+        self.at_start = False
+        tag = self.held.find(BLOCK_OPEN)
+        if tag >= 0:
+            self.in_block = True
+            return self._release(tag)
+        return self._release(len(self.held) - _partial_tag(self.held))
 
     def finish(self) -> tuple[str | None, list[ToolCall]]:
         """At the end: the held text's content and calls."""
-        if self.passing or not self.held:
+        if not self.held:
             return None, []
         return self.plan.parse(self.held)
+
+    def _release(self, end: int) -> str:
+        released, self.held = self.held[:end], self.held[end:]
+        return released
+
+
+def _partial_tag(text: str) -> int:
+    """The length of the longest end of `text` that begins the <tool_call> tag."""
+    for size in range(min(len(text), len(BLOCK_OPEN) - 1), 0, -1):
+        if BLOCK_OPEN.startswith(text[-size:]):
+            return size
+    return 0

@@ -80,6 +80,19 @@ def test_a_stream_is_held_back_only_while_it_may_be_a_call() -> None:
     assert forced.feed("anything") == ""  # a forced output is a call whatever it looks like
 
 
+def test_a_tool_call_block_after_text_is_held_to_the_end() -> None:
+    stream = CallWatcher(AUTO)
+    parts = ["Let me check. ", "<to", 'ol_call>{"name": "time", ', '"arguments": {}}</tool_call>']
+    assert [stream.feed(part) for part in parts] == ["Let me check. ", "", "", ""]
+    content, calls = stream.finish()
+    assert content is None and [call.name for call in calls] == ["time"]
+    near_miss = CallWatcher(AUTO)
+    assert [near_miss.feed(part) for part in ["a <to", "p", " b"]] == ["a ", "<top", " b"]
+    assert near_miss.finish() == (None, [])
+    unfinished = CallWatcher(AUTO)
+    assert unfinished.feed("x <tool_ca") == "x " and unfinished.finish() == ("<tool_ca", [])
+
+
 @pytest.mark.parametrize(
     "fields",
     [
