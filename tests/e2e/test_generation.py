@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import httpx
+import openai
 import pytest
 import torch
 from openai import OpenAI
+from pydantic import BaseModel, Field
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from tests.api.images import data_url, scene_png
@@ -207,6 +209,30 @@ def test_response_format_holds_chat_and_completions_to_a_schema(
     )  # fmt: skip
     for choice in completion.choices:
         assert set(json.loads(choice.text)) == {"colour", "count"}, choice.text
+
+
+class Sighting(BaseModel):
+    """What the openai package's parse() helper turns into a strict json_schema."""
+
+    shape: Literal["circle", "square"]
+    count: Annotated[int, Field(ge=0, le=9)]
+
+
+def test_the_openai_parse_helper_gets_its_pydantic_model(
+    openai_client: OpenAI, model_id: str
+) -> None:
+    completion = openai_client.chat.completions.parse(
+        model=model_id, messages=_image_chat("what is there?"), response_format=Sighting,
+        max_tokens=60, temperature=1.0,
+    )  # fmt: skip
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Sighting) and parsed.shape in ("circle", "square")
+    called = openai_client.chat.completions.parse(
+        model=model_id, messages=_image_chat("report it"), max_tokens=100,
+        tools=[openai.pydantic_function_tool(Sighting)], tool_choice="required",
+    )  # fmt: skip
+    [call] = called.choices[0].message.tool_calls or []
+    assert isinstance(call.function.parsed_arguments, Sighting)
 
 
 CITY = {
