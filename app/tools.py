@@ -41,16 +41,20 @@ class ToolPlan:
     @property
     def call_schema(self) -> dict[str, Any]:
         """The JSON schema a forced call is held to: one of the tools, with its arguments."""
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, "arguments": parameters},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-            for name, parameters in self.tools.items()
-        ]
-        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+        calls, defs = [], {}
+        for index, (name, parameters) in enumerate(self.tools.items()):
+            arguments, tool_defs = _embeddable(parameters, f"tool{index}_")
+            defs.update(tool_defs)
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": arguments},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
+        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return {**schema, "$defs": defs} if defs else schema
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The content left and the calls in a finished output; no calls: all content."""
@@ -85,6 +89,30 @@ class ToolPlan:
         if isinstance(arguments, str):  # some models write the arguments as JSON text
             return ToolCall(value["name"], arguments)
         return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _embeddable(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A parameters schema made to sit inside the call's schema, and its definitions.
+
+    `$ref`s such as "#/$defs/Item" (what pydantic writes for nested models) point at the
+    root of the schema they are in: the definitions move to the call schema's root, renamed
+    with the tool's prefix so that two tools' Items stay apart, and the references follow.
+    """
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+
+    def moved(node: Any) -> Any:
+        if isinstance(node, list):
+            return [moved(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: moved(value) for key, value in node.items()}
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+            out["$ref"] = "#/$defs/" + prefix + ref.rsplit("/", 1)[1]
+        return out
+
+    body = {key: value for key, value in schema.items() if key not in ("$defs", "definitions")}
+    return moved(body), {prefix + name: moved(value) for name, value in defs.items()}
 
 
 def plan_tools(tools: list[dict[str, Any]], tool_choice: str | dict[str, Any]) -> ToolPlan | None:

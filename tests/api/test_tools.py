@@ -33,6 +33,30 @@ def test_tool_choice_makes_the_plan() -> None:
     assert named is not None and named.call_schema["properties"]["arguments"] == WEATHER
 
 
+def test_definitions_of_nested_arguments_move_to_the_call_schema() -> None:
+    from llguidance import LLMatcher
+
+    def tool_with_item(item: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}},
+            "$defs": {"Item": item},
+        }
+
+    plan = ToolPlan(
+        "forced",
+        {
+            "order": tool_with_item({"type": "integer"}),
+            "note": tool_with_item({"type": "string"}),
+        },
+    )
+    schema = plan.call_schema
+    assert schema["$defs"] == {"tool0_Item": {"type": "integer"}, "tool1_Item": {"type": "string"}}
+    refs = [c["properties"]["arguments"]["properties"]["items"]["items"] for c in schema["anyOf"]]
+    assert refs == [{"$ref": "#/$defs/tool0_Item"}, {"$ref": "#/$defs/tool1_Item"}]
+    assert LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema)) == ""
+
+
 @pytest.mark.parametrize(
     ("text", "content", "calls"),
     [

@@ -218,6 +218,10 @@ class Sighting(BaseModel):
     count: Annotated[int, Field(ge=0, le=9)]
 
 
+class Report(BaseModel):
+    sighting: Sighting
+
+
 def test_the_openai_parse_helper_gets_its_pydantic_model(
     openai_client: OpenAI, model_id: str
 ) -> None:
@@ -228,11 +232,11 @@ def test_the_openai_parse_helper_gets_its_pydantic_model(
     parsed = completion.choices[0].message.parsed
     assert isinstance(parsed, Sighting) and parsed.shape in ("circle", "square")
     called = openai_client.chat.completions.parse(
-        model=model_id, messages=_image_chat("report it"), max_tokens=100,
-        tools=[openai.pydantic_function_tool(Sighting)], tool_choice="required",
+        model=model_id, messages=_image_chat("report it"), max_tokens=120,
+        tools=[openai.pydantic_function_tool(Report)], tool_choice="required",
     )  # fmt: skip
     [call] = called.choices[0].message.tool_calls or []
-    assert isinstance(call.function.parsed_arguments, Sighting)
+    assert isinstance(call.function.parsed_arguments, Report)  # nested: its schema uses $defs
 
 
 CITY = {
