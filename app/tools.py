@@ -70,9 +70,7 @@ class ToolPlan:
     def may_start_call(self, text: str) -> bool:
         """Whether streamed text so far could still be the start of a call."""
         head = text.lstrip()
-        if self.mode == "forced" or not head:
-            return True
-        return head.startswith(("{", BLOCK_OPEN)) or BLOCK_OPEN.startswith(head)
+        return not head or head.startswith(("{", BLOCK_OPEN)) or BLOCK_OPEN.startswith(head)
 
     def _blocks(self, text: str) -> list[ToolCall]:
         calls = [self._call(body) for body in BLOCK.findall(text)]

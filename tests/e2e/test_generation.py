@@ -292,6 +292,12 @@ def test_a_conversation_with_a_tool_turn(openai_client: OpenAI, model_id: str) -
     choice = response.choices[0]
     assert choice.finish_reason in ("stop", "length", "tool_calls")
     assert choice.message.content or choice.message.tool_calls
+    unanswered = openai_client.chat.completions.create(
+        model=model_id, messages=messages[:2], tools=TOOLS, max_tokens=1
+    )
+    assert response.usage is not None and unanswered.usage is not None
+    more = response.usage.prompt_tokens - unanswered.usage.prompt_tokens
+    assert more >= len("sunny, 24 C") // 4  # the tool's answer reached the prompt
 
 
 def test_legacy_engines_route(http: httpx.Client, model_id: str) -> None:
