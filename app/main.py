@@ -14,9 +14,9 @@ from pydantic import BaseModel
 from app import __version__
 from app.api import chat, completions, health, models, vision
 from app.api.middleware import GateMiddleware
+from app.chat_schemas import ChatCompletionChunk
 from app.config import Settings
 from app.errors import install_error_handlers
-from app.schemas import ChatCompletionChunk
 from app.service import Service
 
 if TYPE_CHECKING:

@@ -25,10 +25,7 @@ from app.api.generation import (
 )
 from app.api.images import check_image_count, image_intake, load_image_url
 from app.api.sse import EventStreamResponse, streamed_ok
-from app.engine.sequence import ImageInput, RequestOutput, TokenLogprob
-from app.errors import ERROR_RESPONSES
-from app.prompts import Message
-from app.schemas import (
+from app.chat_schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -44,8 +41,11 @@ from app.schemas import (
     ToolCallFunction,
     ToolCallSpec,
     TopLogprob,
-    Usage,
 )
+from app.engine.sequence import ImageInput, RequestOutput, TokenLogprob
+from app.errors import ERROR_RESPONSES
+from app.prompts import Message
+from app.schemas import Usage
 from app.service import Runtime
 from app.tools import CallWatcher, ToolCall, ToolPlan, plan_tools
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from app.chat_schemas import ChatCompletionRequest
 from app.schemas import (
     MAX_LOGIT_BIAS,
     MAX_STOP_STRINGS,
-    ChatCompletionRequest,
     CompletionRequest,
     response_schema,
 )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.schemas import ChatCompletionRequest, ChatMessage
+from app.chat_schemas import ChatCompletionRequest, ChatMessage
 from app.tools import CallWatcher, ToolPlan, plan_tools
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
