@@ -27,6 +27,7 @@ sum over the whole row is a sequential pass that writes as much as it reads: 1.0
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from app.engine.topk import topk
-from app.engine.truncation import column, exp_weights, nucleus_floor
+from app.engine.truncation import exp_weights, min_p_ratio, nucleus_floor, nucleus_limit
 
 MAX_ROUNDS = 4
 # Columns per partial sum. 256 was the fastest of 256, 512 and 1024 for 32 rows of
@@ -108,14 +109,16 @@ def _keep_top_k(weights: torch.Tensor, rows: list[int], top_k: list[int]) -> Non
 def _accepts(
     weights: torch.Tensor, total: float, weight: float, top_p: float, min_p: float
 ) -> bool:
-    """Whether a token of this weight is in its row's min_p set and top_p nucleus."""
-    if weight < min_p:
+    """Whether a token of this weight is in its row's min_p set and top_p nucleus (the
+    row's largest weight is 1)."""
+    if weight < min_p_ratio(min_p):
         return False
-    if top_p >= 1.0:
+    limit = nucleus_limit(top_p)
+    if limit == math.inf:
         return True
     # threshold keeps what is strictly above `weight` and zeroes the rest, in one pass
     more_likely = F.threshold(weights, weight, 0.0).sum().item()
-    return more_likely < top_p * total
+    return more_likely < limit * total
 
 
 def _draw_masked(
@@ -126,13 +129,10 @@ def _draw_masked(
     uniforms: Uniforms,
 ) -> torch.Tensor:
     """Draws from `weights` [F, vocab] (of `rows`) with both sets built as masks."""
-    device = weights.device
     probs = weights / weights.sum(dim=-1, keepdim=True)  # [F, vocab]
-    p = column([top_p[row] for row in rows], device)  # [F, 1]
-    floor = nucleus_floor(probs, p).masked_fill_(p >= 1.0, 0.0)  # top_p 1 keeps every token
-    weights.masked_fill_(probs < floor, 0.0)
-    least = column([min_p[row] for row in rows], device)  # [F, 1]
-    weights.masked_fill_(weights < least, 0.0)
+    weights.masked_fill_(probs < nucleus_floor(probs, [top_p[row] for row in rows]), 0.0)
+    ratio = torch.tensor([min_p_ratio(min_p[row]) for row in rows], device=weights.device)
+    weights.masked_fill_(weights < ratio.unsqueeze(1), 0.0)  # the largest weight is 1
     return ChunkedCdf(weights).draw(None, uniforms(rows))
 
 

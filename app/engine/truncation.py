@@ -4,7 +4,8 @@ top_k keeps the k most likely tokens and every token that ties the k-th; top_p t
 keeps the smallest set of most likely tokens whose probability (within what top_k left)
 reaches top_p, and any token exactly as likely as the least likely one in it (a sort
 orders ties arbitrarily, so ties are all kept or all dropped); min_p then keeps the
-tokens at least min_p times as likely as the most likely one.
+tokens at least min_p times as likely as the most likely one. Membership of both sets
+is decided by `nucleus_limit` and `min_p_ratio`, which every sampling path uses.
 
 top_p looks for its cut among the TOP_P_CANDIDATES most likely tokens first, and
 sorts the whole row only where they hold less than top_p of the probability (2.7 ms
@@ -15,6 +16,7 @@ token order needs to be kept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -26,6 +28,25 @@ from app.engine.sequence import Sequence
 # top_p's first look: a trained model's nucleus at the usual top_p rarely holds more
 TOP_P_CANDIDATES = 256
 WEIGHT_FLOOR = -87.0  # exp() of less is a float32 denormal (under 1.18e-38)
+# A boundary that falls on a sum of probabilities (top_p 0.7 over 0.3 + 0.22 + 0.18, or
+# min_p 0.4 of 0.3 against 0.12) would be decided by rounding, and rounding follows the
+# CPU's summation order. Both rules compare with this margin (a share of the row's total
+# weight), far above float32's error in these sums, so that such a tie falls on the side
+# the definition puts it, on every host and on every sampling path.
+BOUNDARY_MARGIN = 1e-4
+
+
+def nucleus_limit(top_p: float) -> float:
+    """A token is in top_p's nucleus when the tokens more likely than it hold less than
+    this share of the row: exactly top_p is out (the smallest set reaching top_p ends
+    before it), and top_p 1 keeps every token."""
+    return top_p - BOUNDARY_MARGIN if top_p < 1.0 else math.inf
+
+
+def min_p_ratio(min_p: float) -> float:
+    """A token is in min_p's set when its probability is at least this times the row's
+    largest: exactly min_p is in."""
+    return max(min_p - BOUNDARY_MARGIN, 0.0)
 
 
 def exp_weights(logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
@@ -52,7 +73,7 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
-def column(values: list[float], device: torch.device) -> torch.Tensor:
+def column(values: Seq[float], device: torch.device) -> torch.Tensor:
     """Per-row float parameters as a [R, 1] float32 column, to broadcast over [R, vocab]."""
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
@@ -92,33 +113,35 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float])
     if any(k < logits.shape[1] for k in top_k):
         mask_top_k(logits, top_k)
     probs = probabilities(logits)  # [R, vocab]
-    p = column(top_p, logits.device)  # [R, 1]
-    logits.masked_fill_(probs < nucleus_floor(probs, p), float("-inf"))
+    logits.masked_fill_(probs < nucleus_floor(probs, top_p), float("-inf"))
 
 
-def nucleus_floor(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """[R, 1]: the probability of the least likely token in each row's nucleus."""
+def nucleus_floor(probs: torch.Tensor, top_p: Seq[float]) -> torch.Tensor:
+    """[R, 1]: the probability of the least likely token in each row's nucleus (0 for
+    rows whose top_p keeps every token)."""
+    limit = column([nucleus_limit(p) for p in top_p], probs.device)  # [R, 1]
     candidates = min(TOP_P_CANDIDATES, probs.shape[1])
     top = probs.topk(candidates, dim=-1).values  # [R, candidates], most likely first
     mass_before = top.cumsum(dim=-1) - top  # exclusive
-    size = (mass_before < p).sum(dim=-1, keepdim=True).clamp_(min=1)  # the first always stays
+    size = (mass_before < limit).sum(dim=-1, keepdim=True).clamp_(min=1)  # the first stays
     floor = top.gather(1, size - 1)
-    wider = (size.squeeze(1) == candidates).nonzero().flatten().tolist()
+    cut = limit.squeeze(1) < math.inf
+    wider = ((size.squeeze(1) == candidates) & cut).nonzero().flatten().tolist()
     if candidates < probs.shape[1] and wider:  # the nucleus goes on past the candidates
-        floor[wider] = _floor_by_sorting(probs[wider], p[wider])
-    return floor
+        floor[wider] = _floor_by_sorting(probs[wider], limit[wider])
+    return floor.masked_fill_(~cut.unsqueeze(1), 0.0)
 
 
-def _floor_by_sorting(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def _floor_by_sorting(probs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     """The nucleus floor [W, 1] of every token sorted. Ascending, token j is in the nucleus
-    when the mass above it, total - cumsum[j], is less than p: a binary search in the
-    cumulative sum. On the CPU numpy sorts (4.9 ms for 32 rows of 50,257, torch 51 ms)."""
+    when the mass above it, total - cumsum[j], is less than the limit: a binary search in
+    the cumulative sum. On the CPU numpy sorts, far faster than torch's sort there."""
     if probs.device.type == "cpu":
         ascending = torch.from_numpy(np.sort(probs.numpy(), axis=-1))
     else:
         ascending = probs.sort(dim=-1).values
     running = ascending.cumsum(dim=-1)  # [W, vocab]
-    above_limit = running[:, -1:] - p  # the nucleus: running sum past this
+    above_limit = running[:, -1:] - limit  # the nucleus: running sum past this
     first = torch.searchsorted(running, above_limit, right=True)  # [W, 1]
     return ascending.gather(1, first.clamp_(max=ascending.shape[1] - 1))
 
@@ -126,5 +149,5 @@ def _floor_by_sorting(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
     """Keep the tokens whose probability is at least min_p times the row's largest."""
     probs = probabilities(logits)  # [R, vocab]
-    fraction = column(min_p, logits.device)  # [R, 1]
-    logits.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * fraction, float("-inf"))
+    ratio = column([min_p_ratio(m) for m in min_p], logits.device)  # [R, 1]
+    logits.masked_fill_(probs < probs.amax(dim=-1, keepdim=True) * ratio, float("-inf"))

@@ -13,7 +13,7 @@ import torch
 
 from app.engine import cdf_draw
 from app.engine.cdf_draw import ChunkedCdf, draw_truncated
-from app.engine.truncation import TOP_P_CANDIDATES, truncate
+from app.engine.truncation import BOUNDARY_MARGIN, TOP_P_CANDIDATES, truncate
 
 DRAWS = 20_000
 PROBS = [0.3, 0.22, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02]  # decreasing: no ties
@@ -58,12 +58,12 @@ def rounds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 @pytest.mark.parametrize(
     ("top_k", "top_p", "min_p"),
     [
-        (8, 0.7, 0.0),  # the nucleus: 0.3 + 0.22 + 0.18 = 0.7 reaches it
+        (8, 0.7, 0.0),  # the nucleus: 0.3 + 0.22 + 0.18 = 0.7 reaches it, so it ends there
         (8, 0.5, 0.0),  # 0.3 alone falls short: the second token is in
         (3, 1.0, 0.0),
-        (8, 1.0, 0.4),  # at least 0.12: four tokens
+        (8, 1.0, 0.4),  # at least 0.4 * 0.3 = 0.12: four tokens
         (5, 0.8, 0.3),  # top_k 5, then the nucleus of the renormalised five, then min_p
-        (8, 0.9, 0.1),
+        (8, 0.9, 0.1),  # five tokens reach 0.9; min_p's 0.1 * 0.3 = 0.03 keeps all five
     ],
 )
 def test_draws_follow_the_masked_distribution(
@@ -169,3 +169,54 @@ def test_a_chunk_sum_above_its_own_running_sum_draws_no_padding(chunk: int) -> N
     cdf.running[:, -1] += 1e-3  # far more than rounding, for a clear margin
     near_the_total = torch.tensor([1.0 - 2.0**-53, 0.9999], dtype=torch.float64)
     assert cdf.draw(None, near_the_total).tolist() == [vocab - 1, vocab - 1]
+
+
+BINARY = [0.5, 0.25, 0.125, 0.0625, 0.0625]  # every sum exact in float32
+BOUNDARY_ROWS = {
+    # (probabilities, top_p, min_p, the tokens the definition keeps)
+    "decimal-top_p": (PROBS, 0.7, 0.0, {0, 1, 2}),
+    "decimal-min_p": (PROBS, 1.0, 0.4, {0, 1, 2, 3}),
+    "decimal-both": (PROBS, 0.9, 0.1, {0, 1, 2, 3, 4}),
+    "binary-top_p": (BINARY, 0.875, 0.0, {0, 1, 2}),
+    "binary-min_p": (BINARY, 1.0, 0.25, {0, 1, 2}),
+}
+
+
+def support(logits: torch.Tensor, top_p: float, min_p: float, max_rounds: int) -> set[int]:
+    """The tokens that 2,000 draws of this row take with `max_rounds` accept/refuse rounds
+    (0: straight from the fallback's masks)."""
+    original = cdf_draw.MAX_ROUNDS
+    cdf_draw.MAX_ROUNDS = max_rounds
+    try:
+        counts = draw_counts(logits, logits.shape[1], top_p, min_p, draws=2000)
+    finally:
+        cdf_draw.MAX_ROUNDS = original
+    return set(counts.nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("case", BOUNDARY_ROWS)
+@pytest.mark.parametrize("layout", ["as-listed", "shuffled", "long-tail"])
+def test_a_boundary_row_has_one_support_on_every_path(case: str, layout: str) -> None:
+    """A row whose nucleus or min_p set ends exactly on a boundary: the masks, the
+    accept/refuse draws and their masked fallback keep the same tokens, the ones the
+    definition keeps, whatever order the row's sums are taken in. Shuffling the columns
+    and spreading the row over 1,000 columns (a tail far below the boundary margin)
+    change that order."""
+    probs, top_p, min_p, kept = BOUNDARY_ROWS[case]
+    row = torch.tensor(probs, dtype=torch.float64)
+    columns = list(range(len(probs)))  # where each listed token sits in the row
+    if layout == "long-tail":
+        columns = [7 * k + 3 for k in range(len(probs))]
+        row = torch.full((1000,), BOUNDARY_MARGIN / 100 / 1000, dtype=torch.float64)
+        row[columns] = torch.tensor(probs, dtype=torch.float64)
+    elif layout == "shuffled":
+        order = torch.randperm(len(probs), generator=torch.Generator().manual_seed(len(case)))
+        row = row[order]
+        columns = order.argsort().tolist()
+    logits = (row / row.sum()).log().float().unsqueeze(0)  # [1, vocab]
+    expected = {columns[token] for token in kept}
+    masked = logits.clone()
+    truncate(masked, [logits.shape[1]], [top_p], [min_p])
+    assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == expected
+    assert support(logits, top_p, min_p, max_rounds=64) == expected  # accepted, never masked
+    assert support(logits, top_p, min_p, max_rounds=0) == expected  # masked fallback only

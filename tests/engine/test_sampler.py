@@ -11,7 +11,13 @@ import torch
 from app.engine.cdf_draw import inverse_cdf
 from app.engine.sampler import Sampler, apply_penalties
 from app.engine.sequence import SamplingParams, Sequence
-from app.engine.truncation import TOP_P_CANDIDATES, mask_min_p, mask_top_k, mask_top_k_top_p
+from app.engine.truncation import (
+    TOP_P_CANDIDATES,
+    mask_min_p,
+    mask_top_k,
+    mask_top_k_top_p,
+    nucleus_limit,
+)
 
 EOS = 0
 CPU = torch.device("cpu")
@@ -66,9 +72,11 @@ def test_top_p_applies_to_the_top_k_renormalised_distribution() -> None:
 
 
 def _top_p_by_full_sort(logits: torch.Tensor, top_p: list[float]) -> list[list[int]]:
-    """The definition: sort every token, keep those with less than p of the mass before them."""
-    sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < torch.tensor(top_p).unsqueeze(1)
+    """The definition: sort every token, keep those with less than the nucleus limit (top_p
+    less the boundary margin) of the mass before them."""
+    sorted_probs, order = logits.softmax(dim=-1).double().sort(dim=-1, descending=True)
+    limits = torch.tensor([nucleus_limit(p) for p in top_p], dtype=torch.float64).unsqueeze(1)
+    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < limits
     keep[:, 0] = True
     rows = zip(order, keep, strict=True)
     return [sorted(row_order[row_keep].tolist()) for row_order, row_keep in rows]
