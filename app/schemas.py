@@ -277,10 +277,11 @@ class VisionForm(SamplingFields):
         max_length=MAX_STOP_STRINGS,
         description="Strings that end generation (repeatable).",
     )
-    stream: bool = Field(
+    stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
+    stream_include_usage: bool = Field(
         default=False,
-        description="Stream Server-Sent Events ending in [DONE]; the last chunk before it "
-        "has no choices and the token usage.",
+        description="With stream: send a last chunk before [DONE] with no choices and the token "
+        "usage (stream_options.include_usage of the JSON APIs).",
     )
 
     @property

@@ -73,8 +73,7 @@ def _job(
 
 
 async def _describe(request: Request, runtime: Runtime, form: VisionForm, job: Job) -> Response:
-    streams = submit(runtime, job)
-    # Streams always end with a usage chunk (choices: []), as with stream_options.include_usage.
+    streams, usage = submit(runtime, job), form.stream_include_usage
     return await respond(
-        request, job, streams, TextRenderer(job), stream=form.stream, include_usage=True
+        request, job, streams, TextRenderer(job), stream=form.stream, include_usage=usage
     )

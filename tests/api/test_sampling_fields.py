@@ -65,3 +65,4 @@ def test_usage_is_streamed_only_when_asked_for() -> None:
     assert CompletionRequest.model_validate(asked).include_usage
     chat = ChatCompletionRequest.model_validate({"messages": CHAT, "stream_options": {}})
     assert not chat.include_usage
+    assert not CaptionForm.model_validate({"image": _upload()}).stream_include_usage
