@@ -1,6 +1,6 @@
 """Request and response models of /v1/chat/completions: messages with images and tool
 turns, tools and tool_choice, and the chat.completion and chat.completion.chunk shapes.
-Shared field types and checks come from app/schemas.py."""
+Shared field types and checks come from app/schemas.py and app/sampling_fields.py."""
 
 from __future__ import annotations
 
@@ -14,20 +14,21 @@ from pydantic import (
     model_validator,
 )
 
+from app.sampling_fields import JSONInt, SamplingFields
 from app.schemas import (
     MAX_STOP_STRINGS,
     STRICT_JSON,
-    JSONInt,
     LogitBias,
     Logprob,
     ResponseFormat,
-    SamplingFields,
     StopField,
     StreamOptions,
     Usage,
+    bias_by_token_id,
     check_structured,
     response_schema,
     stop_list_of,
+    usage_requested,
 )
 
 
@@ -181,8 +182,15 @@ class ChatCompletionRequest(SamplingFields):
         return stop_list_of(self.stop)
 
     @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def include_usage(self) -> bool:
+        return usage_requested(self.stream_options)
+
+    def max_tokens_or(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+    @property
+    def logit_bias_by_id(self) -> dict[int, float]:
+        return bias_by_token_id(self.logit_bias)
 
     @property
     def tool_choice_value(self) -> str | dict[str, Any]:

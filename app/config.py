@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.engine.config import EngineConfig
+from app.engine.config import Dtype, EngineConfig
 
 DEFAULT_MODEL_NAME = "mmgpt-scenes"
 MB = 1_000_000
@@ -29,7 +29,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MMGPT_", extra="forbid", frozen=True)
 
-    # The model and the engine (the names match EngineConfig's fields).
+    # The model and the engine: EngineConfig's fields, by name, with its defaults.
     model: str | None = Field(
         default=None,
         description="Checkpoint folder in Hugging Face format. Default: the shipped "
@@ -40,53 +40,68 @@ class Settings(BaseSettings):
         description="Model id clients must name. Default: the checkpoint folder's name.",
     )
     device: str = Field(
-        default="auto", description="auto (cuda when available, else cpu), cpu, cuda."
+        default=EngineConfig.device, description="auto (cuda when available, else cpu), cpu, cuda."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weights and KV cache dtype."
+    dtype: Dtype = Field(default=EngineConfig.dtype, description="Weights and KV cache dtype.")
+    block_size: int = Field(
+        default=EngineConfig.block_size, ge=1, description="Tokens per KV cache block."
     )
-    block_size: int = Field(default=16, ge=1, description="Tokens per KV cache block.")
-    max_num_seqs: int = Field(default=128, ge=1, description="Most sequences in one engine step.")
+    max_num_seqs: int = Field(
+        default=EngineConfig.max_num_seqs, ge=1, description="Most sequences in one engine step."
+    )
     max_num_batched_tokens: int = Field(
-        default=2048, ge=1, description="Most tokens (decodes + prefill chunks) in one engine step."
+        default=EngineConfig.max_num_batched_tokens,
+        ge=1,
+        description="Most tokens (decodes + prefill chunks) in one engine step.",
     )
     max_model_len: int | None = Field(
-        default=None, ge=1, description="Context length. Default: the checkpoint's own."
+        default=EngineConfig.max_model_len,
+        ge=1,
+        description="Context length. Default: the checkpoint's own.",
     )
     kv_cache_bytes: int | None = Field(
-        default=None,
+        default=EngineConfig.kv_cache_bytes,
         ge=1,
         description="KV cache size. Default: a CPU default or a GPU memory fraction.",
     )
     gpu_memory_utilization: float = Field(
-        default=0.85, gt=0, le=1, description="Fraction of GPU memory the engine may use."
+        default=EngineConfig.gpu_memory_utilization,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory the engine may use.",
     )
     max_waiting_requests: int = Field(
-        default=256,
+        default=EngineConfig.max_waiting_requests,
         ge=0,
         description="Waiting-queue length beyond which requests get 503 + Retry-After.",
     )
     enable_prefix_caching: bool = Field(
-        default=True, description="Share KV blocks of equal prefixes."
+        default=EngineConfig.enable_prefix_caching, description="Share KV blocks of equal prefixes."
     )
     image_cache_size: int = Field(
-        default=256, ge=0, description="Image embeddings kept, by content."
+        default=EngineConfig.image_cache_size,
+        ge=0,
+        description="Image embeddings kept, by content.",
     )
     num_threads: int | None = Field(
-        default=None,
+        default=EngineConfig.num_threads,
         ge=1,
         description="Most torch threads a CPU step uses (small steps use one). Default: all cores.",
     )
     max_logprobs: int = Field(
-        default=20, ge=0, description="Most top logprobs a request may ask for."
+        default=EngineConfig.max_logprobs,
+        ge=0,
+        description="Most top logprobs a request may ask for.",
     )
-    seed: int = Field(default=0, description="Seed of the engine's default random generator.")
+    seed: int = Field(
+        default=EngineConfig.seed, description="Seed of the engine's default random generator."
+    )
     warm_up: bool = Field(
-        default=True,
+        default=EngineConfig.warm_up,
         description="Run one full-size step before serving, so the first requests are not slow.",
     )
     decode_mirror: bool = Field(
-        default=True,
+        default=EngineConfig.decode_mirror,
         description=(
             "On the CPU, keep the decoding sequences' keys and values also in one contiguous "
             "tensor per layer, so that decode attention reads them in place instead of "

@@ -146,7 +146,7 @@ def error_response(
 def from_engine_error(error: Exception) -> APIError:
     """Maps an error raised by `engine.submit` to the API error it stands for."""
     if isinstance(error, InvalidRequestError):
-        return bad_request(str(error), param=error.param)
+        return bad_request(str(error), param=error.param, code=error.code)
     if isinstance(error, EngineOverloadedError):
         return overloaded(str(error) or "The waiting queue is full; retry shortly.")
     if isinstance(error, EngineNotRunningError):

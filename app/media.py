@@ -52,11 +52,6 @@ def check_size(num_bytes: int, limits: ImageLimits, param: str) -> None:
         )
 
 
-def decode_image(data: bytes, limits: ImageLimits, param: str = "image") -> Image.Image:
-    """Encoded bytes -> an upright RGB image, or an APIError (400, 413, 415)."""
-    return decode_pixels(read_header(data, limits, param), param)
-
-
 def read_header(data: bytes, limits: ImageLimits, param: str = "image") -> Image.Image:
     """Checks the bytes and reads only the header: cheap whatever the picture's size."""
     if not data:

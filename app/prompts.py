@@ -59,15 +59,13 @@ class PromptBuilder:
         return await anyio.to_thread.run_sync(build, *args, limiter=self._limiter)
 
     def completion(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
-        """A completions prompt: text tokenised as the tokenizer does (BOS included), or ids."""
+        """A completions prompt: text tokenised as the tokenizer does (BOS included), or ids.
+        The engine checks the ids (not empty, in the vocabulary) when the prompt is submitted."""
         if isinstance(prompt, str):
             check_unicode(prompt, param)
             token_ids: list[int] = self.tokenizer(prompt)["input_ids"]
         else:
             token_ids = list(prompt)
-            self._check_vocab(token_ids, param)
-        if not token_ids:
-            raise bad_request("The prompt is empty.", param)
         if self.info.image_token_id is not None and self.info.image_token_id in token_ids:
             raise bad_request("Completion prompts cannot hold image tokens; use chat.", param)
         return token_ids
@@ -75,38 +73,25 @@ class PromptBuilder:
     def chat(
         self,
         messages: list[Message],
-        num_images: int,
         param: str = "messages",
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Renders the chat template (with the tools the model is shown, if any) and
-        expands one image token per image part."""
-        if num_images and not self.info.is_multimodal:
-            raise bad_request(f"The model {self.info.name} does not accept images.", param)
+        """Renders the chat template (with the tools the model is shown, if any) and expands
+        each image token. The engine checks that the image tokens match the request's images
+        (an image token typed in the text does not)."""
         text = self._render(messages, param, tools)
         check_unicode(text, param)
         token_ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if num_images and token_ids.count(self._image_token_id) != num_images:
-            raise bad_request(
-                f"The prompt holds {token_ids.count(self._image_token_id)} image tokens for "
-                f"{num_images} images; the image token may not appear in text.",
-                param,
-            )
-        return self._expand_images(token_ids) if num_images else token_ids
+        return self._expand_images(token_ids)
 
     def caption(self, prompt: str | None) -> list[int]:
-        return self.chat(image_message(prompt or self.info.caption_prompt), 1, param="prompt")
+        return self.chat(image_message(prompt or self.info.caption_prompt), param="prompt")
 
     def question(self, question: str) -> list[int]:
-        return self.chat(image_message(question), 1, param="question")
+        return self.chat(image_message(question), param="question")
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=False))
-
-    @property
-    def _image_token_id(self) -> int:
-        assert self.info.image_token_id is not None
-        return self.info.image_token_id
 
     def _render(
         self, messages: list[Message], param: str, tools: list[dict[str, Any]] | None = None
@@ -126,13 +111,10 @@ class PromptBuilder:
         return str(rendered)
 
     def _expand_images(self, token_ids: list[int]) -> list[int]:
-        image_token, length = self._image_token_id, self.info.image_seq_length
+        image_token, length = self.info.image_token_id, self.info.image_seq_length
+        if image_token is None or image_token not in token_ids:
+            return token_ids
         expanded: list[int] = []
         for token_id in token_ids:
             expanded.extend([image_token] * length if token_id == image_token else [token_id])
         return expanded
-
-    def _check_vocab(self, token_ids: list[int], param: str) -> None:
-        vocab_size = self.info.vocab_size
-        if any(not 0 <= token_id < vocab_size for token_id in token_ids):
-            raise bad_request(f"Token ids must lie in [0, {vocab_size}).", param)

@@ -1,8 +1,9 @@
 """Request and response models: OpenAI-compatible shapes, every field documented.
 
-This module holds what every endpoint shares (strict JSON, sampling fields, stop strings,
-logit_bias, response_format) and the completions, vision and model-listing shapes; the chat
-endpoint's, with images and tools, are in app/chat_schemas.py.
+This module holds what every endpoint shares (strict JSON, stop strings, logit_bias,
+response_format) and the completions, vision and model-listing shapes; the sampling fields,
+and their translation into the engine's SamplingParams, are in app/sampling_fields.py; the
+chat endpoint's shapes, with images and tools, are in app/chat_schemas.py.
 
 Unknown request fields are ignored (clients send extras such as `user`); known
 fields that would change the result but are not supported are refused with a
@@ -17,19 +18,12 @@ import math
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-MAX_N = 128
+from app.sampling_fields import JSONInt, SamplingFields
+
 MAX_STOP_STRINGS = 64
 MAX_PROMPTS = 128
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: an impossible token's logprob is reported as this
 MAX_LOGIT_BIAS = 1024  # biased tokens per request
 MAX_BIAS = 100.0  # OpenAI's range: -100 all but bans a token, +100 all but forces it
@@ -44,70 +38,8 @@ def _json_logprob(value: float) -> float:
 STRICT_JSON = ConfigDict(extra="ignore", strict=True)
 
 
-def _integral_float_to_int(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# An integer field of a request: JSON Schema counts 5.0 as the integer 5, and so do we.
-JSONInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
-
-
 # A log probability as sent: finite, so that every response serialises as JSON.
 Logprob = Annotated[float, AfterValidator(_json_logprob)]
-
-
-class SamplingFields(BaseModel):
-    """Sampling controls shared by every generating endpoint. Unset: the model's defaults."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    max_tokens: JSONInt | None = Field(
-        default=None,
-        ge=1,
-        description="Most tokens to generate. Default: 16 for completions, "
-        "the rest of the context otherwise.",
-    )
-    temperature: float | None = Field(
-        default=None,
-        ge=0,
-        le=2,
-        description="Sampling temperature; 0 is greedy. "
-        "Default: the model's generation_config, else 1.",
-    )
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: JSONInt | None = Field(
-        default=None, ge=-1, description="Sample from the k best tokens; 0 or -1: all."
-    )
-    min_p: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="Drop tokens below min_p times the best token's probability.",
-    )
-    n: JSONInt = Field(
-        default=1, ge=1, le=MAX_N, description="Completions to generate for each prompt."
-    )
-    seed: JSONInt | None = Field(
-        default=None, ge=SEED_MIN, le=SEED_MAX, description="Makes sampling reproducible."
-    )
-    presence_penalty: float = Field(
-        default=0.0, ge=-2, le=2, description="Penalty on tokens seen so far."
-    )
-    frequency_penalty: float = Field(
-        default=0.0, ge=-2, le=2, description="Penalty proportional to how often a token was seen."
-    )
-    repetition_penalty: float | None = Field(
-        default=None,
-        gt=0,
-        le=10,
-        description="Multiplicative penalty on repeated tokens; 1 is none.",
-    )
-    ignore_eos: bool = Field(
-        default=False, description="Keep generating past the end-of-text token."
-    )
-    min_tokens: JSONInt = Field(
-        default=0, ge=0, description="Tokens to generate before EOS or stop may end."
-    )
 
 
 def _check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
@@ -133,6 +65,12 @@ LogitBias = Annotated[
         "logit before sampling."
     ),
 ]
+
+
+def bias_by_token_id(bias: dict[str, float] | None) -> dict[int, float]:
+    """A checked logit_bias by token id; zero biases, which change nothing, dropped (so that a
+    greedy request keeps the sampler's fast path). The engine checks the ids' range."""
+    return {int(key): value for key, value in (bias or {}).items() if value != 0.0}
 
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -182,6 +120,10 @@ class StreamOptions(BaseModel):
     model_config = STRICT_JSON
 
     include_usage: bool = Field(default=False, description="Send a last chunk with token usage.")
+
+
+def usage_requested(options: StreamOptions | None) -> bool:
+    return bool(options and options.include_usage)
 
 
 StopField = Annotated[
@@ -254,6 +196,32 @@ class CompletionRequest(SamplingFields):
     def stop_list(self) -> list[str]:
         return stop_list_of(self.stop)
 
+    @property
+    def include_usage(self) -> bool:
+        return usage_requested(self.stream_options)
+
+    @property
+    def scores_prompt_only(self) -> bool:
+        """max_tokens 0 (with echo): the prompt is scored and nothing generated is shown."""
+        return self.max_tokens == 0
+
+    def max_tokens_or(self, default: int) -> int:
+        if self.scores_prompt_only:
+            return 1  # the engine makes one token, which is not shown
+        return super().max_tokens_or(default)
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs_count(self) -> int | None:
+        return self.logprobs if self.echo else None  # the echoed prompt's tokens are scored too
+
+    @property
+    def logit_bias_by_id(self) -> dict[int, float]:
+        return bias_by_token_id(self.logit_bias)
+
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each one a string or a list of token ids."""
         prompt = self.prompt
@@ -309,11 +277,16 @@ class VisionForm(SamplingFields):
         max_length=MAX_STOP_STRINGS,
         description="Strings that end generation (repeatable).",
     )
-    stream: bool = Field(
+    stream: bool = Field(default=False, description="Stream Server-Sent Events ending in [DONE].")
+    stream_include_usage: bool = Field(
         default=False,
-        description="Stream Server-Sent Events ending in [DONE]; the last chunk before it "
-        "has no choices and the token usage.",
+        description="With stream: send a last chunk before [DONE] with no choices and the token "
+        "usage (stream_options.include_usage of the JSON APIs).",
     )
+
+    @property
+    def stop_list(self) -> list[str]:
+        return self.stop or []
 
 
 class CaptionForm(VisionForm):

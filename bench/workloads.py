@@ -85,14 +85,18 @@ def _text_requests(spec: WorkloadSpec) -> list[BenchRequest]:
     return [BenchRequest("completions", _json_fields(spec) | {"prompt": p}) for p in prompts]
 
 
+def _form_fields(spec: WorkloadSpec) -> dict[str, Any]:
+    return _sampling_fields(spec) | {"stream_include_usage": True}
+
+
 def _caption(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
     image = index // spec.repeat_image
-    return BenchRequest("caption", _sampling_fields(spec), images.image_png(image))
+    return BenchRequest("caption", _form_fields(spec), images.image_png(image))
 
 
 def _qa(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchRequest:
     image, variant = divmod(index, spec.repeat_image)
-    fields = _sampling_fields(spec) | {"question": images.question(image, variant)}
+    fields = _form_fields(spec) | {"question": images.question(image, variant)}
     return BenchRequest("qa", fields, images.image_png(image))
 
 

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from app.api.deps import RuntimeDep, check_model
@@ -14,17 +13,14 @@ from app.api.generation import (
     Choice,
     Job,
     Tally,
-    fit_to_context,
-    gather,
-    held_to_schema,
+    compile_grammar,
     new_request_id,
-    sampling_params,
-    stream_events,
+    respond,
+    sampling_defaults,
     submit,
-    with_response_format,
 )
 from app.api.images import check_image_count, image_intake, load_image_url
-from app.api.sse import EventStreamResponse, streamed_ok
+from app.api.sse import streamed_ok
 from app.chat_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -45,7 +41,7 @@ from app.chat_schemas import (
 from app.engine.sequence import ImageInput, RequestOutput, TokenLogprob
 from app.errors import ERROR_RESPONSES
 from app.prompts import Message
-from app.schemas import Usage
+from app.schemas import Usage, response_schema
 from app.service import Runtime
 from app.tools import CallWatcher, ToolCall, ToolPlan, plan_tools
 
@@ -67,32 +63,27 @@ async def create_chat_completion(
     builder = runtime.prompts
     num_chars = sum(len(str(message["content"])) for message in messages)
     plan, shown_tools = _tools(body)
-    prompt_ids = await builder.run(
-        num_chars, builder.chat, messages, len(images), "messages", shown_tools
+    prompt_ids = await builder.run(num_chars, builder.chat, messages, "messages", shown_tools)
+    schema, param = _output_schema(body, plan)
+    grammar = await compile_grammar(runtime, schema, param)
+    defaults = sampling_defaults(runtime)
+    params = body.to_sampling_params(defaults, defaults.rest_of_context(len(prompt_ids)), grammar)
+    request_id = new_request_id("chatcmpl")
+    job = Job("chat", request_id, runtime.model_id, [prompt_ids], params, images, "messages")
+    streams, renderer = submit(runtime, job), ChatRenderer(job, plan)
+    return await respond(
+        request, job, streams, renderer, stream=body.stream, include_usage=body.include_usage
     )
-    base = sampling_params(
-        body,
-        runtime,
-        stop=body.stop_list,
-        logprobs=body.logprobs_count,
-        logit_bias=body.logit_bias,
-    )
-    base = await with_response_format(base, runtime, body.response_format)
+
+
+def _output_schema(
+    body: ChatCompletionRequest, plan: ToolPlan | None
+) -> tuple[dict[str, Any] | None, str]:
+    """The JSON schema the output is held to, and the field that asked for it: a forced
+    tool call's, else response_format's (the schemas refuse both together)."""
     if plan is not None and plan.mode == "forced":
-        base = await held_to_schema(base, runtime, plan.call_schema, "tool_choice")
-    max_len = runtime.max_model_len
-    requested = body.requested_max_tokens
-    params = fit_to_context(base, requested, len(prompt_ids), max_len, "max_tokens")
-    job = Job("chat", new_request_id("chatcmpl"), runtime.model_id, [prompt_ids], [params], images)
-    streams = submit(runtime, job)
-    tally, render = Tally(job), ChatRenderer(job, plan)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        usage_chunk = render.usage_chunk if include_usage else None
-        return EventStreamResponse(stream_events(streams, tally, render.chunks, usage_chunk))
-    if (left := await gather(request, streams, tally)) is not None:
-        return left
-    return JSONResponse(render.response(tally).model_dump(mode="json"))
+        return plan.call_schema, "tool_choice"
+    return response_schema(body.response_format), "response_format"
 
 
 def _tools(body: ChatCompletionRequest) -> tuple[ToolPlan | None, list[dict[str, Any]] | None]:
@@ -166,7 +157,7 @@ class ChatRenderer:
     def __init__(self, job: Job, plan: ToolPlan | None = None) -> None:
         self.job = job
         self.plan = plan
-        self.with_logprobs = job.params[0].logprobs is not None
+        self.with_logprobs = job.params.logprobs is not None
         self._watchers: dict[int, CallWatcher] = {}  # by choice index, while streaming
 
     def chunks(self, choice: Choice, output: RequestOutput) -> list[ChatCompletionChunk]:

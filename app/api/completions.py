@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from app.api.deps import RuntimeDep, check_model
@@ -13,15 +12,13 @@ from app.api.generation import (
     Choice,
     Job,
     Tally,
-    fit_to_context,
-    gather,
+    compile_grammar,
     new_request_id,
-    sampling_params,
-    stream_events,
+    respond,
+    sampling_defaults,
     submit,
-    with_response_format,
 )
-from app.api.sse import EventStreamResponse, streamed_ok
+from app.api.sse import streamed_ok
 from app.engine.sequence import RequestOutput, TokenLogprob
 from app.errors import ERROR_RESPONSES, bad_request
 from app.schemas import (
@@ -30,6 +27,7 @@ from app.schemas import (
     CompletionRequest,
     CompletionResponse,
     Usage,
+    response_schema,
 )
 from app.service import Runtime
 
@@ -70,22 +68,16 @@ async def complete(
     prompts = body.prompts()
     builder = runtime.prompts
     prompt_ids = [await builder.run(len(prompt), builder.completion, prompt) for prompt in prompts]
-    base = sampling_params(
-        body, runtime, stop=body.stop_list, logprobs=body.logprobs, logit_bias=body.logit_bias
-    )
-    if body.echo:  # with logprobs, the echoed prompt's tokens are scored too
-        base = replace(base, prompt_logprobs=body.logprobs)
-    base = await with_response_format(base, runtime, body.response_format)
-    score_only = body.max_tokens == 0  # the engine makes one token, which is not shown
-    requested = 1 if score_only else body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS
-    max_len = runtime.max_model_len
-    params = [
-        fit_to_context(base, requested, len(ids), max_len, "max_tokens") for ids in prompt_ids
-    ]
+    schema = response_schema(body.response_format)
+    grammar = await compile_grammar(runtime, schema, "response_format")
+    params = body.to_sampling_params(sampling_defaults(runtime), OPENAI_DEFAULT_MAX_TOKENS, grammar)
     job = Job("completions", new_request_id("cmpl"), runtime.model_id, prompt_ids, params)
-    echo = _echo(runtime, prompts, prompt_ids, score_only) if body.echo else None
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond_with_text(request, runtime, job, body.stream, include_usage, echo)
+    streams = submit(runtime, job)  # the engine checks the prompts before the echo decodes them
+    echo = _echo(runtime, prompts, prompt_ids, body.scores_prompt_only) if body.echo else None
+    renderer = TextRenderer(job, echo)
+    return await respond(
+        request, job, streams, renderer, stream=body.stream, include_usage=body.include_usage
+    )
 
 
 @dataclass
@@ -109,32 +101,13 @@ def _echo(
     return Echo(texts, [runtime.prompts.decode(ids[:1]) for ids in prompt_ids], score_only)
 
 
-async def respond_with_text(
-    request: Request,
-    runtime: Runtime,
-    job: Job,
-    stream: bool,
-    include_usage: bool,
-    echo: Echo | None = None,
-) -> Response:
-    """Answers in the completions shape: one JSON response or SSE chunks (also caption, QA)."""
-    streams = submit(runtime, job)
-    tally, render = Tally(job), TextRenderer(job, echo)
-    if stream:
-        usage_chunk = render.usage_chunk if include_usage else None
-        return EventStreamResponse(stream_events(streams, tally, render.chunks, usage_chunk))
-    if (left := await gather(request, streams, tally)) is not None:
-        return left
-    return JSONResponse(render.response(tally).model_dump(mode="json"))
-
-
 class TextRenderer:
-    """Builds completion-shaped chunks and responses from choices."""
+    """Builds completion-shaped chunks and responses from choices (also caption, QA)."""
 
-    def __init__(self, job: Job, echo: Echo | None) -> None:
+    def __init__(self, job: Job, echo: Echo | None = None) -> None:
         self.job = job
         self.echo = echo
-        self.with_logprobs = job.params[0].logprobs is not None
+        self.with_logprobs = job.params.logprobs is not None
 
     def chunks(self, choice: Choice, output: RequestOutput) -> list[CompletionResponse]:
         prefix = self._echo(choice) if choice.num_outputs == 1 else ""

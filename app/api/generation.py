@@ -1,33 +1,34 @@
 """From a validated request to engine streams and back, shared by every generating route.
 
-A route turns its request into a `Job` (token ids and sampling parameters per
-prompt, images), then either gathers the outputs into one response or streams
-them as Server-Sent Events. Both paths abort the engine request when the client
-goes away, and both record the request's outcome in the metrics.
+A route turns its request into a `Job` (token ids per prompt, the request's
+SamplingParams, images), submits it, and `respond`s: one JSON response, or the
+stream of events every streaming route sends. Both paths abort the engine
+requests when the client goes away, and both record the outcome in the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from app import metrics
-from app.api.sse import SSE_DONE, sse
+from app.api.sse import SSE_DONE, EventStreamResponse, sse
 from app.engine.async_engine import RequestStream
 from app.engine.errors import EngineError
 from app.engine.sequence import ImageInput, RequestOutput, SamplingParams, TokenLogprob
 from app.engine.structured import GrammarError
+from app.engine.validation import validate_context, validate_prompt
 from app.errors import (
     CLIENT_CLOSED_REQUEST,
     APIError,
@@ -35,11 +36,11 @@ from app.errors import (
     error_body,
     from_engine_error,
 )
-from app.schemas import SamplingFields, Usage, response_schema
+from app.sampling_fields import SamplingDefaults
+from app.schemas import Usage
 from app.service import Runtime
 
 logger = logging.getLogger("mmgpt.api")
-_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass
@@ -50,132 +51,70 @@ class Job:
     request_id: str
     model: str
     prompt_ids: list[list[int]]
-    params: list[SamplingParams]  # per prompt (max_tokens fitted to each prompt's length)
+    params: SamplingParams  # the same for every prompt
     images: Sequence[ImageInput] = ()
+    prompt_param: str = "prompt"  # the request field the prompt comes from, named in refusals
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def n(self) -> int:
-        return self.params[0].n
+        return self.params.n
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params(
-    fields: SamplingFields,
-    runtime: Runtime,
-    *,
-    stop: list[str],
-    logprobs: int | None,
-    logit_bias: dict[str, float] | None = None,
-) -> SamplingParams:
-    """The request's sampling fields; unset ones from the checkpoint's generation_config."""
-    if logprobs is not None and logprobs > runtime.settings.max_logprobs:
-        limit = runtime.settings.max_logprobs
-        raise bad_request(f"logprobs may be at most {limit}.", "logprobs")
-    chosen = {
-        key: getattr(fields, key) for key in _DEFAULT_KEYS if getattr(fields, key) is not None
-    }
-    defaults = _generation_defaults(runtime.generation_defaults)
-    return SamplingParams(
-        **{**defaults, **chosen},
-        n=fields.n,
-        min_tokens=fields.min_tokens,
-        presence_penalty=fields.presence_penalty,
-        frequency_penalty=fields.frequency_penalty,
-        stop=stop,
-        ignore_eos=fields.ignore_eos,
-        seed=fields.seed,
-        logprobs=logprobs,
-        logit_bias=_token_bias(logit_bias or {}, runtime.info.vocab_size),
-    )
+def sampling_defaults(runtime: Runtime) -> SamplingDefaults:
+    return SamplingDefaults.of(runtime.generation_defaults, runtime.max_model_len)
 
 
-def _token_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
-    """The schema-checked logit_bias by token id; zero biases, which change nothing, dropped
-    (so that a greedy request keeps the sampler's fast path)."""
-    by_id = {int(key): value for key, value in bias.items()}
-    if any(token >= vocab_size for token in by_id):
-        raise bad_request(f"logit_bias token ids must lie in [0, {vocab_size}).", "logit_bias")
-    return {token: value for token, value in by_id.items() if value != 0.0}
-
-
-async def with_response_format(
-    params: SamplingParams, runtime: Runtime, response_format: dict[str, Any] | None
-) -> SamplingParams:
-    """`params` held to the JSON schema of the request's response_format, if any."""
-    schema = response_schema(response_format)
-    return await held_to_schema(params, runtime, schema, "response_format")
-
-
-async def held_to_schema(
-    params: SamplingParams, runtime: Runtime, schema: dict[str, Any] | None, param: str
-) -> SamplingParams:
-    """`params` held to `schema`, compiled off the event loop (a large schema, or the first
-    one, which builds the tokenizer's grammar tables, takes a while)."""
+async def compile_grammar(
+    runtime: Runtime, schema: dict[str, Any] | None, param: str
+) -> str | None:
+    """The grammar that holds the output to `schema`, compiled off the event loop (a large
+    schema, or the first one, which builds the tokenizer's grammar tables, takes a while)."""
     if schema is None:
-        return params
+        return None
     compile_schema = runtime.engine.structured.json_schema_grammar
     try:
-        grammar = await anyio.to_thread.run_sync(compile_schema, schema)
+        grammar: str = await anyio.to_thread.run_sync(compile_schema, schema)
     except GrammarError as exc:
         raise bad_request(str(exc), param) from exc
-    return dataclasses.replace(params, grammar=grammar)
-
-
-def _generation_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    defaults = {key: config[key] for key in _DEFAULT_KEYS if config.get(key) is not None}
-    if config.get("do_sample") is False:
-        defaults["temperature"] = 0.0  # the checkpoint asks for greedy decoding
-    return defaults
-
-
-def fit_to_context(
-    params: SamplingParams,
-    requested: int | None,
-    num_prompt_tokens: int,
-    max_model_len: int,
-    param: str,
-) -> SamplingParams:
-    """Sets max_tokens: the request's, checked to fit, or the rest of the context."""
-    if requested is None:
-        room = max_model_len - num_prompt_tokens
-        if room < 1:
-            raise bad_request(
-                f"The prompt has {num_prompt_tokens} tokens but the model's context is "
-                f"{max_model_len} tokens, which leaves no room to generate.",
-                param,
-                code="context_length_exceeded",
-            )
-        requested = room
-    elif num_prompt_tokens + requested > max_model_len:
-        raise bad_request(
-            f"The model's context is {max_model_len} tokens, but {num_prompt_tokens + requested} "
-            f"were requested: {num_prompt_tokens} in the prompt and {requested} for the "
-            "completion (max_tokens). Shorten the prompt or lower max_tokens.",
-            param,
-            code="context_length_exceeded",
-        )
-    if params.min_tokens > requested:
-        raise bad_request(f"min_tokens may not exceed max_tokens ({requested}).", "min_tokens")
-    return dataclasses.replace(params, max_tokens=requested)
+    return grammar
 
 
 def submit(runtime: Runtime, job: Job) -> list[RequestStream]:
-    """Submits every prompt of the job; all or none (a refusal aborts the ones before it)."""
+    """Submits every prompt of the job, all or none: a refusal aborts the ones before it."""
     engine, streams = runtime.engine, []
     try:
-        for index, (token_ids, params) in enumerate(zip(job.prompt_ids, job.params, strict=True)):
-            streams.append(
-                engine.submit(f"{job.request_id}-{index}", token_ids, params, job.images)
-            )
+        _check_batch(runtime, job)
+        for index, token_ids in enumerate(job.prompt_ids):
+            request_id = f"{job.request_id}-{index}"
+            streams.append(engine.submit(request_id, token_ids, job.params, job.images))
     except EngineError as error:
         for stream in streams:
             engine.abort(stream.request_id)
-        raise from_engine_error(error) from None
+        raise _refusal(job, error) from None
     return streams
+
+
+def _check_batch(runtime: Runtime, job: Job) -> None:
+    """The engine's prompt rules, on every prompt of a batch before any is submitted: a
+    refused prompt then leaves no trace of the others in the engine (nor in its metrics)."""
+    if len(job.prompt_ids) < 2:
+        return
+    for token_ids in job.prompt_ids:
+        validate_prompt(token_ids, runtime.info)
+        validate_context(len(token_ids), job.params.max_tokens, runtime.max_model_len)
+
+
+def _refusal(job: Job, error: EngineError) -> APIError:
+    """The engine's refusal, naming the request's own field where the engine says "prompt"."""
+    refusal = from_engine_error(error)
+    if refusal.param == "prompt":
+        refusal.param = job.prompt_param
+    return refusal
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -333,16 +272,39 @@ async def gather(request: Request, streams: list[RequestStream], tally: Tally) -
     return None
 
 
-ChunkRenderer = Callable[[Choice, RequestOutput], Sequence[BaseModel]]
+class Renderer(Protocol):
+    """An endpoint's shapes: chunks of a stream, its usage-only chunk, the whole response."""
+
+    def chunks(self, choice: Choice, output: RequestOutput) -> Sequence[BaseModel]: ...
+
+    def usage_chunk(self, usage: Usage) -> BaseModel: ...
+
+    def response(self, tally: Tally) -> BaseModel: ...
+
+
+async def respond(
+    request: Request,
+    job: Job,
+    streams: list[RequestStream],
+    renderer: Renderer,
+    *,
+    stream: bool,
+    include_usage: bool,
+) -> Response:
+    """The answer of every generating route: one JSON response, or its stream of events."""
+    tally = Tally(job)
+    if stream:
+        return EventStreamResponse(stream_events(streams, tally, renderer, include_usage))
+    if (left := await gather(request, streams, tally)) is not None:
+        return left
+    return JSONResponse(renderer.response(tally).model_dump(mode="json"))
 
 
 async def stream_events(
-    streams: list[RequestStream],
-    tally: Tally,
-    render: ChunkRenderer,
-    usage_chunk: Callable[[Usage], BaseModel] | None,
+    streams: list[RequestStream], tally: Tally, renderer: Renderer, include_usage: bool
 ) -> AsyncGenerator[str, None]:
-    """SSE lines for the outputs as they come; an error event if generation fails."""
+    """The events of every stream: each output's chunks as they come; the usage-only chunk
+    (`choices: []`) when the request asked for it; an error event if generation fails; [DONE]."""
     outcome = "client_disconnect"  # unless the loop below gets to an end
     try:
         try:
@@ -350,10 +312,10 @@ async def stream_events(
                 choice = tally.add(prompt_index, output)
                 if choice.finish_reason in ("error", "abort"):
                     raise failure_error(choice)
-                for chunk in render(choice, output):
+                for chunk in renderer.chunks(choice, output):
                     yield sse(chunk)
-            if usage_chunk is not None:
-                yield sse(usage_chunk(tally.usage()))
+            if include_usage:
+                yield sse(renderer.usage_chunk(tally.usage()))
             outcome = "success"
         except Exception as error:
             outcome = "internal"

@@ -20,7 +20,7 @@ def streamed_ok(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
 
     Each event's data is a `chunk` (or, after a failure, the error envelope) as
     JSON, and the last one is `[DONE]`. The schema describes one event, as
-    OpenAPI does for event streams.
+    OpenAPI does for event streams. generation.stream_events writes them.
     """
     json_data = {
         "type": "string",
@@ -35,7 +35,9 @@ def streamed_ok(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {
         200: {
             "description": "The result; with stream=true, Server-Sent Events of its chunks "
-            "(`data: {...}` lines) ending in `data: [DONE]`.",
+            "(`data: {...}` lines) ending in `data: [DONE]`. Only when the request asks for "
+            "usage (stream_options.include_usage; stream_include_usage in a form) does the "
+            "chunk before [DONE] carry no choices and the token usage.",
             "content": {"text/event-stream": {"schema": event}},
         }
     }

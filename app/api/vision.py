@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from starlette.responses import Response
 
-from app.api.completions import respond_with_text
+from app.api.completions import TextRenderer
 from app.api.deps import RuntimeDep, check_model
-from app.api.generation import Job, fit_to_context, new_request_id, sampling_params
+from app.api.generation import Job, new_request_id, respond, sampling_defaults, submit
 from app.api.images import load_upload
 from app.api.sse import streamed_ok
 from app.engine.sequence import ImageInput
@@ -35,7 +35,8 @@ async def caption(
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
     prompt_ids = await builder.run(len(form.prompt or ""), builder.caption, form.prompt)
-    return await _describe(request, runtime, form, "caption", prompt_ids, image)
+    job = _job(runtime, form, "caption", prompt_ids, image, prompt_param="prompt")
+    return await _describe(request, runtime, form, job)
 
 
 @router.post(
@@ -53,20 +54,26 @@ async def answer(
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
     prompt_ids = await builder.run(len(form.question), builder.question, form.question)
-    return await _describe(request, runtime, form, "qa", prompt_ids, image)
+    job = _job(runtime, form, "qa", prompt_ids, image, prompt_param="question")
+    return await _describe(request, runtime, form, job)
 
 
-async def _describe(
-    request: Request,
+def _job(
     runtime: Runtime,
     form: VisionForm,
     endpoint: str,
     prompt_ids: list[int],
     image: ImageInput,
-) -> Response:
-    base = sampling_params(form, runtime, stop=form.stop or [], logprobs=None)
-    max_len = runtime.max_model_len
-    params = fit_to_context(base, form.max_tokens, len(prompt_ids), max_len, "max_tokens")
-    job = Job(endpoint, new_request_id(endpoint), runtime.model_id, [prompt_ids], [params], [image])
-    # Streams always end with a usage chunk (choices: []), as with stream_options.include_usage.
-    return await respond_with_text(request, runtime, job, form.stream, include_usage=True)
+    prompt_param: str,
+) -> Job:
+    defaults = sampling_defaults(runtime)
+    params = form.to_sampling_params(defaults, defaults.rest_of_context(len(prompt_ids)))
+    request_id = new_request_id(endpoint)
+    return Job(endpoint, request_id, runtime.model_id, [prompt_ids], params, [image], prompt_param)
+
+
+async def _describe(request: Request, runtime: Runtime, form: VisionForm, job: Job) -> Response:
+    streams, usage = submit(runtime, job), form.stream_include_usage
+    return await respond(
+        request, job, streams, TextRenderer(job), stream=form.stream, include_usage=usage
+    )

@@ -1,13 +1,19 @@
-"""Engine configuration: a plain dataclass built once from the app's Settings."""
+"""Engine configuration: a plain dataclass built once from the app's Settings.
+
+Its defaults are the only ones: Settings' engine fields take theirs from here.
+"""
 
 from dataclasses import dataclass
+from typing import Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # path of a checkpoint folder in Hugging Face format
     device: str = "auto"  # "auto" picks cuda when available, else cpu
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: Dtype = "auto"
     block_size: int = 16
     max_num_seqs: int = 128  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens in one step (decodes + prefill chunks)

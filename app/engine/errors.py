@@ -8,9 +8,10 @@ class EngineError(Exception):
 class InvalidRequestError(EngineError):
     """The request can never run as asked (too long, bad parameters): a 400."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class EngineOverloadedError(EngineError):

@@ -1,23 +1,52 @@
-"""Checks a request must pass before the engine accepts it. Raises InvalidRequestError."""
+"""The one home of every rule that needs the model or the engine's limits.
+
+The engine refuses a request that breaks one (InvalidRequestError, with the request field at
+fault as `param`), whoever submitted it; the service maps the refusal to a 400. Rules about a
+request's shape alone stay on the service's schemas.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 
 from app.engine.errors import InvalidRequestError
 from app.engine.sequence import ImageInput, ImageSpan, SamplingParams
 from models.base import ModelInfo
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
 
 def validate_params(params: SamplingParams, info: ModelInfo, max_logprobs: int) -> None:
     _check(params.n >= 1, "n must be at least 1", "n")
     _check(params.max_tokens >= 1, "max_tokens must be at least 1", "max_tokens")
+    _check_min_tokens(params)
+    _check_ranges(params)
+    _check_logprobs(params, max_logprobs)
+    _check(all(isinstance(s, str) for s in params.stop), "stop must be strings", "stop")
+    vocab = info.vocab_size
     _check(
-        0 <= params.min_tokens <= params.max_tokens,
-        "min_tokens must be in [0, max_tokens]",
+        all(0 <= t < vocab for t in params.stop_token_ids),
+        f"stop_token_ids must lie in [0, {vocab}).",
+        "stop_token_ids",
+    )
+    _check(
+        all(0 <= t < vocab for t in params.logit_bias),
+        f"logit_bias token ids must lie in [0, {vocab}).",
+        "logit_bias",
+    )
+
+
+def _check_min_tokens(params: SamplingParams) -> None:
+    _check(params.min_tokens >= 0, "min_tokens must be at least 0", "min_tokens")
+    _check(
+        params.min_tokens <= params.max_tokens,
+        f"min_tokens may not exceed max_tokens ({params.max_tokens}).",
         "min_tokens",
     )
+
+
+def _check_ranges(params: SamplingParams) -> None:
     _check(
         _finite(params.temperature) and params.temperature >= 0.0,
         "temperature must be a finite number >= 0",
@@ -34,26 +63,22 @@ def validate_params(params: SamplingParams, info: ModelInfo, max_logprobs: int) 
         "repetition_penalty must be > 0",
         "repetition_penalty",
     )
-    if params.logprobs is not None:
-        _check(
-            0 <= params.logprobs <= max_logprobs,
-            f"logprobs must be in [0, {max_logprobs}]",
-            "logprobs",
-        )
-    _check(all(isinstance(s, str) for s in params.stop), "stop must be strings", "stop")
-    _check(
-        all(0 <= t < info.vocab_size for t in params.stop_token_ids),
-        f"stop_token_ids must be in [0, {info.vocab_size})",
-        "stop_token_ids",
-    )
 
 
-def validate_prompt(prompt_token_ids: Seq[int], info: ModelInfo) -> None:
-    _check(len(prompt_token_ids) > 0, "the prompt is empty", "prompt")
+def _check_logprobs(params: SamplingParams, max_logprobs: int) -> None:
+    """Top alternatives, of sampled and of prompt tokens alike, up to the server's limit."""
+    for count in (params.logprobs, params.prompt_logprobs):
+        if count is not None:
+            _check(count >= 0, "logprobs must be at least 0", "logprobs")
+            _check(count <= max_logprobs, f"logprobs may be at most {max_logprobs}.", "logprobs")
+
+
+def validate_prompt(prompt_token_ids: list[int], info: ModelInfo) -> None:
+    _check(len(prompt_token_ids) > 0, "The prompt is empty.", "prompt")
     vocab = info.vocab_size
     _check(
         all(0 <= t < vocab for t in prompt_token_ids),
-        f"prompt token ids must be in [0, {vocab})",
+        f"Prompt token ids must lie in [0, {vocab}).",
         "prompt",
     )
 
@@ -62,13 +87,8 @@ def validate_length(
     num_prompt_tokens: int, max_tokens: int, max_model_len: int, capacity_tokens: int
 ) -> None:
     """A request must fit the context and, alone, the whole KV cache."""
+    validate_context(num_prompt_tokens, max_tokens, max_model_len)
     total = num_prompt_tokens + max_tokens
-    if total > max_model_len:
-        raise InvalidRequestError(
-            f"this model's maximum context length is {max_model_len} tokens, but the request "
-            f"asks for {total} ({num_prompt_tokens} in the prompt + {max_tokens} max_tokens)",
-            "max_tokens",
-        )
     if total > capacity_tokens:
         raise InvalidRequestError(
             f"the KV cache holds {capacity_tokens} tokens, but the request needs {total} "
@@ -77,8 +97,27 @@ def validate_length(
         )
 
 
+def validate_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """The prompt and max_tokens fit the model's context; the message says both numbers."""
+    total = num_prompt_tokens + max_tokens
+    if total <= max_model_len:
+        return
+    advice = (
+        "The prompt alone leaves no room to generate; shorten it."
+        if num_prompt_tokens >= max_model_len
+        else "Shorten the prompt or lower max_tokens."
+    )
+    raise InvalidRequestError(
+        f"The model's context is {max_model_len} tokens, but {total} were requested: "
+        f"{num_prompt_tokens} in the prompt and {max_tokens} for the completion (max_tokens). "
+        + advice,
+        "max_tokens",
+        code=CONTEXT_LENGTH_EXCEEDED,
+    )
+
+
 def image_spans(
-    prompt_token_ids: Seq[int], images: Seq[ImageInput], info: ModelInfo
+    prompt_token_ids: list[int], images: Sequence[ImageInput], info: ModelInfo
 ) -> tuple[ImageSpan, ...]:
     """Where each image's run of image tokens sits, checking counts and contiguity."""
     if not info.is_multimodal:
@@ -88,9 +127,10 @@ def image_spans(
     positions = [i for i, t in enumerate(prompt_token_ids) if t == info.image_token_id]
     if len(positions) != len(images) * length:
         raise InvalidRequestError(
-            f"the prompt holds {len(positions)} image tokens, but {len(images)} image(s) of "
-            f"{length} tokens each need {len(images) * length}",
-            "images",
+            f"The prompt holds {len(positions)} image tokens, but {len(images)} image(s) of "
+            f"{length} tokens each need {len(images) * length}; the image token may appear "
+            "only where an image is, not in text.",
+            "prompt",
         )
     spans = []
     for k, image in enumerate(images):
@@ -98,7 +138,7 @@ def image_spans(
         _check(
             positions[k * length + length - 1] == start + length - 1,
             f"image {k}'s {length} tokens are not consecutive",
-            "images",
+            "prompt",
         )
         spans.append(ImageSpan(start, length, image))
     return tuple(spans)

@@ -75,6 +75,12 @@ def test_engine_config_copies_every_engine_field(tmp_path: Path) -> None:
             assert getattr(config, spec.name) == getattr(settings, spec.name), spec.name
 
 
+def test_engine_defaults_are_written_once(tmp_path: Path) -> None:
+    """Settings' engine fields take EngineConfig's defaults: unset, the same config results."""
+    (tmp_path / "config.json").write_text("{}")
+    assert Settings(model=str(tmp_path)).engine_config() == EngineConfig(model=str(tmp_path))
+
+
 def test_served_model_name(tmp_path: Path) -> None:
     folder = tmp_path / "my-checkpoint"
     assert Settings(model=str(folder)).model_id() == "my-checkpoint"

@@ -1,4 +1,4 @@
-"""The generation plumbing on scripted streams: merging, errors mid-stream, aborts, limits."""
+"""The generation plumbing on scripted streams: merging, errors mid-stream, aborts, usage."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from pydantic import BaseModel
 
 from app import metrics
-from app.api.generation import Job, Tally, fit_to_context, merged, stream_events
+from app.api.generation import Choice, Job, Tally, merged, stream_events
 from app.api.sse import sse
 from app.engine.sequence import RequestOutput, SamplingParams
-from app.errors import APIError
+from app.schemas import Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -44,16 +44,24 @@ def _out(index: int, text: str, finish: str | None = None, **fields: Any) -> Req
 
 
 def _job(num_prompts: int = 1, n: int = 1) -> Job:
-    params = [SamplingParams(n=n, max_tokens=4)] * num_prompts
+    params = SamplingParams(n=n, max_tokens=4)
     return Job("completions", "cmpl-x", "tiny", [[1, 2]] * num_prompts, params)
 
 
 class _Text(BaseModel):
     text: str
+    usage: Usage | None = None
 
 
-def _render(choice: Any, output: RequestOutput) -> list[_Text]:
-    return [_Text(text=output.text)]
+class _Renderer:
+    def chunks(self, choice: Choice, output: RequestOutput) -> list[_Text]:
+        return [_Text(text=output.text)]
+
+    def usage_chunk(self, usage: Usage) -> _Text:
+        return _Text(text="", usage=usage)
+
+    def response(self, tally: Tally) -> _Text:
+        return _Text(text="".join(choice.text for choice in tally.ordered()))
 
 
 async def test_merged_tags_outputs_with_their_prompt() -> None:
@@ -72,9 +80,9 @@ async def test_tally_numbers_choices_across_prompts_and_samples() -> None:
     assert tally.usage().prompt_tokens == 4 and tally.usage().completion_tokens == 2
 
 
-async def _events(streams: list[ScriptedStream]) -> list[str]:
+async def _events(streams: list[ScriptedStream], include_usage: bool = False) -> list[str]:
     tally = Tally(_job())
-    body = stream_events(streams, tally, _render, None)  # type: ignore[arg-type]
+    body = stream_events(streams, tally, _Renderer(), include_usage)  # type: ignore[arg-type]
     return [event async for event in body]
 
 
@@ -100,19 +108,20 @@ async def test_an_exception_mid_stream_becomes_an_error_event() -> None:
 
 async def test_closing_a_stream_early_aborts_every_engine_request() -> None:
     streams = [ScriptedStream("a", [_out(0, "x")] * 3), ScriptedStream("b", [_out(0, "y")] * 3)]
-    body = stream_events(streams, Tally(_job(num_prompts=2)), _render, None)  # type: ignore[arg-type]
+    body = stream_events(streams, Tally(_job(num_prompts=2)), _Renderer(), False)  # type: ignore[arg-type]
     assert (await body.__anext__()).startswith("data: ")
     await body.aclose()  # the client went away after one event
     assert all(stream.closed for stream in streams)
 
 
-def test_context_fit() -> None:
-    params = SamplingParams(min_tokens=0)
-    assert fit_to_context(params, None, 10, 64, "max_tokens").max_tokens == 54
-    assert fit_to_context(params, 54, 10, 64, "max_tokens").max_tokens == 54
-    with pytest.raises(APIError, match=r"64 tokens.*65 were requested: 10 in the prompt and 55"):
-        fit_to_context(params, 55, 10, 64, "max_tokens")
-    with pytest.raises(APIError, match="no room"):
-        fit_to_context(params, None, 64, 64, "prompt")
-    with pytest.raises(APIError, match="min_tokens"):
-        fit_to_context(SamplingParams(min_tokens=9), 8, 1, 64, "max_tokens")
+async def test_the_usage_chunk_comes_only_when_asked_for() -> None:
+    def script() -> list[ScriptedStream]:
+        outputs = [_out(0, "a", num_prompt_tokens=2), _out(0, "b", "stop")]
+        return [ScriptedStream("r", outputs)]  # type: ignore[arg-type]
+
+    plain = await _events(script())
+    assert plain == [sse(_Text(text="a")), sse(_Text(text="b")), "data: [DONE]\n\n"]
+    with_usage = await _events(script(), include_usage=True)
+    assert with_usage[:2] == plain[:2] and with_usage[-1] == "data: [DONE]\n\n"
+    usage = json.loads(with_usage[2].removeprefix("data: "))["usage"]
+    assert usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}

@@ -18,12 +18,18 @@ from app.media import (
     ImageLimits,
     content_hash,
     decode_data_url,
-    decode_image,
+    decode_pixels,
+    read_header,
     to_rgb,
 )
 from tests.api.images import encode, png_declaring, scene, scene_png
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_pixels=1_000_000)
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """ImageIntake's steps before preprocessing: the header read and checked, then decoded."""
+    return decode_pixels(read_header(data, limits))
 
 
 def _status(call: object) -> int:

@@ -89,7 +89,7 @@ def test_chat_requests() -> None:
     request = ChatCompletionRequest.model_validate(
         {"messages": [message], "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2}
     )
-    assert request.requested_max_tokens == 9 and request.logprobs_count == 2
+    assert request.max_tokens_or(100) == 9 and request.logprobs_count == 2
     bad_requests: list[dict[str, Any]] = [
         {"messages": []},
         {"messages": [{"role": "tool", "content": "x"}]},

@@ -172,6 +172,23 @@ def test_image_token_in_text_is_refused(http: httpx.Client) -> None:
             "/v1/qa", files={"image": ("a.png", image, "image/png")}, data={"question": "<image>"}
         )
     assert_error(sneaky, 400, param="question")
+    chat = _chat_with_image(data_url(scene_png()))
+    chat["messages"][0]["content"][1]["text"] = "and <image>"
+    assert_error(http.post("/v1/chat/completions", json=chat), 400, param="messages")
+
+
+def test_a_batch_with_one_prompt_too_long_is_refused_whole(http: httpx.Client) -> None:
+    """No prompt of the batch reaches the engine: after one more request (which the engine
+    takes after anything sent before it), it has finished exactly one request more."""
+    finished = "mmgpt_request_prompt_tokens_count"
+    before = metric(wait_idle(http), finished)
+    context = http.get("/v1/models").json()["data"][0]["max_model_len"]
+    body = {"prompt": ["a red circle", "red " * context], "max_tokens": 4}
+    error = assert_error(http.post("/v1/completions", json=body), 400, param="max_tokens")
+    assert error["code"] == "context_length_exceeded"
+    after = http.post("/v1/completions", json={"prompt": "a red circle", "max_tokens": 2})
+    assert after.status_code == 200, after.text
+    assert metric(wait_idle(http), finished) == before + 1
 
 
 def test_refusals_are_counted_by_reason(http: httpx.Client) -> None:

@@ -361,7 +361,8 @@ def test_caption_plain_and_streamed(http: httpx.Client, model_id: str) -> None:
     assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
     assert body["model"] == model_id and body["usage"]["completion_tokens"] == 10
     assert set(body["choices"][0]) >= {"index", "text", "finish_reason"}
-    events = stream_post(http, "/v1/caption", **_upload(stream="true", **fields))
+    asked = _upload(stream="true", stream_include_usage="true", **fields)
+    events = stream_post(http, "/v1/caption", **asked)
     assert all(set(event) >= {"id", "object", "created", "model", "choices"} for event in events)
     *chunks, usage = events
     assert "".join(e["choices"][0]["text"] for e in chunks) == body["choices"][0]["text"]
@@ -391,9 +392,30 @@ def test_qa_plain_and_streamed(http: httpx.Client) -> None:
     fields = {"question": "What colour is the square?", "max_tokens": "8", "temperature": "0"}
     plain = http.post("/v1/qa", **_upload(**fields))
     assert plain.status_code == 200, plain.text
-    *chunks, usage = stream_post(http, "/v1/qa", **_upload(stream="true", **fields))
+    asked = _upload(stream="true", stream_include_usage="true", **fields)
+    *chunks, usage = stream_post(http, "/v1/qa", **asked)
     assert "".join(e["choices"][0]["text"] for e in chunks) == plain.json()["choices"][0]["text"]
     assert usage["choices"] == [] and usage["usage"] == plain.json()["usage"]
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [("/v1/caption", {}), ("/v1/qa", {"question": "What colour is the square?"})],
+)
+def test_a_naive_client_reads_every_event_of_a_vision_stream(
+    http: httpx.Client, path: str, fields: dict[str, str]
+) -> None:
+    """A client that reads `choices[0]` of every `data:` event, as a new user writes one: no
+    usage-only event (`choices: []`) unless the form asks for it."""
+    form = {"stream": "true", "max_tokens": "6", "temperature": "0", **fields}
+    text = ""
+    with http.stream("POST", path, **_upload(**form)) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+    plain = http.post(path, **_upload(**{**form, "stream": "false"}))
+    assert text == plain.json()["choices"][0]["text"]
 
 
 def test_metrics_export_load_and_http_counters(http: httpx.Client) -> None:
