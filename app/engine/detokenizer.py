@@ -60,10 +60,6 @@ class Detokenizer:
         self._token_texts: dict[int, str] = {}
         self._window_texts: dict[tuple[tuple[int, ...], bool], str] = {}
 
-    @property
-    def is_byte_level(self) -> bool:
-        return self.byte_table is not None
-
     def new_stream(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> TextStream:
         if self.byte_table is not None:
             skipped = self.special_ids if skip_special_tokens else frozenset()
