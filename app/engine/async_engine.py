@@ -13,16 +13,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from collections.abc import Sequence as Seq
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from app.engine.config import EngineConfig
-from app.engine.engine_core import Delivery, EngineCore
+from app.engine.engine_core import EngineCore
 from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
+from app.engine.request import Delivery
 from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
 from app.engine.step_threads import in_passing_thread
 from app.engine.structured import StructuredOutputs
@@ -94,22 +94,20 @@ class RequestStream:
 
     async def aclose(self) -> None:
         """Stop reading; aborts the request if it has not finished."""
-        if self._undelivered and not self._closed:
+        if not self.is_complete and not self._closed:
             self._engine.abort(self.request_id)
         self._closed = True
 
-    def _put(self, output: RequestOutput) -> None:
-        """On the event loop: queue one output."""
+    @property
+    def is_complete(self) -> bool:
+        """Every sample's last output is queued: the engine is done with this request."""
+        return self._undelivered == 0
+
+    def put(self, output: RequestOutput) -> None:
+        """On the event loop: queue one output from the engine."""
         self._queue.put_nowait(output)
         if output.finished:
             self._undelivered -= 1
-            if self._undelivered == 0:
-                self._engine._forget(self.request_id)
-
-
-def _put_all(items: list[Delivery]) -> None:
-    for stream, output in items:
-        stream._put(output)
 
 
 class AsyncEngine:
@@ -185,7 +183,7 @@ class AsyncEngine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        images: Seq[ImageInput] = (),
+        images: Sequence[ImageInput] = (),
     ) -> RequestStream:
         """Validate and queue a request; call on the event loop thread."""
         if not self.is_running:
@@ -216,7 +214,10 @@ class AsyncEngine:
         )
 
     def _validate(
-        self, prompt_token_ids: list[int], params: SamplingParams, images: Seq[ImageInput]
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        images: Sequence[ImageInput],
     ) -> tuple[ImageSpan, ...]:
         validate_params(params, self.info, self.config.max_logprobs)
         validate_prompt(prompt_token_ids, self.info)
@@ -228,9 +229,6 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request (safe at any time); its blocks are freed at the next step."""
         self._inbox.put(_Abort(request_id))
-
-    def _forget(self, request_id: str) -> None:
-        self._live.pop(request_id, None)
 
     # ---- the loop thread ---------------------------------------------------------------
     def _run_loop(self) -> None:
@@ -281,10 +279,11 @@ class AsyncEngine:
         except Exception as exc:  # a bug must not take the loop down: fail this request only
             logger.exception("could not add request %s", item.request_id)
             error = f"{type(exc).__name__}: {exc}"
-            self._deliver([
-                (item.stream, RequestOutput(item.request_id, i, "", [], "error", error=error))
+            outputs = [
+                RequestOutput(item.request_id, i, "", [], "error", error=error)
                 for i in range(item.params.n)
-            ])  # fmt: skip
+            ]
+            self._deliver([Delivery(item.stream, output) for output in outputs])
 
     def _should_exit(self) -> bool:
         if not self._stopping:
@@ -298,7 +297,8 @@ class AsyncEngine:
         self._take_inbox(block=False)
         deliveries = self._core.abort_all()
         if reason == "error":
-            for _, output in deliveries:
+            for delivery in deliveries:
+                output = delivery.output
                 output.finish_reason, output.error = "error", "the engine loop died"
         self._deliver(deliveries)
         self._stats = self._snapshot()
@@ -306,12 +306,20 @@ class AsyncEngine:
     def _deliver(self, deliveries: list[Delivery]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
         for delivery in deliveries:
-            by_loop.setdefault(delivery[0].loop, []).append(delivery)
+            by_loop.setdefault(delivery.sink.loop, []).append(delivery)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(self._put_all, items)
             except RuntimeError:  # that event loop is closed: nobody is listening
                 continue
+
+    def _put_all(self, deliveries: list[Delivery]) -> None:
+        """On the streams' event loop: queue each output; forget the requests that are done."""
+        for delivery in deliveries:
+            stream: RequestStream = delivery.sink  # every request's sink is its stream
+            stream.put(delivery.output)
+            if stream.is_complete:
+                self._live.pop(stream.request_id, None)
 
     def _snapshot(self) -> EngineStats:
         core = self._core

@@ -17,7 +17,7 @@ from app.engine.config import EngineConfig
 from app.engine.detokenizer import Detokenizer, SequenceText
 from app.engine.kv_cache import max_model_len, num_kv_blocks
 from app.engine.model_runner import ModelRunner, StepResult
-from app.engine.request import Request, record_finished
+from app.engine.request import Delivery, Request, record_finished
 from app.engine.sampler import RowLogprobs
 from app.engine.scheduler import ScheduledBatch, Scheduler
 from app.engine.sequence import (
@@ -34,7 +34,6 @@ from models.base import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-Delivery = tuple[Any, RequestOutput]  # (the request's sink, one output)
 NONFINITE_ERROR = "the model produced no finite logits for this sequence"
 GRAMMAR_ERROR = "the sampled token does not fit the JSON schema the request holds it to"
 
@@ -128,7 +127,7 @@ class EngineCore:
             self.scheduler.finish(seq, reason)
             output = self._output(request, seq, [], "", reason)
             output.error = error
-            deliveries.append((request.sink, self._count_finished(request, output, now)))
+            deliveries.append(request.deliver(self._count_finished(request, output, now)))
         return deliveries
 
     # ---- the step ---------------------------------------------------------------------
@@ -186,30 +185,51 @@ class EngineCore:
     def _on_token(self, seq: Sequence, result: StepResult, now: float) -> Delivery:
         request = self.requests[seq.request_id]
         token_id = seq.token_ids[-1]
-        text = request.texts[seq.index]
-        reason = seq.stop_reason_for(token_id, self.info.eos_token_ids)
-        error = NONFINITE_ERROR if seq.seq_id in result.nonfinite_seq_ids else None
-        grammar = consume(seq.matcher, token_id) if seq.matcher is not None else None
-        if error is None and grammar == "error":
-            error = GRAMMAR_ERROR
-        if error is not None:
-            reason = "error"
-        elif reason != "stop" and (text.append(token_id) or grammar == "stop"):
-            reason = "stop"  # a stop string, or the end of the grammar (stop tokens add no text)
+        reason, error = self._finish_reason(seq, token_id, request.texts[seq.index], result)
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            text.finish()
+            request.texts[seq.index].finish()
         request.mark_token(now)
-        output = self._output(request, seq, [token_id], text.take_delta(reason is not None), reason)
+        output = self._token_output(request, seq, token_id, reason, result)
         output.error = error
+        if reason is not None:
+            output = self._count_finished(request, output, now)
+        return request.deliver(output)
+
+    def _finish_reason(
+        self, seq: Sequence, token_id: int, text: SequenceText, result: StepResult
+    ) -> tuple[str | None, str | None]:
+        """Why the sample ends at this token, if it does, and the error when it fails.
+        The grammar and the text both take the token here (stop tokens add no text)."""
+        reason = seq.stop_reason_for(token_id, self.info.eos_token_ids)
+        grammar = consume(seq.matcher, token_id) if seq.matcher is not None else None
+        if seq.seq_id in result.nonfinite_seq_ids:
+            return "error", NONFINITE_ERROR
+        if grammar == "error":
+            return "error", GRAMMAR_ERROR
+        if reason == "stop":
+            return reason, None
+        hit_stop_string = text.append(token_id)
+        if hit_stop_string or grammar == "stop":  # a stop string, or the grammar's end
+            return "stop", None
+        return reason, None
+
+    def _token_output(
+        self,
+        request: Request,
+        seq: Sequence,
+        token_id: int,
+        reason: str | None,
+        result: StepResult,
+    ) -> RequestOutput:
+        delta = request.texts[seq.index].take_delta(reason is not None)
+        output = self._output(request, seq, [token_id], delta, reason)
         row_logprobs = result.logprobs.get(seq.seq_id)
         if row_logprobs is not None:
             output.logprobs = [self._token_logprob(token_id, row_logprobs)]
         if seq.num_output_tokens == 1 and seq.params.prompt_logprobs is not None:
             output.prompt_logprobs = seq.prompt_logprobs
-        if reason is not None:
-            output = self._count_finished(request, output, now)
-        return request.sink, output
+        return output
 
     def _output(
         self,
@@ -254,7 +274,9 @@ class EngineCore:
         self.last_step_end = now
         metrics.ENGINE_STEP_TIME.observe(now - started)
         metrics.BATCH_TOKENS.observe(batch.num_batched_tokens)
-        metrics.GENERATION_TOKENS.inc(sum(len(output.token_ids) for _, output in deliveries))
+        metrics.GENERATION_TOKENS.inc(
+            sum(len(delivery.output.token_ids) for delivery in deliveries)
+        )
         self._reported.publish(self)
 
 

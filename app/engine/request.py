@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from app import metrics
 from app.engine.detokenizer import SequenceText
-from app.engine.sequence import RequestMetrics, Sequence
+from app.engine.sequence import RequestMetrics, RequestOutput, Sequence
+
+
+class Delivery(NamedTuple):
+    """One output and where it goes: the sink its caller gave `add_request`, untouched."""
+
+    sink: Any  # the caller's own type: AsyncEngine's streams, an offline driver's indices
+    output: RequestOutput
 
 
 @dataclass(eq=False)
@@ -30,6 +37,9 @@ class Request:
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [seq for seq in self.seqs if not seq.is_finished]
+
+    def deliver(self, output: RequestOutput) -> Delivery:
+        return Delivery(self.sink, output)
 
     def mark_token(self, now: float) -> None:
         """Record the time of an output token (of any sample) for latency metrics."""
