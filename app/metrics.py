@@ -1,12 +1,14 @@
 """Every Prometheus collector of mmgpt, named in one place.
 
-Other modules call the helpers below; none defines a collector of its own.
+The engine hands its stats to an `EngineStatsRecorder`, which turns them into series.
 Labels stay low-cardinality: routes are templates, never raw paths.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
+
+from app.engine.stats import EngineStats, FinishedRequestStats, StatsUpdate, StepStats
 
 # Buckets that resolve GPU speeds (ms) and CPU speeds (tens of ms per token).
 LATENCY_BUCKETS = (
@@ -92,3 +94,69 @@ FAILURE_REASONS = (
     "validation", "unsupported_media", "too_large", "unauthorized", "overloaded",
     "client_disconnect", "internal", "not_found", "not_ready",
 )  # fmt: skip
+# The engine's cumulative counts, in the order `_cumulative` reads them.
+CUMULATIVE_COUNTERS = (
+    PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, IMAGE_CACHE_QUERIES, IMAGE_CACHE_HITS,
+    NUM_PREEMPTIONS,
+)  # fmt: skip
+
+
+class EngineStatsRecorder:
+    """Turns one engine's stats updates into series: the sink `AsyncEngine` is given."""
+
+    def __init__(self) -> None:
+        self._counted = (0,) * len(CUMULATIVE_COUNTERS)  # the counts already added
+
+    def record(self, update: StatsUpdate) -> None:
+        _set_gauges(update.engine)
+        self._add_growth(update.engine)
+        if update.step is not None:
+            _observe_step(update.step)
+        for request in update.finished:
+            _observe_finished(request)
+
+    def _add_growth(self, stats: EngineStats) -> None:
+        """The engine counts from its start; a counter takes only what is new."""
+        current = _cumulative(stats)
+        for counter, now, before in zip(CUMULATIVE_COUNTERS, current, self._counted, strict=True):
+            if now > before:
+                counter.inc(now - before)
+        self._counted = current
+
+
+def _cumulative(stats: EngineStats) -> tuple[int, ...]:
+    return (
+        stats.prefix_cache_queries, stats.prefix_cache_hits, stats.image_cache_queries,
+        stats.image_cache_hits, stats.num_preemptions,
+    )  # fmt: skip
+
+
+def _set_gauges(stats: EngineStats) -> None:
+    NUM_REQUESTS_RUNNING.set(stats.num_running)
+    NUM_REQUESTS_WAITING.set(stats.num_waiting)
+    KV_CACHE_USAGE.set(stats.kv_cache_usage)
+    DECODE_MIRROR_BYTES.set(stats.decode_mirror_bytes)
+
+
+def _observe_step(step: StepStats) -> None:
+    ENGINE_STEP_TIME.observe(step.duration)
+    BATCH_TOKENS.observe(step.num_batched_tokens)
+    GENERATION_TOKENS.inc(step.num_generated_tokens)
+
+
+def _observe_finished(request: FinishedRequestStats) -> None:
+    PROMPT_TOKENS.inc(request.num_prompt_tokens)
+    REQUEST_PROMPT_TOKENS.observe(request.num_prompt_tokens)
+    REQUEST_GENERATION_TOKENS.observe(request.num_generation_tokens)
+    E2E_REQUEST_LATENCY.observe(request.e2e_latency)
+    spans = (
+        (REQUEST_QUEUE_TIME, request.queue_time),
+        (TIME_TO_FIRST_TOKEN, request.time_to_first_token),
+        (REQUEST_PREFILL_TIME, request.prefill_time),
+        (REQUEST_DECODE_TIME, request.decode_time),
+    )
+    for histogram, seconds in spans:
+        if seconds is not None:
+            histogram.observe(seconds)
+    for gap in request.token_gaps:
+        INTER_TOKEN_LATENCY.observe(gap)

@@ -9,6 +9,7 @@ engine.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -69,9 +70,11 @@ class Service:
     async def start(self) -> None:
         """Loads the model and starts the engine loop (the slow part runs in a thread)."""
         try:
-            engine = await anyio.to_thread.run_sync(
-                AsyncEngine, self.settings.engine_config(), self._loaded
+            recorder = metrics.EngineStatsRecorder()
+            build = functools.partial(
+                AsyncEngine, self.settings.engine_config(), self._loaded, recorder.record
             )
+            engine = await anyio.to_thread.run_sync(build)
             engine.start()
         except Exception as error:
             logger.exception("Loading the model failed")

@@ -24,6 +24,7 @@ from app.engine.engine_core import EngineCore
 from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
 from app.engine.request import Delivery
 from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
+from app.engine.stats import EngineStats, StatsSink, StatsUpdate, ignore_stats
 from app.engine.step_threads import in_passing_thread
 from app.engine.structured import StructuredOutputs
 from app.engine.validation import image_spans, validate_length, validate_params, validate_prompt
@@ -33,22 +34,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 0.5  # an idle loop wakes this often to show it is alive
 STUCK_AFTER_SECONDS = 120.0  # no heartbeat for this long (one step running on) means unhealthy
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # blocks held by live requests / all blocks
-    num_blocks: int
-    num_free_blocks: int
-    prefix_cache_queries: int  # tokens, cumulative
-    prefix_cache_hits: int
-    image_cache_queries: int
-    image_cache_hits: int
-    num_preemptions: int
-    num_steps: int
-    last_step_end: float  # time.monotonic() of the last step's end; 0 before the first
 
 
 @dataclass(frozen=True)
@@ -111,11 +96,20 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        on_stats: StatsSink = ignore_stats,
+    ) -> None:
+        """`on_stats` receives the engine's stats on its loop thread, inside the step."""
         self.config = config
+        self._on_stats = on_stats
         # Loading, the KV cache allocation and the warm-up step run parallel ops: on a thread
         # that then ends (the pages they touch stay with the process).
-        self._loaded, self._core = in_passing_thread(lambda: _build(config, loaded))
+        self._loaded, self._core = in_passing_thread(
+            lambda: _build(config, loaded, self._take_stats)
+        )
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, RequestStream] = {}  # touched on the event loop only
         self._thread: threading.Thread | None = None
@@ -123,7 +117,7 @@ class AsyncEngine:
         self._drain_deadline = 0.0
         self._heartbeat = time.monotonic()
         self.stuck_after_s = STUCK_AFTER_SECONDS
-        self._stats = self._snapshot()
+        self._stats = self._core.snapshot()
 
     # ---- what the API reads ------------------------------------------------------------
     @property
@@ -240,7 +234,6 @@ class AsyncEngine:
                 self._heartbeat = time.monotonic()
                 self._take_inbox(block=not self._core.has_unfinished)
                 deliveries = self._core.step() if self._core.has_unfinished else []
-                self._stats = self._snapshot()  # before delivery: a caller sees both agree
                 self._deliver(deliveries)
         except Exception:
             logger.exception("the engine loop died")
@@ -262,9 +255,7 @@ class AsyncEngine:
         if isinstance(item, _Add):
             self._add(item)
         elif isinstance(item, _Abort):
-            deliveries = self._core.abort_request(item.request_id)
-            self._stats = self._snapshot()
-            self._deliver(deliveries)
+            self._deliver(self._core.abort_request(item.request_id))
 
     def _add(self, item: _Add) -> None:
         try:
@@ -301,7 +292,11 @@ class AsyncEngine:
                 output = delivery.output
                 output.finish_reason, output.error = "error", "the engine loop died"
         self._deliver(deliveries)
-        self._stats = self._snapshot()
+
+    def _take_stats(self, update: StatsUpdate) -> None:
+        """On the loop thread, inside the step: before delivery, so a caller sees both agree."""
+        self._stats = update.engine
+        self._on_stats(update)
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
@@ -321,30 +316,14 @@ class AsyncEngine:
             if stream.is_complete:
                 self._live.pop(stream.request_id, None)
 
-    def _snapshot(self) -> EngineStats:
-        core = self._core
-        manager, images = core.block_manager, core.runner.image_cache
-        return EngineStats(
-            num_running=len(core.scheduler.running),
-            num_waiting=len(core.scheduler.waiting),
-            kv_cache_usage=manager.usage,
-            num_blocks=manager.num_blocks,
-            num_free_blocks=manager.num_free_blocks,
-            prefix_cache_queries=manager.prefix_cache_queries,
-            prefix_cache_hits=manager.prefix_cache_hits,
-            image_cache_queries=images.queries,
-            image_cache_hits=images.hits,
-            num_preemptions=core.scheduler.num_preemptions,
-            num_steps=core.num_steps,
-            last_step_end=core.last_step_end,
-        )
 
-
-def _build(config: EngineConfig, loaded: LoadedModel | None) -> tuple[LoadedModel, EngineCore]:
+def _build(
+    config: EngineConfig, loaded: LoadedModel | None, on_stats: StatsSink
+) -> tuple[LoadedModel, EngineCore]:
     if config.num_threads:  # loading times the model's products: with the engine's threads
         torch.set_num_threads(config.num_threads)
     loaded = loaded if loaded is not None else _load(config)
-    core = EngineCore(config, loaded)
+    core = EngineCore(config, loaded, on_stats)
     if config.warm_up:
         core.warm_up()
     return loaded, core
