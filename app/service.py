@@ -81,7 +81,7 @@ class Service:
             self.status, self.failure = Status.FAILED, f"{type(error).__name__}: {error}"
             return
         self._runtime = self._build_runtime(engine)
-        record_model_info(engine.info, self.settings, engine.max_model_len)
+        metrics.record_model_info(engine.info, self.settings, engine.max_model_len)
         if self.status is Status.LOADING:
             self.status = Status.READY
         logger.info("Serving %s (%s)", self.model_id, engine.info.architecture)
@@ -156,15 +156,3 @@ class Service:
 
 def draining() -> APIError:
     return not_ready("The server is shutting down; retry on another instance.", "shutting_down")
-
-
-def record_model_info(info: ModelInfo, settings: Settings, max_model_len: int) -> None:
-    metrics.MODEL_INFO.info(
-        {
-            "model": settings.model_id(),
-            "dtype": str(info.dtype).removeprefix("torch."),
-            "device": str(info.device),
-            "block_size": str(settings.block_size),
-            "max_model_len": str(max_model_len),
-        }
-    )

@@ -1,4 +1,4 @@
-"""app/metrics.py: the engine's stats turned into series."""
+"""app/metrics.py: the engine's stats and the service's events turned into series."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY
 
 from app import metrics
 from app.engine.stats import EngineStats, FinishedRequestStats, StatsUpdate, StepStats
+from app.errors import CLIENT_CLOSED_REQUEST
 from models import LoadedModel
 from tests.api.test_text_model import gpt2, serving
 from tests.e2e.conftest import metric
@@ -76,6 +77,38 @@ def test_a_finished_request_observes_the_spans_it_reached() -> None:
     grown = [after - earlier for after, earlier in zip(counts(), before, strict=True)]
     assert grown == [1, 1, 2, 1, 1, 2, 2, 2]
     assert sample("mmgpt_prompt_tokens_total") - prompt_tokens == 24
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "code", "reason"),
+    [
+        ("/v1/chat/completions", 503, "overloaded", "overloaded"),
+        ("/v1/engines/{engine}/completions", 503, "not_ready", "not_ready"),
+        ("/v1/caption", 413, "too_large", "too_large"),
+        ("/v1/completions", 200, None, None),
+        ("/v1/completions", CLIENT_CLOSED_REQUEST, None, None),  # the route counts those
+        ("/v1/models", 401, "invalid_api_key", None),  # not a generating route
+    ],
+)
+def test_an_http_request_counts_by_route_and_a_refused_generation_by_reason(
+    route: str, status: int, code: str | None, reason: str | None
+) -> None:
+    endpoint = metrics.GENERATING_ROUTES.get(route, "completions")
+
+    def counts() -> tuple[float, float]:
+        failures = sum(
+            sample("mmgpt_request_failure_total", endpoint=endpoint, reason=each)
+            for each in metrics.FAILURE_REASONS
+        )
+        return sample("mmgpt_http_requests_total", route=route, status=str(status)), failures
+
+    before = counts()
+    metrics.record_http_request(route, status, code)
+    after = counts()
+    assert after[0] == before[0] + 1
+    assert after[1] == before[1] + (reason is not None)
+    if reason is not None:
+        assert reason in metrics.FAILURE_REASONS
 
 
 @pytest.mark.anyio
