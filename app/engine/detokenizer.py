@@ -6,7 +6,7 @@ replacement character that decoding all tokens at once would not contain.
 
 Byte-level tokenizers (GPT-2, Llama 3 and the like) take a fast path: each
 token id maps to its bytes once, and a sequence's text is those bytes fed to
-an incremental UTF-8 decoder, a few hundred nanoseconds per token. Other
+an incremental UTF-8 decoder, with no tokenizer call per token. Other
 tokenizers take the general path: decode a short window of recent tokens and
 release what grew, starting from a few prompt tokens so that spacing rules
 that depend on the previous token (SentencePiece's leading space) hold.

@@ -1,7 +1,7 @@
 """The stats the engine emits: its state, each step, each finished request.
 
 The engine knows nothing of Prometheus: it hands a `StatsUpdate` to the sink it was
-given, and the service's recorder (app/metrics.py) turns updates into series.
+given, and the service's recorder turns updates into series.
 """
 
 from __future__ import annotations
