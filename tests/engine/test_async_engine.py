@@ -326,7 +326,7 @@ def test_concurrent_submits_from_another_thread_loop(engine: AsyncEngine) -> Non
     def in_thread(name: str) -> None:
         async def main() -> None:
             results[name] = await collect(
-                engine.submit(name, prompt(8), SamplingParams(max_tokens=5))
+                engine.submit(name, prompt(8), SamplingParams(max_tokens=5, ignore_eos=True))
             )
 
         asyncio.run(main())
