@@ -166,7 +166,7 @@ class ImageIntake:
         self._limiter = anyio.CapacityLimiter(DECODE_CONCURRENCY)
 
     async def load(self, data: bytes, param: str = "image") -> ImageInput:
-        metrics.IMAGES.inc()
+        metrics.record_image_received()
         started = time.perf_counter()
         header = read_header(data, self.limits, param)
         if header.width * header.height <= INLINE_DECODE_PIXELS:
@@ -175,7 +175,7 @@ class ImageIntake:
             image_input = await anyio.to_thread.run_sync(
                 self._decode_and_preprocess, header, param, limiter=self._limiter
             )
-        metrics.IMAGE_PREPROCESS_TIME.observe(time.perf_counter() - started)
+        metrics.record_image_preprocessed(time.perf_counter() - started)
         return image_input
 
     def _decode_and_preprocess(self, header: Image.Image, param: str) -> ImageInput:

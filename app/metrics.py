@@ -1,12 +1,22 @@
-"""Every Prometheus collector of mmgpt, named in one place.
+"""Every Prometheus collector of mmgpt, named in one place, and the one module that writes them.
 
-Other modules call the helpers below; none defines a collector of its own.
-Labels stay low-cardinality: routes are templates, never raw paths.
+The engine hands its stats to an `EngineStatsRecorder`; the HTTP gate, the routes, the
+image intake and the service call the `record_*` functions below. No other module
+touches a collector. Labels stay low-cardinality: routes are templates, never raw paths.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram, Info
+
+from app.engine.stats import EngineStats, FinishedRequestStats, StatsUpdate, StepStats
+from app.errors import failure_reason
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from models.base import ModelInfo
 
 # Buckets that resolve GPU speeds (ms) and CPU speeds (tens of ms per token).
 LATENCY_BUCKETS = (
@@ -92,3 +102,117 @@ FAILURE_REASONS = (
     "validation", "unsupported_media", "too_large", "unauthorized", "overloaded",
     "client_disconnect", "internal", "not_found", "not_ready",
 )  # fmt: skip
+
+# The routes that generate, by template, and the endpoint label each one counts under.
+GENERATING_ROUTES = {
+    "/v1/completions": "completions",
+    "/v1/engines/{engine}/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/caption": "caption",
+    "/v1/qa": "qa",
+}
+# The engine's cumulative counts, in the order `_cumulative` reads them.
+CUMULATIVE_COUNTERS = (
+    PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, IMAGE_CACHE_QUERIES, IMAGE_CACHE_HITS,
+    NUM_PREEMPTIONS,
+)  # fmt: skip
+
+
+class EngineStatsRecorder:
+    """Turns one engine's stats updates into series: the sink `AsyncEngine` is given."""
+
+    def __init__(self) -> None:
+        self._counted = (0,) * len(CUMULATIVE_COUNTERS)  # the counts already added
+
+    def record(self, update: StatsUpdate) -> None:
+        _set_gauges(update.engine)
+        self._add_growth(update.engine)
+        if update.step is not None:
+            _observe_step(update.step)
+        for request in update.finished:
+            _observe_finished(request)
+
+    def _add_growth(self, stats: EngineStats) -> None:
+        """The engine counts from its start; a counter takes only what is new."""
+        current = _cumulative(stats)
+        for counter, now, before in zip(CUMULATIVE_COUNTERS, current, self._counted, strict=True):
+            if now > before:
+                counter.inc(now - before)
+        self._counted = current
+
+
+def _cumulative(stats: EngineStats) -> tuple[int, ...]:
+    return (
+        stats.prefix_cache_queries, stats.prefix_cache_hits, stats.image_cache_queries,
+        stats.image_cache_hits, stats.num_preemptions,
+    )  # fmt: skip
+
+
+def _set_gauges(stats: EngineStats) -> None:
+    NUM_REQUESTS_RUNNING.set(stats.num_running)
+    NUM_REQUESTS_WAITING.set(stats.num_waiting)
+    KV_CACHE_USAGE.set(stats.kv_cache_usage)
+    DECODE_MIRROR_BYTES.set(stats.decode_mirror_bytes)
+
+
+def _observe_step(step: StepStats) -> None:
+    ENGINE_STEP_TIME.observe(step.duration)
+    BATCH_TOKENS.observe(step.num_batched_tokens)
+    GENERATION_TOKENS.inc(step.num_generated_tokens)
+
+
+def _observe_finished(request: FinishedRequestStats) -> None:
+    PROMPT_TOKENS.inc(request.num_prompt_tokens)
+    REQUEST_PROMPT_TOKENS.observe(request.num_prompt_tokens)
+    REQUEST_GENERATION_TOKENS.observe(request.num_generation_tokens)
+    E2E_REQUEST_LATENCY.observe(request.e2e_latency)
+    spans = (
+        (REQUEST_QUEUE_TIME, request.queue_time),
+        (TIME_TO_FIRST_TOKEN, request.time_to_first_token),
+        (REQUEST_PREFILL_TIME, request.prefill_time),
+        (REQUEST_DECODE_TIME, request.decode_time),
+    )
+    for histogram, seconds in spans:
+        if seconds is not None:
+            histogram.observe(seconds)
+    for gap in request.token_gaps:
+        INTER_TOKEN_LATENCY.observe(gap)
+
+
+def record_http_request(route: str, status: int, code: str | None = None) -> None:
+    """One HTTP request's end, by route template; a refused generation also by reason."""
+    HTTP_REQUESTS.labels(route, str(status)).inc()
+    endpoint = GENERATING_ROUTES.get(route)
+    reason = failure_reason(status, code)
+    if endpoint is not None and reason is not None:
+        record_request_failure(endpoint, reason)
+
+
+def record_request_success(endpoint: str, finished_reason: str) -> None:
+    REQUEST_SUCCESS.labels(endpoint, finished_reason).inc()
+
+
+def record_request_failure(endpoint: str, reason: str) -> None:
+    """A generating request that failed: refused by its status (the HTTP gate), or ended
+    after its status was sent or by a client that left (the route)."""
+    REQUEST_FAILURE.labels(endpoint, reason).inc()
+
+
+def record_image_received() -> None:
+    IMAGES.inc()
+
+
+def record_image_preprocessed(seconds: float) -> None:
+    IMAGE_PREPROCESS_TIME.observe(seconds)
+
+
+def record_model_info(info: ModelInfo, settings: Settings, max_model_len: int) -> None:
+    MODEL_INFO.info(
+        {
+            "model": settings.model_id(),
+            "dtype": str(info.dtype).removeprefix("torch."),
+            "device": str(info.device),
+            "block_size": str(settings.block_size),
+            "max_model_len": str(max_model_len),
+        }
+    )

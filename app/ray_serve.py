@@ -24,22 +24,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import ray
 from fastapi import FastAPI
-from prometheus_client import REGISTRY, start_http_server
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client import start_http_server
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.health import refresh_engine_gauges
 from app.config import Settings
 from app.main import create_app
 from app.service import Service, Status
@@ -74,25 +71,13 @@ class RayServeArgs(BaseModel):
     )
 
 
-class _RefreshingRegistry(Collector):
-    """The default registry, with the engine's gauges brought up to date at each scrape."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-
-    def collect(self) -> Iterable[Metric]:
-        refresh_engine_gauges(self.service)
-        return REGISTRY.collect()
-
-
 class MetricsEndpoint:
     """A replica's own Prometheus endpoint, on the first free port of its range."""
 
-    def __init__(self, args: RayServeArgs, service: Service) -> None:
+    def __init__(self, args: RayServeArgs) -> None:
         self.host = args.metrics_host or ray.util.get_node_ip_address()
         first = args.metrics_port
         self.candidates = [0] if first == 0 else list(range(first, first + args.metrics_port_count))
-        self.registry = _RefreshingRegistry(service)
         self.server: WSGIServer | None = None
 
     @property
@@ -102,7 +87,7 @@ class MetricsEndpoint:
     def start(self) -> None:
         for port in self.candidates:
             try:
-                self.server, _ = start_http_server(port, self.host, registry=self.registry)
+                self.server, _ = start_http_server(port, self.host)
             except OSError:
                 continue  # another replica on this node holds it
             logger.info("Prometheus metrics of this replica: http://%s:%d/", self.host, self.port)
@@ -171,7 +156,7 @@ class MMGPTReplica:
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = create_app(Settings(**self.args.settings))
         self.service = app.state.service
-        self.metrics = MetricsEndpoint(self.args, app.state.service)
+        self.metrics = MetricsEndpoint(self.args)
         app.router.lifespan_context = self._ready_before_serving(app.router.lifespan_context)
         app.add_middleware(ReplicaIdentity, describe=self.describe)
         return app

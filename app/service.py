@@ -9,6 +9,7 @@ engine.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -69,16 +70,18 @@ class Service:
     async def start(self) -> None:
         """Loads the model and starts the engine loop (the slow part runs in a thread)."""
         try:
-            engine = await anyio.to_thread.run_sync(
-                AsyncEngine, self.settings.engine_config(), self._loaded
+            recorder = metrics.EngineStatsRecorder()
+            build = functools.partial(
+                AsyncEngine, self.settings.engine_config(), self._loaded, recorder.record
             )
+            engine = await anyio.to_thread.run_sync(build)
             engine.start()
         except Exception as error:
             logger.exception("Loading the model failed")
             self.status, self.failure = Status.FAILED, f"{type(error).__name__}: {error}"
             return
         self._runtime = self._build_runtime(engine)
-        record_model_info(engine.info, self.settings, engine.max_model_len)
+        metrics.record_model_info(engine.info, self.settings, engine.max_model_len)
         if self.status is Status.LOADING:
             self.status = Status.READY
         logger.info("Serving %s (%s)", self.model_id, engine.info.architecture)
@@ -153,15 +156,3 @@ class Service:
 
 def draining() -> APIError:
     return not_ready("The server is shutting down; retry on another instance.", "shutting_down")
-
-
-def record_model_info(info: ModelInfo, settings: Settings, max_model_len: int) -> None:
-    metrics.MODEL_INFO.info(
-        {
-            "model": settings.model_id(),
-            "dtype": str(info.dtype).removeprefix("torch."),
-            "device": str(info.device),
-            "block_size": str(settings.block_size),
-            "max_model_len": str(max_model_len),
-        }
-    )

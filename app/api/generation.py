@@ -219,10 +219,10 @@ class Tally:
                 if i in self.choices
             }
             reason = "length" if "length" in reasons else "stop"
-            metrics.REQUEST_SUCCESS.labels(self.job.endpoint, reason).inc()
+            metrics.record_request_success(self.job.endpoint, reason)
 
     def record_failure(self, reason: str) -> None:
-        metrics.REQUEST_FAILURE.labels(self.job.endpoint, reason).inc()
+        metrics.record_request_failure(self.job.endpoint, reason)
 
 
 def failure_error(choice: Choice) -> APIError:

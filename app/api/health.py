@@ -6,11 +6,9 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from app import metrics
 from app.api.deps import ServiceDep
 from app.errors import ERROR_RESPONSES, not_ready
 from app.schemas import HealthStatus
-from app.service import Service
 
 router = APIRouter(tags=["operations"])
 
@@ -38,17 +36,6 @@ async def ready(service: ServiceDep) -> HealthStatus:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus metrics"}},
     summary="Prometheus metrics",
 )
-async def prometheus_metrics(service: ServiceDep) -> Response:
-    refresh_engine_gauges(service)
+async def prometheus_metrics() -> Response:
+    """The engine's gauges are as of its last step or abort: it records them at each."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-def refresh_engine_gauges(service: Service) -> None:
-    """Queue and KV cache gauges as of now, so that a scrape never reads stale values."""
-    engine = service.engine
-    if engine is None:
-        return
-    stats = engine.stats()
-    metrics.NUM_REQUESTS_RUNNING.set(stats.num_running)
-    metrics.NUM_REQUESTS_WAITING.set(stats.num_waiting)
-    metrics.KV_CACHE_USAGE.set(stats.kv_cache_usage)

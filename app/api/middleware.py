@@ -15,22 +15,8 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.errors import (
-    CLIENT_CLOSED_REQUEST,
-    ERROR_CODE_STATE_KEY,
-    APIError,
-    body_cap_message,
-    failure_reason,
-)
+from app.errors import CLIENT_CLOSED_REQUEST, ERROR_CODE_STATE_KEY, APIError, body_cap_message
 from app.service import Service, draining
-
-GENERATING_ROUTES = {
-    "/v1/completions": "completions",
-    "/v1/engines/{engine}/completions": "completions",
-    "/v1/chat/completions": "chat",
-    "/v1/caption": "caption",
-    "/v1/qa": "qa",
-}
 
 
 class BodyTooLarge(HTTPException):
@@ -67,7 +53,7 @@ class GateMiddleware:
             raise
         finally:
             code = scope.get("state", {}).get(ERROR_CODE_STATE_KEY)
-            record_request(route_template(scope, self.routes), status, code)
+            metrics.record_http_request(route_template(scope, self.routes), status, code)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal(scope)
@@ -148,11 +134,3 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
         if match is Match.PARTIAL and partial is None:
             partial = str(getattr(route, "path", "unmatched"))
     return partial or "unmatched"
-
-
-def record_request(route: str, status: int, code: str | None = None) -> None:
-    metrics.HTTP_REQUESTS.labels(route, str(status)).inc()
-    endpoint = GENERATING_ROUTES.get(route)
-    reason = failure_reason(status, code)
-    if endpoint is not None and reason is not None:
-        metrics.REQUEST_FAILURE.labels(endpoint, reason).inc()

@@ -13,17 +13,18 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from collections.abc import Sequence as Seq
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from app.engine.config import EngineConfig
-from app.engine.engine_core import Delivery, EngineCore
+from app.engine.engine_core import EngineCore
 from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
+from app.engine.request import Delivery
 from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
+from app.engine.stats import EngineStats, StatsSink, StatsUpdate, ignore_stats
 from app.engine.step_threads import in_passing_thread
 from app.engine.structured import StructuredOutputs
 from app.engine.validation import image_spans, validate_length, validate_params, validate_prompt
@@ -33,22 +34,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 0.5  # an idle loop wakes this often to show it is alive
 STUCK_AFTER_SECONDS = 120.0  # no heartbeat for this long (one step running on) means unhealthy
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # blocks held by live requests / all blocks
-    num_blocks: int
-    num_free_blocks: int
-    prefix_cache_queries: int  # tokens, cumulative
-    prefix_cache_hits: int
-    image_cache_queries: int
-    image_cache_hits: int
-    num_preemptions: int
-    num_steps: int
-    last_step_end: float  # time.monotonic() of the last step's end; 0 before the first
 
 
 @dataclass(frozen=True)
@@ -94,30 +79,37 @@ class RequestStream:
 
     async def aclose(self) -> None:
         """Stop reading; aborts the request if it has not finished."""
-        if self._undelivered and not self._closed:
+        if not self.is_complete and not self._closed:
             self._engine.abort(self.request_id)
         self._closed = True
 
-    def _put(self, output: RequestOutput) -> None:
-        """On the event loop: queue one output."""
+    @property
+    def is_complete(self) -> bool:
+        """Every sample's last output is queued: the engine is done with this request."""
+        return self._undelivered == 0
+
+    def put(self, output: RequestOutput) -> None:
+        """On the event loop: queue one output from the engine."""
         self._queue.put_nowait(output)
         if output.finished:
             self._undelivered -= 1
-            if self._undelivered == 0:
-                self._engine._forget(self.request_id)
-
-
-def _put_all(items: list[Delivery]) -> None:
-    for stream, output in items:
-        stream._put(output)
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        on_stats: StatsSink = ignore_stats,
+    ) -> None:
+        """`on_stats` receives the engine's stats on its loop thread, inside the step."""
         self.config = config
+        self._on_stats = on_stats
         # Loading, the KV cache allocation and the warm-up step run parallel ops: on a thread
         # that then ends (the pages they touch stay with the process).
-        self._loaded, self._core = in_passing_thread(lambda: _build(config, loaded))
+        self._loaded, self._core = in_passing_thread(
+            lambda: _build(config, loaded, self._take_stats)
+        )
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, RequestStream] = {}  # touched on the event loop only
         self._thread: threading.Thread | None = None
@@ -125,7 +117,7 @@ class AsyncEngine:
         self._drain_deadline = 0.0
         self._heartbeat = time.monotonic()
         self.stuck_after_s = STUCK_AFTER_SECONDS
-        self._stats = self._snapshot()
+        self._stats = self._core.snapshot()
 
     # ---- what the API reads ------------------------------------------------------------
     @property
@@ -185,7 +177,7 @@ class AsyncEngine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        images: Seq[ImageInput] = (),
+        images: Sequence[ImageInput] = (),
     ) -> RequestStream:
         """Validate and queue a request; call on the event loop thread."""
         if not self.is_running:
@@ -216,7 +208,10 @@ class AsyncEngine:
         )
 
     def _validate(
-        self, prompt_token_ids: list[int], params: SamplingParams, images: Seq[ImageInput]
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        images: Sequence[ImageInput],
     ) -> tuple[ImageSpan, ...]:
         validate_params(params, self.info, self.config.max_logprobs)
         validate_prompt(prompt_token_ids, self.info)
@@ -229,9 +224,6 @@ class AsyncEngine:
         """Abort a request (safe at any time); its blocks are freed at the next step."""
         self._inbox.put(_Abort(request_id))
 
-    def _forget(self, request_id: str) -> None:
-        self._live.pop(request_id, None)
-
     # ---- the loop thread ---------------------------------------------------------------
     def _run_loop(self) -> None:
         if self.config.num_threads:
@@ -242,7 +234,6 @@ class AsyncEngine:
                 self._heartbeat = time.monotonic()
                 self._take_inbox(block=not self._core.has_unfinished)
                 deliveries = self._core.step() if self._core.has_unfinished else []
-                self._stats = self._snapshot()  # before delivery: a caller sees both agree
                 self._deliver(deliveries)
         except Exception:
             logger.exception("the engine loop died")
@@ -264,9 +255,7 @@ class AsyncEngine:
         if isinstance(item, _Add):
             self._add(item)
         elif isinstance(item, _Abort):
-            deliveries = self._core.abort_request(item.request_id)
-            self._stats = self._snapshot()
-            self._deliver(deliveries)
+            self._deliver(self._core.abort_request(item.request_id))
 
     def _add(self, item: _Add) -> None:
         try:
@@ -281,10 +270,11 @@ class AsyncEngine:
         except Exception as exc:  # a bug must not take the loop down: fail this request only
             logger.exception("could not add request %s", item.request_id)
             error = f"{type(exc).__name__}: {exc}"
-            self._deliver([
-                (item.stream, RequestOutput(item.request_id, i, "", [], "error", error=error))
+            outputs = [
+                RequestOutput(item.request_id, i, "", [], "error", error=error)
                 for i in range(item.params.n)
-            ])  # fmt: skip
+            ]
+            self._deliver([Delivery(item.stream, output) for output in outputs])
 
     def _should_exit(self) -> bool:
         if not self._stopping:
@@ -298,45 +288,42 @@ class AsyncEngine:
         self._take_inbox(block=False)
         deliveries = self._core.abort_all()
         if reason == "error":
-            for _, output in deliveries:
+            for delivery in deliveries:
+                output = delivery.output
                 output.finish_reason, output.error = "error", "the engine loop died"
         self._deliver(deliveries)
-        self._stats = self._snapshot()
+
+    def _take_stats(self, update: StatsUpdate) -> None:
+        """On the loop thread, inside the step: before delivery, so a caller sees both agree."""
+        self._stats = update.engine
+        self._on_stats(update)
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
         for delivery in deliveries:
-            by_loop.setdefault(delivery[0].loop, []).append(delivery)
+            by_loop.setdefault(delivery.sink.loop, []).append(delivery)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(self._put_all, items)
             except RuntimeError:  # that event loop is closed: nobody is listening
                 continue
 
-    def _snapshot(self) -> EngineStats:
-        core = self._core
-        manager, images = core.block_manager, core.runner.image_cache
-        return EngineStats(
-            num_running=len(core.scheduler.running),
-            num_waiting=len(core.scheduler.waiting),
-            kv_cache_usage=manager.usage,
-            num_blocks=manager.num_blocks,
-            num_free_blocks=manager.num_free_blocks,
-            prefix_cache_queries=manager.prefix_cache_queries,
-            prefix_cache_hits=manager.prefix_cache_hits,
-            image_cache_queries=images.queries,
-            image_cache_hits=images.hits,
-            num_preemptions=core.scheduler.num_preemptions,
-            num_steps=core.num_steps,
-            last_step_end=core.last_step_end,
-        )
+    def _put_all(self, deliveries: list[Delivery]) -> None:
+        """On the streams' event loop: queue each output; forget the requests that are done."""
+        for delivery in deliveries:
+            stream: RequestStream = delivery.sink  # every request's sink is its stream
+            stream.put(delivery.output)
+            if stream.is_complete:
+                self._live.pop(stream.request_id, None)
 
 
-def _build(config: EngineConfig, loaded: LoadedModel | None) -> tuple[LoadedModel, EngineCore]:
+def _build(
+    config: EngineConfig, loaded: LoadedModel | None, on_stats: StatsSink
+) -> tuple[LoadedModel, EngineCore]:
     if config.num_threads:  # loading times the model's products: with the engine's threads
         torch.set_num_threads(config.num_threads)
     loaded = loaded if loaded is not None else _load(config)
-    core = EngineCore(config, loaded)
+    core = EngineCore(config, loaded, on_stats)
     if config.warm_up:
         core.warm_up()
     return loaded, core

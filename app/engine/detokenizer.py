@@ -6,7 +6,7 @@ replacement character that decoding all tokens at once would not contain.
 
 Byte-level tokenizers (GPT-2, Llama 3 and the like) take a fast path: each
 token id maps to its bytes once, and a sequence's text is those bytes fed to
-an incremental UTF-8 decoder, a few hundred nanoseconds per token. Other
+an incremental UTF-8 decoder, with no tokenizer call per token. Other
 tokenizers take the general path: decode a short window of recent tokens and
 release what grew, starting from a few prompt tokens so that spacing rules
 that depend on the previous token (SentencePiece's leading space) hold.
@@ -59,10 +59,6 @@ class Detokenizer:
         self.byte_table = _byte_table(tokenizer)  # None: not byte-level, use the general path
         self._token_texts: dict[int, str] = {}
         self._window_texts: dict[tuple[tuple[int, ...], bool], str] = {}
-
-    @property
-    def is_byte_level(self) -> bool:
-        return self.byte_table is not None
 
     def new_stream(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> TextStream:
         if self.byte_table is not None:

@@ -1,7 +1,8 @@
 """The synchronous engine: requests in, one step at a time, outputs out.
 
 Single-threaded by design: `AsyncEngine` drives it from its loop thread, and
-offline benchmarks drive it directly. A step is schedule, run, update.
+offline benchmarks drive it directly. A step is schedule, run, update; after each
+step and each abort the engine hands its stats to the sink it was given.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import logging
 import time
 from typing import Any
 
-from app import metrics
 from app.engine.block_manager import BlockManager
 from app.engine.config import EngineConfig
 from app.engine.detokenizer import Detokenizer, SequenceText
 from app.engine.kv_cache import max_model_len, num_kv_blocks
 from app.engine.model_runner import ModelRunner, StepResult
-from app.engine.request import Request, record_finished
+from app.engine.request import Delivery, Request
 from app.engine.sampler import RowLogprobs
 from app.engine.scheduler import ScheduledBatch, Scheduler
 from app.engine.sequence import (
@@ -28,19 +28,28 @@ from app.engine.sequence import (
     Sequence,
     TokenLogprob,
 )
+from app.engine.stats import (
+    EngineStats,
+    FinishedRequestStats,
+    StatsSink,
+    StatsUpdate,
+    StepStats,
+    ignore_stats,
+)
 from app.engine.structured import StructuredOutputs, consume
 from app.engine.warm_up import warm_up
 from models.base import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-Delivery = tuple[Any, RequestOutput]  # (the request's sink, one output)
 NONFINITE_ERROR = "the model produced no finite logits for this sequence"
 GRAMMAR_ERROR = "the sampled token does not fit the JSON schema the request holds it to"
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel, on_stats: StatsSink = ignore_stats
+    ) -> None:
         self.config = config
         self.info = loaded.info
         self.max_model_len = max_model_len(config, loaded.info)
@@ -60,7 +69,8 @@ class EngineCore:
         self.num_steps = 0
         self.last_step_end = 0.0
         self._seq_ids = itertools.count()
-        self._reported = _Counters()
+        self._on_stats = on_stats
+        self._finished: list[FinishedRequestStats] = []  # since the last stats update
 
     def warm_up(self) -> int:
         """One full-size made-up step before any request; the number of tokens it ran."""
@@ -112,12 +122,17 @@ class EngineCore:
         request = self.requests.get(request_id)
         if request is None:
             return []
-        return self._end_request(request, "abort", None)
+        deliveries = self._end_request(request, "abort", None)
+        self._emit_stats(step=None)
+        return deliveries
 
     def abort_all(self) -> list[Delivery]:
+        if not self.requests:
+            return []
         deliveries: list[Delivery] = []
         for request in list(self.requests.values()):
             deliveries += self._end_request(request, "abort", None)
+        self._emit_stats(step=None)
         return deliveries
 
     def _end_request(self, request: Request, reason: str, error: str | None) -> list[Delivery]:
@@ -128,7 +143,7 @@ class EngineCore:
             self.scheduler.finish(seq, reason)
             output = self._output(request, seq, [], "", reason)
             output.error = error
-            deliveries.append((request.sink, self._count_finished(request, output, now)))
+            deliveries.append(request.deliver(self._count_finished(request, output, now)))
         return deliveries
 
     # ---- the step ---------------------------------------------------------------------
@@ -142,7 +157,7 @@ class EngineCore:
         except Exception as exc:  # a model error or a bug ends this step's requests only
             logger.exception("engine step failed; failing its %d sequences", len(batch.seqs))
             deliveries += self._fail(batch, exc)
-        self._record_step(batch, deliveries, started)
+        self._end_step(batch, deliveries, started)
         return deliveries
 
     def _run(self, batch: ScheduledBatch, started: float) -> StepResult:
@@ -178,7 +193,7 @@ class EngineCore:
     def _mark_scheduled(self, batch: ScheduledBatch, now: float) -> None:
         for seq in batch.seqs:
             if seq.num_output_tokens == 0:
-                timeline = self.requests[seq.request_id].metrics
+                timeline = self.requests[seq.request_id].timeline
                 if timeline.first_scheduled_time is None:
                     timeline.first_scheduled_time = now
 
@@ -186,30 +201,51 @@ class EngineCore:
     def _on_token(self, seq: Sequence, result: StepResult, now: float) -> Delivery:
         request = self.requests[seq.request_id]
         token_id = seq.token_ids[-1]
-        text = request.texts[seq.index]
-        reason = seq.stop_reason_for(token_id, self.info.eos_token_ids)
-        error = NONFINITE_ERROR if seq.seq_id in result.nonfinite_seq_ids else None
-        grammar = consume(seq.matcher, token_id) if seq.matcher is not None else None
-        if error is None and grammar == "error":
-            error = GRAMMAR_ERROR
-        if error is not None:
-            reason = "error"
-        elif reason != "stop" and (text.append(token_id) or grammar == "stop"):
-            reason = "stop"  # a stop string, or the end of the grammar (stop tokens add no text)
+        reason, error = self._finish_reason(seq, token_id, request.texts[seq.index], result)
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            text.finish()
+            request.texts[seq.index].finish()
         request.mark_token(now)
-        output = self._output(request, seq, [token_id], text.take_delta(reason is not None), reason)
+        output = self._token_output(request, seq, token_id, reason, result)
         output.error = error
+        if reason is not None:
+            output = self._count_finished(request, output, now)
+        return request.deliver(output)
+
+    def _finish_reason(
+        self, seq: Sequence, token_id: int, text: SequenceText, result: StepResult
+    ) -> tuple[str | None, str | None]:
+        """Why the sample ends at this token, if it does, and the error when it fails.
+        The grammar and the text both take the token here (stop tokens add no text)."""
+        reason = seq.stop_reason_for(token_id, self.info.eos_token_ids)
+        grammar = consume(seq.matcher, token_id) if seq.matcher is not None else None
+        if seq.seq_id in result.nonfinite_seq_ids:
+            return "error", NONFINITE_ERROR
+        if grammar == "error":
+            return "error", GRAMMAR_ERROR
+        if reason == "stop":
+            return reason, None
+        hit_stop_string = text.append(token_id)
+        if hit_stop_string or grammar == "stop":  # a stop string, or the grammar's end
+            return "stop", None
+        return reason, None
+
+    def _token_output(
+        self,
+        request: Request,
+        seq: Sequence,
+        token_id: int,
+        reason: str | None,
+        result: StepResult,
+    ) -> RequestOutput:
+        delta = request.texts[seq.index].take_delta(reason is not None)
+        output = self._output(request, seq, [token_id], delta, reason)
         row_logprobs = result.logprobs.get(seq.seq_id)
         if row_logprobs is not None:
             output.logprobs = [self._token_logprob(token_id, row_logprobs)]
         if seq.num_output_tokens == 1 and seq.params.prompt_logprobs is not None:
             output.prompt_logprobs = seq.prompt_logprobs
-        if reason is not None:
-            output = self._count_finished(request, output, now)
-        return request.sink, output
+        return output
 
     def _output(
         self,
@@ -240,60 +276,39 @@ class EngineCore:
     def _count_finished(self, request: Request, output: RequestOutput, now: float) -> RequestOutput:
         request.num_finished += 1
         if request.is_finished:
-            record_finished(request, now)
+            self._finished.append(request.finish(now))
             del self.requests[request.request_id]
-        output.metrics = request.metrics
+        output.metrics = request.timeline
         return output
 
-    # ---- metrics ----------------------------------------------------------------------
-    def _record_step(
-        self, batch: ScheduledBatch, deliveries: list[Delivery], started: float
-    ) -> None:
+    # ---- stats ------------------------------------------------------------------------
+    def _end_step(self, batch: ScheduledBatch, deliveries: list[Delivery], started: float) -> None:
         now = time.monotonic()
         self.num_steps += 1
         self.last_step_end = now
-        metrics.ENGINE_STEP_TIME.observe(now - started)
-        metrics.BATCH_TOKENS.observe(batch.num_batched_tokens)
-        metrics.GENERATION_TOKENS.inc(sum(len(output.token_ids) for _, output in deliveries))
-        self._reported.publish(self)
+        num_generated = sum(len(delivery.output.token_ids) for delivery in deliveries)
+        self._emit_stats(StepStats(now - started, batch.num_batched_tokens, num_generated))
 
+    def _emit_stats(self, step: StepStats | None) -> None:
+        finished, self._finished = tuple(self._finished), []
+        self._on_stats(StatsUpdate(self.snapshot(), step, finished))
 
-class _Counters:
-    """The cumulative engine counters already pushed to Prometheus, to push only the growth."""
-
-    def __init__(self) -> None:
-        self.values = {"queries": 0, "hits": 0, "image_queries": 0, "image_hits": 0, "preempt": 0}
-
-    def publish(self, core: EngineCore) -> None:
-        current = _counter_values(core)
-        for name, counter in _COUNTERS.items():
-            growth = current[name] - self.values[name]
-            if growth:
-                counter.inc(growth)
-        self.values = current
-        running = core.scheduler.running
-        metrics.NUM_REQUESTS_RUNNING.set(len(running))
-        metrics.NUM_REQUESTS_WAITING.set(len(core.scheduler.waiting))
-        metrics.KV_CACHE_USAGE.set(core.block_manager.usage)
-        mirror = core.runner.decode_mirror
-        metrics.DECODE_MIRROR_BYTES.set(0 if mirror is None else mirror.nbytes)
-
-
-def _counter_values(core: EngineCore) -> dict[str, int]:
-    manager, images = core.block_manager, core.runner.image_cache
-    return {
-        "queries": manager.prefix_cache_queries,
-        "hits": manager.prefix_cache_hits,
-        "image_queries": images.queries,
-        "image_hits": images.hits,
-        "preempt": core.scheduler.num_preemptions,
-    }
-
-
-_COUNTERS = {
-    "queries": metrics.PREFIX_CACHE_QUERIES,
-    "hits": metrics.PREFIX_CACHE_HITS,
-    "image_queries": metrics.IMAGE_CACHE_QUERIES,
-    "image_hits": metrics.IMAGE_CACHE_HITS,
-    "preempt": metrics.NUM_PREEMPTIONS,
-}
+    def snapshot(self) -> EngineStats:
+        """The engine's state now; the one place that reads its counters."""
+        scheduler, manager = self.scheduler, self.block_manager
+        images, mirror = self.runner.image_cache, self.runner.decode_mirror
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=manager.usage,
+            num_blocks=manager.num_blocks,
+            num_free_blocks=manager.num_free_blocks,
+            decode_mirror_bytes=0 if mirror is None else mirror.nbytes,
+            prefix_cache_queries=manager.prefix_cache_queries,
+            prefix_cache_hits=manager.prefix_cache_hits,
+            image_cache_queries=images.queries,
+            image_cache_hits=images.hits,
+            num_preemptions=scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            last_step_end=self.last_step_end,
+        )

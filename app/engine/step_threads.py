@@ -1,30 +1,12 @@
-"""The engine's CPU threads: how many intra-op threads a step gets (one for a small step,
-all for a big one, all for a big output layer), and which thread may own an OpenMP team
-(the engine thread alone).
+"""How many intra-op threads an engine step gets, and which thread may own an OpenMP team.
 
-A decode step of a small model is a hundred tiny ops. Splitting each across
-threads costs a fork and a join per op, and while the other cores run the HTTP
-front end (or a client on the same machine) a join can wait for a descheduled
-thread: the contention trap PERF_NOTES describes. So a step whose work is below
-SMALL_STEP_FLOPS runs on the engine thread alone; bigger steps (prefills,
-large batches, large models) get every thread the engine was given.
-
-The output layer is the exception inside a small step: one product over the whole
-vocabulary, whose single fork and join are paid back from about a megaflop on. On the
-Intel test host the tiny test model's [50257, 64] output layer takes 0.50 ms for one
-row on one thread and 0.26 ms on two, which moved its single-stream step from 1.19 to
-0.95 ms. The price: the second thread now spins between steps, on the core the event
-loop uses, and a new request's first token comes about a millisecond later.
-
-The engine thread's OpenMP team must also be the only one in the process. libgomp
-gives each thread that runs a parallel op its own pool of workers, alive as long as
-that thread; once the pools hold more threads than there are cores, every worker
-stops spinning between parallel ops and sleeps on a futex instead, so each of the
-hundreds of ops in a step pays a sleep and a wake. One idle pool left by the thread
-that loaded the model took GPT-2 small's single-stream step from 22 to 28-34 ms
-(24,000 context switches against 160 over 130 steps). So the heavy set-up work runs
-on a thread of its own that ends with it (`in_passing_thread`), and the front end's
-threads keep away from parallel torch ops (images are preprocessed with numpy).
+A small step (below SMALL_STEP_FLOPS) is a hundred tiny ops: on one thread it pays no
+fork and join per op, nor a join that waits while the front end holds the other core.
+Bigger steps, and a small step's output layer past PARALLEL_OUTPUT_FLOPS, take every
+thread the engine was given (the price: the second thread spins between steps). The
+engine thread's OpenMP team must be the process's only one: with more pooled threads
+than cores, libgomp's workers sleep between ops; so set-up work runs on a thread that
+ends with it. Measurements: BENCHMARKS.md's history (8b1ca22, efaba32, 2ad6c2e).
 """
 
 from __future__ import annotations
@@ -40,9 +22,8 @@ from models.base import ModelInfo
 # A 3.5M-parameter GPT-2 decoding 4 sequences (about 7 MFLOP each) stays below it; one
 # token through GPT-2 small (about 250 MFLOP) does not.
 SMALL_STEP_FLOPS = 32e6
-# One row through a [2048, 64] output layer (0.26 MFLOP) is already faster on two threads
-# (10 against 14 us); the margin keeps tiny vocabularies, such as the shipped model's 51
-# tokens, on the step's thread.
+# A quarter-megaflop output layer already gains from a second thread; the margin keeps
+# tiny vocabularies, such as the shipped model's 51 tokens, on the step's thread.
 PARALLEL_OUTPUT_FLOPS = 1e6
 
 T = TypeVar("T")

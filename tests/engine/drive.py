@@ -11,6 +11,7 @@ import torch
 from app.engine.config import EngineConfig
 from app.engine.engine_core import EngineCore
 from app.engine.sequence import ImageSpan, RequestOutput, SamplingParams
+from app.engine.stats import StatsSink, ignore_stats
 from models import load_model
 from models.base import LoadedModel
 
@@ -38,9 +39,11 @@ def load(folder: Path) -> LoadedModel:
     return load_model(folder, "cpu", torch.float32)
 
 
-def make_core(loaded: LoadedModel, **overrides: object) -> EngineCore:
+def make_core(
+    loaded: LoadedModel, on_stats: StatsSink = ignore_stats, **overrides: object
+) -> EngineCore:
     config = EngineConfig(model=loaded.path, **overrides)  # type: ignore[arg-type]
-    return EngineCore(config, loaded)
+    return EngineCore(config, loaded, on_stats)
 
 
 def run_jobs(core: EngineCore, jobs: list[Job], max_steps: int = 10_000) -> list[list[Sample]]:

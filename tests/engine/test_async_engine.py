@@ -10,20 +10,22 @@ from typing import Any
 
 import pytest
 import torch
-from prometheus_client import REGISTRY
 
 from app.engine import async_engine
 from app.engine.async_engine import AsyncEngine, RequestStream
 from app.engine.config import EngineConfig
 from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
 from app.engine.sequence import ImageInput, RequestOutput, SamplingParams
+from app.engine.stats import StatsSink, StatsUpdate, ignore_stats
 from models.base import LoadedModel
 from tests.torch_threads import intra_op_threads
 
 
-def new_engine(loaded: LoadedModel, **overrides: Any) -> AsyncEngine:
+def new_engine(
+    loaded: LoadedModel, on_stats: StatsSink = ignore_stats, **overrides: Any
+) -> AsyncEngine:
     config = EngineConfig(model=loaded.path, num_threads=1, **overrides)
-    return AsyncEngine(config, loaded)
+    return AsyncEngine(config, loaded, on_stats)
 
 
 @pytest.fixture(scope="module")
@@ -294,23 +296,27 @@ def test_nan_logits_end_the_sequence_with_an_error_not_the_engine(llama: LoadedM
         engine.stop()
 
 
-def metric(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
-
-
-def test_metrics_and_request_timeline(engine: AsyncEngine) -> None:
-    ttft_before = metric("mmgpt_time_to_first_token_seconds_count")
-    tokens_before = metric("mmgpt_generation_tokens_total")
-    steps_before = engine.stats().num_steps
-    outputs = run(_collect_one(engine, SamplingParams(max_tokens=6, ignore_eos=True)))
+def test_stats_reach_the_sink_and_agree_with_the_request_timeline(llama: LoadedModel) -> None:
+    updates: list[StatsUpdate] = []
+    engine = new_engine(llama, updates.append)
+    engine.start()
+    try:
+        outputs = run(_collect_one(engine, SamplingParams(max_tokens=6, ignore_eos=True)))
+    finally:
+        engine.stop()
     timeline = outputs[-1].metrics
     assert timeline is not None and timeline.first_token_time is not None
     assert timeline.first_scheduled_time is not None and timeline.finished_time is not None
     assert timeline.arrival_time <= timeline.first_scheduled_time <= timeline.first_token_time
     assert timeline.first_token_time <= timeline.finished_time
-    assert metric("mmgpt_time_to_first_token_seconds_count") == ttft_before + 1
-    assert metric("mmgpt_generation_tokens_total") >= tokens_before + 6
-    assert engine.stats().num_steps >= steps_before + 6
+    (request,) = [request for update in updates for request in update.finished]
+    assert request.time_to_first_token == timeline.first_token_time - timeline.arrival_time
+    assert request.e2e_latency == timeline.finished_time - timeline.arrival_time
+    assert (request.num_prompt_tokens, request.num_generation_tokens) == (20, 6)
+    steps = [update.step for update in updates if update.step is not None]
+    assert sum(step.num_generated_tokens for step in steps) == 6
+    assert engine.stats() == updates[-1].engine  # what the API reads is what was recorded
+    assert engine.stats().num_steps == len(steps) >= 6
 
 
 def test_concurrent_submits_from_another_thread_loop(engine: AsyncEngine) -> None:
@@ -320,7 +326,7 @@ def test_concurrent_submits_from_another_thread_loop(engine: AsyncEngine) -> Non
     def in_thread(name: str) -> None:
         async def main() -> None:
             results[name] = await collect(
-                engine.submit(name, prompt(8), SamplingParams(max_tokens=5))
+                engine.submit(name, prompt(8), SamplingParams(max_tokens=5, ignore_eos=True))
             )
 
         asyncio.run(main())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -39,9 +41,29 @@ def stream_text(
     return [stream.push(i) for i in ids] + [stream.flush()]
 
 
-def test_byte_level_tokenizers_take_the_fast_path() -> None:
-    assert Detokenizer(byte_level()).is_byte_level
-    assert not Detokenizer(metaspace()).is_byte_level
+class CountingDecodes:
+    """A tokenizer whose decode calls are counted."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.tokenizer = tokenizer
+        self.num_decodes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.num_decodes += 1
+        return str(self.tokenizer.decode(ids, **kwargs))
+
+
+@pytest.mark.parametrize(("make", "fast"), [(byte_level, True), (metaspace, False)])
+def test_only_byte_level_tokenizers_stream_without_decoding(
+    make: Callable[[], PreTrainedTokenizerFast], fast: bool
+) -> None:
+    tokenizer = CountingDecodes(make())
+    ids = tokenizer.encode("hello there hello world", add_special_tokens=False)
+    assert "".join(stream_text(Detokenizer(tokenizer), [], ids)) == tokenizer.decode(ids)
+    assert (tokenizer.num_decodes == 1) == fast  # the fast path decoded nothing, only we did
 
 
 @pytest.mark.parametrize("skip", [True, False])

@@ -6,10 +6,10 @@ import hashlib
 import random
 
 import numpy as np
-from prometheus_client import REGISTRY
 
 from app.engine.engine_core import EngineCore
 from app.engine.sequence import ImageInput, SamplingParams
+from app.engine.stats import StatsUpdate
 from app.engine.validation import image_spans
 from models.base import LoadedModel
 from tests.engine.drive import Job, Sample, make_core, run_alone, run_jobs
@@ -94,8 +94,8 @@ def test_forced_preemption_with_images_gives_the_unconstrained_outputs(llava: Lo
     assert differences <= 1
 
 
-def batch_tokens_total() -> float:
-    return REGISTRY.get_sample_value("mmgpt_batch_tokens_sum") or 0.0
+def batch_tokens_total(updates: list[StatsUpdate]) -> int:
+    return sum(update.step.num_batched_tokens for update in updates if update.step is not None)
 
 
 def test_a_second_question_about_the_same_image_reuses_its_blocks(llava: LoadedModel) -> None:
@@ -107,15 +107,16 @@ def test_a_second_question_about_the_same_image_reuses_its_blocks(llava: LoadedM
     first = image_job(llava, [system, image, [40, 41, 42, 43]], params)
     second = image_job(llava, [system, image, [50, 51, 52]], params)
     other_system = image_job(llava, [[1, *range(200, 215)], image, [50, 51, 52]], params)
-    core = make_core(llava)
+    updates: list[StatsUpdate] = []
+    core = make_core(llava, updates.append)
     run_jobs(core, [first])
     cache = core.runner.image_cache
     hits, image_queries = core.block_manager.prefix_cache_hits, cache.queries
-    computed_before = batch_tokens_total()
+    computed_before = batch_tokens_total(updates)
     result = run_jobs(core, [second])[0][0]
     assert result.outputs[-1].num_cached_tokens == 2 * block
     assert core.block_manager.prefix_cache_hits - hits == 2 * block
-    assert batch_tokens_total() - computed_before == len(second.prompt) - 2 * block + 3
+    assert batch_tokens_total(updates) - computed_before == len(second.prompt) - 2 * block + 3
     assert cache.queries == image_queries  # the image's tokens were all cached: no encoding
     run_jobs(core, [other_system])
     assert (cache.queries, cache.hits) == (image_queries + 1, 1)  # its embedding was

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from app import metrics
 from app.engine.sequence import SamplingParams
+from app.engine.stats import StatsUpdate
 from models.base import LoadedModel
 from tests.engine.drive import Job, Sample, make_core, run_alone, run_jobs
 
@@ -150,11 +150,12 @@ def test_a_request_whose_keys_and_values_turn_nan_harms_no_other(
 def test_the_decode_mirror_reports_the_memory_it_holds(
     llama: LoadedModel, decode_path: str
 ) -> None:
-    core = make_core(llama, max_num_seqs=8)
+    updates: list[StatsUpdate] = []
+    core = make_core(llama, updates.append, max_num_seqs=8)
     run_jobs(core, random_jobs(8, seed=9, temperature=0.0))
     mirror = core.runner.decode_mirror
     assert mirror is not None  # on the CPU; used only where it pays (here: "mirror")
-    assert metrics.DECODE_MIRROR_BYTES._value.get() == mirror.nbytes
+    assert updates[-1].engine.decode_mirror_bytes == mirror.nbytes
     assert (mirror.nbytes > 0) == (decode_path == "mirror")
 
 

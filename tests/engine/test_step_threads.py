@@ -130,4 +130,5 @@ def test_parallel_work_leaves_no_openmp_workers_behind(two_threads: None) -> Non
     deadline = time.monotonic() + 10
     while _num_os_threads() > before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _num_os_threads() == before
+    # At most: an earlier test's thread may still have been ending when `before` was read.
+    assert _num_os_threads() <= before

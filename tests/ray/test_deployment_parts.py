@@ -18,7 +18,8 @@ from starlette.routing import Route
 ray_serve = pytest.importorskip("app.ray_serve", reason="needs the ray extra: pip install '.[ray]'")
 
 from app.config import Settings  # noqa: E402
-from app.engine.async_engine import EngineStats  # noqa: E402
+from app.engine.stats import EngineStats, StatsUpdate  # noqa: E402
+from app.metrics import EngineStatsRecorder  # noqa: E402
 from app.service import Service, Status  # noqa: E402
 from tests.e2e.conftest import metric  # noqa: E402
 
@@ -43,11 +44,11 @@ def two_free_ports() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
-def endpoint(service: Any, first_port: int, count: int) -> Any:
+def endpoint(first_port: int, count: int) -> Any:
     args = ray_serve.RayServeArgs(
         metrics_port=first_port, metrics_port_count=count, metrics_host="127.0.0.1"
     )
-    return ray_serve.MetricsEndpoint(args, service)
+    return ray_serve.MetricsEndpoint(args)
 
 
 def test_builder_args_are_typed_for_ray() -> None:
@@ -67,7 +68,7 @@ def test_build_app_refuses_an_unknown_setting_before_any_replica_starts() -> Non
 
 def test_each_replica_takes_the_next_free_metrics_port() -> None:
     first = two_free_ports()
-    endpoints = [endpoint(idle_service(), first, 2) for _ in range(3)]
+    endpoints = [endpoint(first, 2) for _ in range(3)]
     try:
         for each in endpoints:
             each.start()
@@ -81,14 +82,15 @@ def test_each_replica_takes_the_next_free_metrics_port() -> None:
         httpx.get(f"http://127.0.0.1:{first}/metrics")
 
 
-def test_a_scrape_reads_the_engine_gauges_as_of_now() -> None:
+def test_a_replica_endpoint_serves_the_engine_gauges_its_engine_recorded() -> None:
     stats = EngineStats(
         num_running=3, num_waiting=5, kv_cache_usage=0.25, num_blocks=8, num_free_blocks=6,
-        prefix_cache_queries=0, prefix_cache_hits=0, image_cache_queries=0, image_cache_hits=0,
-        num_preemptions=0, num_steps=1, last_step_end=0.0,
+        decode_mirror_bytes=0, prefix_cache_queries=0, prefix_cache_hits=0,
+        image_cache_queries=0, image_cache_hits=0, num_preemptions=0, num_steps=1,
+        last_step_end=0.0,
     )  # fmt: skip
-    service = SimpleNamespace(engine=SimpleNamespace(stats=lambda: stats))
-    metrics = endpoint(service, 0, 1)
+    EngineStatsRecorder().record(StatsUpdate(stats))
+    metrics = endpoint(0, 1)
     metrics.start()
     try:
         text = httpx.get(f"http://127.0.0.1:{metrics.port}/metrics").text
