@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.engine.image_cache import ImageEmbeddingCache
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, ImageSpan, SamplingParams, Sequence
@@ -36,7 +35,7 @@ def warm_up(runner: ModelRunner, num_tokens: int, max_seqs: int, max_model_len: 
     if batch.is_empty:
         return 0
     runner.run(batch)
-    runner.image_cache = ImageEmbeddingCache(runner.image_cache.capacity)
+    runner.clear_image_cache()
     return batch.num_batched_tokens
 
 
