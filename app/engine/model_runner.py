@@ -1,5 +1,9 @@
 """Turns a scheduled batch into flat tensors, runs the model once and samples once.
 
+Everything the model reads is prepared here before `forward`: token ids, positions,
+the image rows, and the attention inputs with the step's plan (models/attention_inputs.py),
+including, on the CPU, the decode mirror's slots (app/engine/decode_mirror.py).
+
 The batch is flat: every scheduled sequence contributes its new tokens (a
 prefill chunk, or one token for a decode) to one `input_ids` row. Logits are
 computed only for the last token of the sequences whose prompt or decode
