@@ -166,6 +166,8 @@ class DecodeMirror:
 
     def _copy_in(self, plan: _SlotPlan, block_tables: list[list[int]]) -> None:
         """Every layer's moves, cleared tails and joining sequences' tokens."""
+        if not plan.moves and not plan.joining:
+            return  # every sequence kept its slot: the model writes the new tokens
         # NOTE: a slot's positions past its sequence's tokens hold what its last holder
         # left; SDPA reads them (masked) up to the span, and a masked NaN makes a row NaN
         stale = [(target, tokens) for _, target, tokens in plan.moves]
