@@ -1,67 +1,18 @@
 """The narrow interface between the engine and a model.
 
-The engine sees a model only through `PagedModel` and the plain dataclasses
-below; `models/` sees the engine only through flat tensors and block tables.
+The engine sees a model only through `PagedModel` and the plain dataclasses below;
+a model sees the engine only through flat tensors and the attention inputs the
+runner planned for the step (models/attention_inputs.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from models.decode_mirror import DecodeMirror
-
-
-def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """The cache slots (block * block_size + offset) of positions [start, end) of a
-    sequence whose blocks are `block_table`, one block-long run at a time."""
-    slots: list[int] = []
-    position = start
-    while position < end:
-        offset = position % block_size
-        run = min(block_size - offset, end - position)
-        base = block_table[position // block_size] * block_size + offset
-        slots += range(base, base + run)
-        position += run
-    return slots
-
-
-@dataclass
-class AttentionMetadata:
-    """Where each token of one flat batch sits in the paged KV cache.
-
-    A step holds S sequences and T tokens in total. Sequence i contributes
-    `query_lens[i]` new tokens (a prefill chunk, or 1 for a decode) whose keys
-    and values are appended after `context_lens[i]` tokens already cached.
-    """
-
-    query_start_loc: torch.Tensor  # [S + 1] int32, cumulative query lengths (cu_seqlens)
-    seq_lens: torch.Tensor  # [S] int32, context + new tokens of each sequence
-    slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset of each new token
-    # [S, max_blocks_per_seq] int32. Attention reads the padding entries and the slots past
-    # a sequence's end (masked), so those must hold finite values: a masked NaN still
-    # turns a row NaN. The engine pads with a block it keeps zero and zeroes new blocks.
-    block_tables: torch.Tensor
-    query_lens: list[int]  # host copies, so attention never syncs to read shapes
-    context_lens: list[int]
-    max_query_len: int
-    max_seq_len: int
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific precomputation
-    # the engine's ids of the S sequences and, when it keeps one, its decode mirror
-    # (models/decode_mirror.py), which needs them to tell the sequences apart
-    seq_ids: list[int] = field(default_factory=list)
-    decode_mirror: DecodeMirror | None = None
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
+from models.attention_inputs import AttentionInputs
 
 
 @dataclass(frozen=True)
@@ -104,7 +55,7 @@ class PagedModel(Protocol):
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        attn_metadata: AttentionMetadata,
+        attn_inputs: AttentionInputs,  # planned by the runner (models/attention_inputs.py)
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V)
         image_embeds: torch.Tensor | None = None,  # [num image tokens in input_ids, hidden]
     ) -> torch.Tensor:  # [T, hidden]
@@ -137,4 +88,4 @@ class LoadedModel:
     image_processor: Any | None  # transformers image processor, None for text-only models
     chat_template: str | None
     generation_defaults: dict[str, Any]  # from generation_config.json (temperature, top_p, ...)
-    path: str
+    path: str  # the checkpoint folder, for a config or a reference model built beside this one

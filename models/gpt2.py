@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from models.attention import KVCache, paged_attention, prepare_attention
-from models.base import AttentionMetadata
+from models.attention import KVCache, paged_attention
+from models.attention_inputs import AttentionInputs
 from models.layers import PagedDecoderModel, activation, product_for
 from models.linear import Product
 from models.weights import CheckpointWeights
@@ -42,6 +42,7 @@ class GPT2LayerWeights:
 class GPT2Layer:
     def __init__(
         self,
+        index: int,
         weights: GPT2LayerWeights,
         num_heads: int,
         eps: float,
@@ -50,19 +51,19 @@ class GPT2Layer:
         product: Product,
     ) -> None:
         self.w, self.num_heads, self.eps, self.scale, self.act = weights, num_heads, eps, scale, act
-        self.product = product
+        self.index, self.product = index, product
         self.hidden_size = weights.ln_1[0].shape[0]
         self.head_dim = self.hidden_size // num_heads
 
     def forward(
-        self, hidden: torch.Tensor, attn_metadata: AttentionMetadata, cache: KVCache
+        self, hidden: torch.Tensor, attn_inputs: AttentionInputs, cache: KVCache
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = hidden.shape[0]
         normed = F.layer_norm(hidden, (self.hidden_size,), *self.w.ln_1, self.eps)
         product = self.product
         qkv = product(normed, *self.w.qkv).view(num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(1)  # each [T, heads, D]
-        attended = paged_attention(query, key, value, cache, attn_metadata, self.scale)
+        attended = paged_attention(query, key, value, cache, attn_inputs, self.scale, self.index)
         hidden = hidden + product(attended, *self.w.attn_out)
         normed = F.layer_norm(hidden, (self.hidden_size,), *self.w.ln_2, self.eps)
         return hidden + product(self.act(product(normed, *self.w.fc_in)), *self.w.fc_out)
@@ -91,7 +92,7 @@ class GPT2LMHeadModel(PagedDecoderModel):
         self.lm_head = self._lm_head(bool(getattr(config, "tie_word_embeddings", True)))
         self.product = product_for(weights_of_layers, self.lm_head)
         self.layers = [
-            GPT2Layer(w, config.n_head, self.eps, _scale(config, i), act, self.product)
+            GPT2Layer(i, w, config.n_head, self.eps, _scale(config, i), act, self.product)
             for i, w in enumerate(weights_of_layers)
         ]
 
@@ -131,16 +132,15 @@ class GPT2LMHeadModel(PagedDecoderModel):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        attn_metadata: AttentionMetadata,
+        attn_inputs: AttentionInputs,
         kv_cache: list[KVCache],
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, hidden]
         if image_embeds is not None:
             raise ValueError("this model takes no images")
-        prepare_attention(attn_metadata, block_size=kv_cache[0][0].shape[1])
         hidden = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)
         for layer, cache in zip(self.layers, kv_cache, strict=True):
-            hidden = layer.forward(hidden, attn_metadata, cache)
+            hidden = layer.forward(hidden, attn_inputs, cache)
         return F.layer_norm(hidden, (self.hidden_size,), *self.ln_f, self.eps)
 
 

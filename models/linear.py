@@ -1,33 +1,19 @@
 """Matrix products in the orientation this CPU runs fastest, measured when a model loads.
 
 `x @ weight.T` and `(weight @ x.T).T` are the same numbers, but MKL picks different
-kernels for them, and which one wins for a few rows depends on the machine: for all
-of GPT-2 small's products (fp32, 2 threads, torch 2.13; BENCHMARKS.md has the tables)
-
-- on a 2-core AMD EPYC (32 MiB L3), `x @ weight.T` ran a GEMV or skinny GEMM on one
-  core: one row took 34 ms against 16 ms weight-major, four rows 55 against 22 ms;
-- on a 2-core Intel Xeon with AMX (480 MiB L3), the opposite: one or two rows took
-  21 ms plainly against 43 ms weight-major, four rows 36 against 44, eight rows 50
-  against 45.
-
-So a model whose weights do not fit in a cache times both orientations over its own
-weights at 1, 2, 4, 8 and 16 rows (`decode_product`, about a second for GPT-2 small) and
+kernels for them, and which one wins for a few rows depends on the machine: a 2-core
+AMD host ran the plain one as a one-core GEMV, twice as slow, and a 2-core Intel host
+with AMX the reverse. So a model whose weights do not fit in a cache times both
+orientations over its own weights at 1, 2, 4, 8 and 16 rows (`decode_product`) and
 keeps, for each row count, the faster one. A model that fits in cache keeps F.linear
-without measuring: its GEMV wins on both machines (the tiny test model's [50257, 64]
-output layer, one row: 0.29 against 0.89 ms), and its numbers do not depend on a
-timing. One row is padded to two when taken weight-major, because a single column
-still takes the GEMV.
+without measuring: its GEMV wins on both machines, and its numbers do not depend on a
+timing. One row is padded to two when taken weight-major, since a single column still
+takes the GEMV.
 
-Eight rows or more through the output layer: `weight @ x.T` was faster on both
-machines (GPT-2 small's, 32 rows: 33 against 51 ms on the AMD, 15 against 17 on the
-Intel; on the Intel, product and argmax together, 8 rows 10.7 against 16.0 ms, 12
-rows 12.0 against 22.4, and the tiny model's 0.70 against 0.75 and 0.75 against
-0.88 ms), and the transposed result can stay a view because the sampler takes either
-layout. Below eight rows it goes through the model's product, since the Intel's plain
-GEMV wins there.
-
-bf16 goes through oneDNN, where the plain orientation is the faster one at every
-row count: it keeps `F.linear`.
+From eight rows the output layer is taken weight-major whatever the product (`logits`):
+faster on both machines, and the transposed result can stay a view because the sampler
+takes either layout. bf16 goes through oneDNN, where the plain orientation is the faster
+one at every row count: it keeps `F.linear`. BENCHMARKS.md's history has the timings.
 """
 
 from __future__ import annotations
@@ -42,10 +28,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# A count in between follows the next one up. GPT-2 small's layers on the Intel host, plain
-# against weight-major: 8 rows 28.1 / 29.1 ms, 12 rows 34.4 / 29.4, 16 rows 32.4 / 28.7.
-CALIBRATED_ROWS = (1, 2, 4, 8, 16)
-WEIGHT_MAJOR_MAX_ROWS = CALIBRATED_ROWS[-1]  # 24 and 32 rows: the two within 5% on both machines
+CALIBRATED_ROWS = (1, 2, 4, 8, 16)  # a count in between follows the next one up
+WEIGHT_MAJOR_MAX_ROWS = CALIBRATED_ROWS[-1]  # from 24 rows the two are within a few percent
 # The smaller machine's L3 is 32 MiB: a model under it decodes from cache.
 STREAMED_WEIGHT_BYTES = 32 << 20
 # Timing more than this much of a bigger model's weights tells nothing new (it streams).

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from models.attention import KVCache, paged_attention, prepare_attention
-from models.base import AttentionMetadata
+from models.attention import KVCache, paged_attention
+from models.attention_inputs import AttentionInputs
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel, activation, product_for, rms_norm
 from models.linear import Product
@@ -78,9 +78,9 @@ class LlamaLayerWeights:
 
 class LlamaLayer:
     def __init__(
-        self, dims: LlamaDims, weights: LlamaLayerWeights, act: str, product: Product
+        self, index: int, dims: LlamaDims, weights: LlamaLayerWeights, act: str, product: Product
     ) -> None:
-        self.dims, self.w, self.product = dims, weights, product
+        self.index, self.dims, self.w, self.product = index, dims, weights, product
         self.act = activation(act)
         self.q_and_k_width = (dims.num_heads + dims.num_kv_heads) * dims.head_dim
         self.scale = dims.head_dim**-0.5
@@ -90,10 +90,10 @@ class LlamaLayer:
         hidden: torch.Tensor,  # [T, hidden]
         rope: RotaryEmbedding,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        attn_metadata: AttentionMetadata,
+        attn_inputs: AttentionInputs,
         cache: KVCache,
     ) -> torch.Tensor:
-        hidden = hidden + self._attention(hidden, rope, cos_sin, attn_metadata, cache)
+        hidden = hidden + self._attention(hidden, rope, cos_sin, attn_inputs, cache)
         return hidden + self._mlp(hidden)
 
     def _attention(
@@ -101,7 +101,7 @@ class LlamaLayer:
         hidden: torch.Tensor,
         rope: RotaryEmbedding,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        attn_metadata: AttentionMetadata,
+        attn_inputs: AttentionInputs,
         cache: KVCache,
     ) -> torch.Tensor:
         dims, num_tokens = self.dims, hidden.shape[0]
@@ -111,7 +111,7 @@ class LlamaLayer:
         q_and_k = rope.apply(q_and_k, *cos_sin)  # [T, H + KV, D]
         query, key = q_and_k[:, : dims.num_heads], q_and_k[:, dims.num_heads :]
         value = qkv[:, self.q_and_k_width :].view(num_tokens, dims.num_kv_heads, dims.head_dim)
-        attended = paged_attention(query, key, value, cache, attn_metadata, self.scale)
+        attended = paged_attention(query, key, value, cache, attn_inputs, self.scale, self.index)
         return self.product(attended, self.w.o_weight, self.w.o_bias)  # [T, hidden]
 
     def _mlp(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,9 @@ class LlamaDecoder(PagedDecoderModel):
         self.norm = loader.take("norm.weight", dims.hidden_size)
         self.lm_head = _output_layer(weights, lm_head_name, self.embed_tokens, tied, dtype, device)
         self.product = product_for(weights_of_layers, self.lm_head)
-        self.layers = [LlamaLayer(dims, w, act, self.product) for w in weights_of_layers]
+        self.layers = [
+            LlamaLayer(i, dims, w, act, self.product) for i, w in enumerate(weights_of_layers)
+        ]
         self.rope = RotaryEmbedding(config, dims.head_dim, dims.max_positions, dtype, device)
         for name in weights.names():
             if name.endswith(IGNORED_SUFFIXES):
@@ -164,14 +166,13 @@ class LlamaDecoder(PagedDecoderModel):
         self,
         hidden: torch.Tensor,  # [T, hidden]
         positions: torch.Tensor,  # [T]
-        attn_metadata: AttentionMetadata,
+        attn_inputs: AttentionInputs,
         kv_cache: list[KVCache],
     ) -> torch.Tensor:
         """The layers over a flat batch; returns final-normed hidden states [T, hidden]."""
-        prepare_attention(attn_metadata, block_size=kv_cache[0][0].shape[1])
         cos_sin = self.rope.lookup(positions)
         for layer, cache in zip(self.layers, kv_cache, strict=True):
-            hidden = layer.forward(hidden, self.rope, cos_sin, attn_metadata, cache)
+            hidden = layer.forward(hidden, self.rope, cos_sin, attn_inputs, cache)
         return rms_norm(hidden, self.norm, self.dims.eps)
 
 
@@ -250,14 +251,14 @@ class LlamaForCausalLM(PagedDecoderModel):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        attn_metadata: AttentionMetadata,
+        attn_inputs: AttentionInputs,
         kv_cache: list[KVCache],
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, hidden]
         if image_embeds is not None:
             raise ValueError("this model takes no images")
         hidden = self.decoder.embed(input_ids)
-        return self.decoder.run(hidden, positions, attn_metadata, kv_cache)
+        return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
 
 
 def build_llama(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, PretrainedConfig
 
 from models.attention import KVCache
-from models.base import AttentionMetadata
+from models.attention_inputs import AttentionInputs
 from models.checkpoint import CONFIG_FILE, read_json
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel, activation
@@ -119,7 +119,7 @@ class LlavaForConditionalGeneration(PagedDecoderModel):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        attn_metadata: AttentionMetadata,
+        attn_inputs: AttentionInputs,
         kv_cache: list[KVCache],
         image_embeds: torch.Tensor | None = None,  # [image tokens in input_ids, hidden]
     ) -> torch.Tensor:  # [T, hidden]
@@ -127,7 +127,7 @@ class LlavaForConditionalGeneration(PagedDecoderModel):
             hidden = self.decoder.embed(input_ids)
         else:
             hidden = self._embed_with_images(input_ids, image_embeds)
-        return self.decoder.run(hidden, positions, attn_metadata, kv_cache)
+        return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
 
     def _embed_with_images(
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor

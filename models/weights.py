@@ -122,6 +122,3 @@ class CheckpointWeights:
             except (SafetensorError, OSError) as exc:
                 raise ModelLoadError(path, f"unreadable safetensors file ({exc})") from exc
         return self._handles[path]
-
-    def close(self) -> None:
-        self._handles.clear()

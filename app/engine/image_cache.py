@@ -20,6 +20,11 @@ class ImageEmbeddingCache:
     def __contains__(self, content_hash: str) -> bool:
         return content_hash in self._embeddings
 
+    def clear(self) -> None:
+        """Empty, with its counts back at zero."""
+        self._embeddings.clear()
+        self.queries = self.hits = 0
+
     def lookup(self, content_hash: str) -> torch.Tensor | None:
         """A counted lookup: the embedding [image_seq_length, hidden], or None."""
         self.queries += 1

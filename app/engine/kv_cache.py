@@ -1,4 +1,5 @@
-"""How many KV blocks the cache gets: sized once, at start, from a memory budget."""
+"""The paged KV cache: how many blocks it gets (sized once, at start, from a memory
+budget) and where a sequence's tokens sit in it."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def num_kv_blocks(config: EngineConfig, info: ModelInfo) -> int:
             f"({bytes_per_block} bytes each); raise kv_cache_bytes or free device memory"
         )
     return int(num_blocks)
+
+
+def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots (block * block_size + offset) of positions [start, end) of a
+    sequence whose blocks are `block_table`, one block-long run at a time."""
+    slots: list[int] = []
+    position = start
+    while position < end:
+        offset = position % block_size
+        run = min(block_size - offset, end - position)
+        base = block_table[position // block_size] * block_size + offset
+        slots += range(base, base + run)
+        position += run
+    return slots

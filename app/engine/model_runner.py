@@ -1,5 +1,9 @@
 """Turns a scheduled batch into flat tensors, runs the model once and samples once.
 
+Everything the model reads is prepared here before `forward`: token ids, positions,
+the image rows, and the attention inputs with the step's plan (models/attention_inputs.py),
+including, on the CPU, the decode mirror's slots (app/engine/decode_mirror.py).
+
 The batch is flat: every scheduled sequence contributes its new tokens (a
 prefill chunk, or one token for a decode) to one `input_ids` row. Logits are
 computed only for the last token of the sequences whose prompt or decode
@@ -17,22 +21,24 @@ import numpy as np
 import torch
 
 from app.engine.config import EngineConfig
+from app.engine.decode_mirror import DecodeMirror
 from app.engine.image_cache import ImageEmbeddingCache
+from app.engine.kv_cache import cache_slots
 from app.engine.prompt_logprobs import PromptRows, score_prompt_rows
 from app.engine.sampler import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, Sequence
 from app.engine.step_threads import StepThreads
 from models.attention import KVCache
-from models.base import AttentionMetadata, LoadedModel, cache_slots
-from models.decode_mirror import DecodeMirror
+from models.attention_inputs import AttentionInputs, MirroredDecodes, plan_attention
+from models.base import LoadedModel
 
 
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    attn_metadata: AttentionMetadata
+    attn_inputs: AttentionInputs
     image_embeds: torch.Tensor | None  # [image tokens in input_ids, hidden]
     logit_rows: torch.Tensor | None  # [N] rows of the flat batch that sample; None: all of them
     sample_seqs: list[Sequence]  # whose token each logit row samples
@@ -84,7 +90,7 @@ class ModelRunner:
         hidden = self.model.forward(
             inputs.input_ids,
             inputs.positions,
-            inputs.attn_metadata,
+            inputs.attn_inputs,
             self.kv_cache,
             inputs.image_embeds,
         )  # [T, hidden]
@@ -112,6 +118,10 @@ class ModelRunner:
             return self.model.compute_logits(rows, row_major=True)
 
         return score_prompt_rows(hidden, plan, logits_of)
+
+    def clear_image_cache(self) -> None:
+        """Forget every cached image embedding, and the cache's lookup counts."""
+        self.image_cache.clear()
 
     # ---- the flat batch --------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> ModelInputs:
@@ -162,7 +172,7 @@ class ModelRunner:
         return ModelInputs(
             input_ids=flat[:num_tokens],
             positions=flat[num_tokens:],
-            attn_metadata=self._attention_metadata(batch, context_lens, slots),
+            attn_inputs=self._attention_inputs(batch, context_lens, slots),
             image_embeds=self._image_embeds(batch),
             logit_rows=None if every_row else _long_tensor(logit_rows, self.device),
             sample_seqs=sample_seqs,
@@ -171,35 +181,28 @@ class ModelRunner:
             prompt_rows=prompt_rows,
         )
 
-    def _attention_metadata(
+    def _attention_inputs(
         self, batch: ScheduledBatch, context_lens: list[int], slots: list[int]
-    ) -> AttentionMetadata:
-        query_lens = batch.num_new_tokens
-        seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        padding = [self.padding_block] * width
-        tables = [seq.block_table + padding[len(seq.block_table) :] for seq in batch.seqs]
-        cu_seqlens = [0]
-        for query_len in query_lens:
-            cu_seqlens.append(cu_seqlens[-1] + query_len)
-        ints = torch.tensor(
-            [x for row in tables for x in row] + cu_seqlens + seq_lens,
-            dtype=torch.int32,
-            device=self.device,
+    ) -> AttentionInputs:
+        tables = [seq.block_table for seq in batch.seqs]
+        return plan_attention(
+            list(batch.num_new_tokens),
+            context_lens,
+            tables,
+            _long_tensor(slots, self.device),
+            self.block_size,
+            self.padding_block,
+            self._mirrored_decodes(batch, context_lens, tables),
         )
-        num_seqs, table_size = len(query_lens), len(tables) * width
-        return AttentionMetadata(
-            query_start_loc=ints[table_size : table_size + num_seqs + 1],
-            seq_lens=ints[table_size + num_seqs + 1 :],
-            slot_mapping=_long_tensor(slots, self.device),
-            block_tables=ints[:table_size].view(num_seqs, width),
-            query_lens=list(query_lens),
-            context_lens=context_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            seq_ids=[seq.seq_id for seq in batch.seqs],
-            decode_mirror=self.decode_mirror,
-        )
+
+    def _mirrored_decodes(
+        self, batch: ScheduledBatch, context_lens: list[int], tables: list[list[int]]
+    ) -> MirroredDecodes | None:
+        if self.decode_mirror is None:
+            return None
+        decodes = [i for i, num_new in enumerate(batch.num_new_tokens) if num_new == 1]
+        seq_ids = [seq.seq_id for seq in batch.seqs]
+        return self.decode_mirror.prepare(seq_ids, context_lens, tables, decodes)
 
     # ---- images -----------------------------------------------------------------------
     def _image_embeds(self, batch: ScheduledBatch) -> torch.Tensor | None:

@@ -2,24 +2,21 @@
 
 The first step of a new size pays costs later steps do not: the allocator grows its heap
 and the kernel maps fresh pages for every large activation, and the vision tower's
-convolution builds a kernel for each new batch shape (about 3 ms each; the warm-up
-builds the biggest one's). On the 2-core Intel test host a first prefill of 32 x 32
-tokens through GPT-2 small took 950-1,180 ms against 700-790 ms after one warm-up step
-run on the set-up thread (the pages stay with the process); the default model's first
-burst of 16 image chats waited 200 ms for a first token against 112 ms once warm.
+convolution builds a kernel for each new batch shape (the warm-up builds the biggest
+one's). The pages stay with the process, so one step on the set-up thread is enough
+(BENCHMARKS.md's history has the timings).
 
 The warm-up step is a batch of made-up prompts (with an image each for a multimodal
 model) filling the step's token budget, run through the model runner alone: nothing is
 scheduled, no KV block is taken from the block manager (the blocks it writes are all
 free, and a sequence always writes a block before reading it), and no metric moves. The
-image cache it fills is replaced by an empty one.
+images it cached are forgotten.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from app.engine.image_cache import ImageEmbeddingCache
 from app.engine.model_runner import ModelRunner
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, ImageSpan, SamplingParams, Sequence
@@ -36,7 +33,7 @@ def warm_up(runner: ModelRunner, num_tokens: int, max_seqs: int, max_model_len: 
     if batch.is_empty:
         return 0
     runner.run(batch)
-    runner.image_cache = ImageEmbeddingCache(runner.image_cache.capacity)
+    runner.clear_image_cache()
     return batch.num_batched_tokens
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import decode_mirror, load_model
+from app.engine import decode_mirror
+from models import load_model
 from models.base import LoadedModel
 from tests.checkpoints import make_tiny_llama, make_tiny_llava
 from tests.engine.drive import load

@@ -1,4 +1,4 @@
-"""KV cache sizing from a memory budget."""
+"""KV cache sizing from a memory budget, and where tokens sit in the cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.engine.config import EngineConfig
-from app.engine.kv_cache import CPU_DEFAULT_MAX_BYTES, max_model_len, num_kv_blocks
+from app.engine.kv_cache import CPU_DEFAULT_MAX_BYTES, cache_slots, max_model_len, num_kv_blocks
 from models.base import ModelInfo
 
 INFO = ModelInfo(
@@ -41,3 +41,14 @@ def test_max_model_len_is_the_smaller_of_config_and_checkpoint() -> None:
 def test_a_budget_below_one_block_is_an_error() -> None:
     with pytest.raises(ValueError, match="no block"):
         num_kv_blocks(EngineConfig(model="m", kv_cache_bytes=10), INFO)
+
+
+def test_cache_slots_are_each_positions_block_and_offset() -> None:
+    block_size = 4
+    table = [7, 2, 9]  # blocks out of order, as a real table's are
+    for start in range(len(table) * block_size):
+        for end in range(start, len(table) * block_size + 1):
+            expected = [
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            ]
+            assert cache_slots(table, start, end, block_size) == expected

@@ -1,8 +1,8 @@
 """A minimal stand-in for the engine's bookkeeping, to drive models through the paged cache.
 
 It hands out cache blocks in a shuffled order (so block ids are never simply
-sequential), builds the flat batch and `AttentionMetadata` of one step from a list
-of (sequence id, new tokens), and runs the model.
+sequential), builds the flat batch and the attention inputs of one step from a list
+of (sequence id, new tokens), as the engine's runner does, and runs the model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.base import AttentionMetadata, PagedModel
+from models.attention_inputs import AttentionInputs, plan_attention
+from models.base import PagedModel
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -39,24 +40,26 @@ class PagedSession:
         self, work: list[tuple[int, list[int]]], image_embeds: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         """Run one flat batch; returns each item's hidden states [len(tokens), hidden]."""
-        metadata, positions = self.metadata(work)
+        attn_inputs, positions = self.attention_inputs(work)
         input_ids = torch.tensor([t for _, tokens in work for t in tokens], dtype=torch.int64)
-        hidden = self.model.forward(input_ids, positions, metadata, self.cache, image_embeds)
+        hidden = self.model.forward(input_ids, positions, attn_inputs, self.cache, image_embeds)
         for seq, tokens in work:
             self.lengths[seq] = self.lengths.get(seq, 0) + len(tokens)
-        return list(hidden.split(metadata.query_lens))
+        return list(hidden.split(attn_inputs.query_lens))
 
-    def metadata(self, work: list[tuple[int, list[int]]]) -> tuple[AttentionMetadata, torch.Tensor]:
+    def attention_inputs(
+        self, work: list[tuple[int, list[int]]]
+    ) -> tuple[AttentionInputs, torch.Tensor]:
         context_lens = [self.lengths.get(seq, 0) for seq, _ in work]
         query_lens = [len(tokens) for _, tokens in work]
         for (seq, _), context, count in zip(work, context_lens, query_lens, strict=True):
             self._reserve(seq, context + count)
         tables = [self.blocks[seq] for seq, _ in work]
-        metadata = flat_metadata(context_lens, query_lens, tables, self.block_size)
+        attn_inputs = flat_inputs(context_lens, query_lens, tables, self.block_size)
         positions = [
             p for c, q in zip(context_lens, query_lens, strict=True) for p in range(c, c + q)
         ]
-        return metadata, torch.tensor(positions, dtype=torch.int64)
+        return attn_inputs, torch.tensor(positions, dtype=torch.int64)
 
     def _reserve(self, seq: int, length: int) -> None:
         owned = self.blocks.setdefault(seq, [])
@@ -64,28 +67,15 @@ class PagedSession:
             owned.append(self.free.pop())
 
 
-def flat_metadata(
+def flat_inputs(
     context_lens: list[int], query_lens: list[int], tables: list[list[int]], block_size: int
-) -> AttentionMetadata:
-    """One step's metadata: sequence i adds query_lens[i] tokens after context_lens[i]
-    cached ones, in the blocks tables[i]."""
+) -> AttentionInputs:
+    """One step's attention inputs: sequence i adds query_lens[i] tokens after
+    context_lens[i] cached ones, in the blocks tables[i] (padded with block 0)."""
     slots = [
         tables[s][p // block_size] * block_size + p % block_size
         for s, (c, q) in enumerate(zip(context_lens, query_lens, strict=True))
         for p in range(c, c + q)
     ]
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
-    starts = [0]
-    for count in query_lens:
-        starts.append(starts[-1] + count)
-    width = max(len(t) for t in tables)
-    return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        query_lens=query_lens,
-        context_lens=context_lens,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-    )
+    slot_mapping = torch.tensor(slots, dtype=torch.int64)
+    return plan_attention(query_lens, context_lens, tables, slot_mapping, block_size, 0)

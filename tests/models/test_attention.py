@@ -7,33 +7,18 @@ import random
 import pytest
 import torch
 
-from models.attention import (
-    PLAN_KEY,
-    allocate_kv_cache,
-    paged_attention,
-    prepare_attention,
-)
-from models.base import AttentionMetadata, cache_slots
-from tests.models.paged import flat_metadata
+from models.attention import allocate_kv_cache, paged_attention
+from models.attention_inputs import AttentionInputs, plan_attention
+from tests.models.paged import flat_inputs
 
 BLOCK_SIZE = 4
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
 
 
-def _metadata(
+def _inputs(
     context_lens: list[int], query_lens: list[int], tables: list[list[int]]
-) -> AttentionMetadata:
-    return flat_metadata(context_lens, query_lens, tables, BLOCK_SIZE)
-
-
-def test_cache_slots_are_each_positions_block_and_offset() -> None:
-    table = [7, 2, 9]  # blocks out of order, as a real table's are
-    for start in range(len(table) * BLOCK_SIZE):
-        for end in range(start, len(table) * BLOCK_SIZE + 1):
-            expected = [
-                table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)
-            ]
-            assert cache_slots(table, start, end, BLOCK_SIZE) == expected
+) -> AttentionInputs:
+    return flat_inputs(context_lens, query_lens, tables, BLOCK_SIZE)
 
 
 def _naive(
@@ -81,17 +66,37 @@ def test_paged_attention_matches_plain_attention(
             slot = tables[s][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
             cache[0].view(-1, KV_HEADS, HEAD_DIM)[slot] = keys[p]
             cache[1].view(-1, KV_HEADS, HEAD_DIM)[slot] = values[p]
-    metadata = _metadata(context_lens, query_lens, tables)
+    attn_inputs = _inputs(context_lens, query_lens, tables)
     query, key, value = (torch.cat([n[i] for n in new]) for i in range(3))
-    out = paged_attention(query, key, value, cache, metadata, HEAD_DIM**-0.5)
+    out = paged_attention(query, key, value, cache, attn_inputs, HEAD_DIM**-0.5, layer=0)
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def _row_list(rows: slice | torch.Tensor) -> list[int]:
+    return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows.tolist()
 
 
 def test_decodes_of_very_different_lengths_are_grouped() -> None:
     context_lens = [3, 4, 5, 6, 60, 61, 62, 63, 7]
     tables = [[i] * 16 for i in range(len(context_lens))]
-    metadata = _metadata(context_lens, [1] * len(context_lens), tables)
-    plan = prepare_attention(metadata, BLOCK_SIZE)
-    assert len(plan.decode_groups) == 2
-    assert metadata.extra[PLAN_KEY] is plan
-    assert prepare_attention(metadata, BLOCK_SIZE) is plan
+    attn_inputs = _inputs(context_lens, [1] * len(context_lens), tables)
+    groups = [_row_list(group.rows) for group in attn_inputs.decode_groups]
+    assert groups == [[4, 5, 6, 7], [1, 2, 3, 8, 0]]
+    assert not attn_inputs.is_one_decode_group
+
+
+def test_decodes_of_similar_lengths_are_one_group_in_batch_order() -> None:
+    attn_inputs = _inputs([5, 6, 7, 8], [1] * 4, [[i] * 4 for i in range(4)])
+    assert attn_inputs.is_one_decode_group
+    assert attn_inputs.decode_groups[0].rows == slice(0, 4)
+    beside_a_prompt = _inputs([5, 6, 0], [1, 1, 3], [[i] * 4 for i in range(3)])
+    assert not beside_a_prompt.is_one_decode_group
+
+
+def test_short_block_tables_are_padded_with_the_padding_block() -> None:
+    """A group reads as many blocks of each sequence as its longest one has."""
+    slot_mapping = torch.tensor([0, 1], dtype=torch.int64)
+    attn_inputs = plan_attention([1, 1], [2, 6], [[3], [5, 8]], slot_mapping, BLOCK_SIZE, 99)
+    (group,) = attn_inputs.decode_groups
+    assert group.block_ids is not None and group.block_ids.tolist() == [3, 99, 5, 8]
+    assert group.mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 5, [True] * 7 + [False]]

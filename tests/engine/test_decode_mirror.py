@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from models.attention import KVCache, allocate_kv_cache, paged_attention, prepare_attention
-from models.base import AttentionMetadata
-from models.decode_mirror import DecodeMirror
-from tests.models.paged import flat_metadata
+from app.engine.decode_mirror import DecodeMirror
+from app.engine.kv_cache import cache_slots
+from models.attention import KVCache, allocate_kv_cache, paged_attention
+from models.attention_inputs import AttentionInputs, plan_attention
 
 BLOCK_SIZE = 4
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
@@ -89,26 +89,23 @@ class World:
 
     def decode(
         self, seqs: Iterable[int], layers: int = NUM_LAYERS, mirror: bool = True
-    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+    ) -> tuple[AttentionInputs, list[torch.Tensor]]:
         """One step in which each of `seqs` decodes one token."""
         return self.step([(seq, 1) for seq in seqs], layers, mirror)
 
     def step(
         self, work: list[tuple[int, int]], layers: int = NUM_LAYERS, mirror: bool = True
-    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+    ) -> tuple[AttentionInputs, list[torch.Tensor]]:
         """Runs (sequence, new tokens) items through `layers` layers; checks each output
-        row against plain attention and returns the metadata and every layer's output."""
-        context_lens = [self.history[seq][0][0].shape[0] for seq, _ in work]
-        query_lens = [count for _, count in work]
-        tables = [self.tables[seq] for seq, _ in work]
-        meta = flat_metadata(context_lens, query_lens, tables, BLOCK_SIZE)
-        meta.seq_ids = [seq for seq, _ in work]
-        meta.decode_mirror = self.mirror if mirror else None
+        row against plain attention and returns the attention inputs and every layer's
+        output. Without `mirror`, the step runs as if the engine kept none."""
+        attn_inputs = self._attention_inputs(work, mirror)
+        context_lens, query_lens = attn_inputs.context_lens, attn_inputs.query_lens
         outputs = []
         for layer in range(layers):
             query = self._random(sum(query_lens), HEADS, HEAD_DIM)
             key, value = (self._random(sum(query_lens), KV_HEADS, HEAD_DIM) for _ in "kv")
-            out = paged_attention(query, key, value, self.cache[layer], meta, SCALE)
+            out = paged_attention(query, key, value, self.cache[layer], attn_inputs, SCALE, layer)
             outputs.append(out)
             start = 0
             for (seq, count), context in zip(work, context_lens, strict=True):
@@ -123,7 +120,25 @@ class World:
                         out[start + row], expected, rtol=1e-5, atol=1e-5, equal_nan=True
                     )
                 start += count
-        return meta, outputs
+        return attn_inputs, outputs
+
+    def _attention_inputs(self, work: list[tuple[int, int]], mirror: bool) -> AttentionInputs:
+        """As the engine's runner prepares them."""
+        context_lens = [self.history[seq][0][0].shape[0] for seq, _ in work]
+        query_lens = [count for _, count in work]
+        tables = [self.tables[seq] for seq, _ in work]
+        slots = [
+            slot
+            for table, context, count in zip(tables, context_lens, query_lens, strict=True)
+            for slot in cache_slots(table, context, context + count, BLOCK_SIZE)
+        ]
+        decodes = [i for i, count in enumerate(query_lens) if count == 1]
+        seq_ids = [seq for seq, _ in work]
+        mirrored = self.mirror.prepare(seq_ids, context_lens, tables, decodes) if mirror else None
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        return plan_attention(
+            query_lens, context_lens, tables, slot_mapping, BLOCK_SIZE, 0, mirrored
+        )
 
 
 def _world(lengths: list[int], **options: int) -> World:
@@ -134,9 +149,9 @@ def _world(lengths: list[int], **options: int) -> World:
     return world
 
 
-def _mirrored(meta: AttentionMetadata) -> bool:
-    plan = prepare_attention(meta, BLOCK_SIZE)
-    return len(plan.decode_groups) == 1 and plan.decode_groups[0].mirror is not None
+def _mirrored(attn_inputs: AttentionInputs) -> bool:
+    groups = attn_inputs.decode_groups
+    return len(groups) == 1 and groups[0].mirror is not None
 
 
 def test_decodes_with_churn_match_plain_attention() -> None:
@@ -150,8 +165,8 @@ def test_decodes_with_churn_match_plain_attention() -> None:
             next_seq += 1
         if step % 7 == 3:  # one finishes: its slot frees up
             world.finish(rng.choice(sorted(world.history)))
-        meta, _ = world.decode(sorted(world.history, key=lambda _: rng.random()))
-        mirrored_steps += _mirrored(meta)
+        attn_inputs, _ = world.decode(sorted(world.history, key=lambda _: rng.random()))
+        mirrored_steps += _mirrored(attn_inputs)
     assert mirrored_steps == 60
     assert world.mirror.nbytes > 0
 
@@ -160,10 +175,10 @@ def test_decodes_beside_prefill_chunks_match_plain_attention() -> None:
     world = _world([24, 25, 26, 27, 28, 29])
     world.decode(range(6))
     world.add(6, 8)  # a prompt chunk after cached context, between the decodes
-    meta, _ = world.step([(0, 1), (1, 1), (6, 5), (2, 1), (3, 1), (4, 1), (5, 1)])
-    assert _mirrored(meta)
-    meta, _ = world.step([(5, 1), (6, 1), (4, 1), (0, 1), (2, 1), (1, 1), (3, 1)])
-    assert _mirrored(meta)
+    attn_inputs, _ = world.step([(0, 1), (1, 1), (6, 5), (2, 1), (3, 1), (4, 1), (5, 1)])
+    assert _mirrored(attn_inputs)
+    attn_inputs, _ = world.step([(5, 1), (6, 1), (4, 1), (0, 1), (2, 1), (1, 1), (3, 1)])
+    assert _mirrored(attn_inputs)
 
 
 def test_a_sequence_that_misses_a_step_is_read_again_from_its_blocks() -> None:
@@ -172,13 +187,13 @@ def test_a_sequence_that_misses_a_step_is_read_again_from_its_blocks() -> None:
     world.decode(range(4))
     world.decode([0, 1, 2])  # sequence 3 is not scheduled
     world.rewrite(3, 21)
-    meta, _ = world.decode(range(4))
-    assert _mirrored(meta)
+    attn_inputs, _ = world.decode(range(4))
+    assert _mirrored(attn_inputs)
     world.add(4, 3)
     world.step([(4, 4)])  # a step without decodes
     world.rewrite(0, 23)  # the length it had
-    meta, _ = world.decode(range(4))
-    assert _mirrored(meta)
+    attn_inputs, _ = world.decode(range(4))
+    assert _mirrored(attn_inputs)
 
 
 def test_a_step_that_stops_part_way_leaves_no_stale_copy() -> None:
@@ -190,8 +205,8 @@ def test_a_step_that_stops_part_way_leaves_no_stale_copy() -> None:
     for seq in survivors:  # the failed step's token is written again
         keys, values = world.history[seq][0]
         world.history[seq][0] = (keys[:-1], values[:-1])
-    meta, _ = world.decode(survivors)
-    assert _mirrored(meta)
+    attn_inputs, _ = world.decode(survivors)
+    assert _mirrored(attn_inputs)
 
 
 def test_steps_without_the_mirror_leave_no_stale_copy() -> None:
@@ -200,11 +215,11 @@ def test_steps_without_the_mirror_leave_no_stale_copy() -> None:
     world.decode(range(5))
     world.decode(range(5), mirror=False)
     world.add(5, 120)  # padding the others to this one would triple the work
-    meta, _ = world.decode(range(6))
-    assert not _mirrored(meta)
+    attn_inputs, _ = world.decode(range(6))
+    assert not _mirrored(attn_inputs)
     world.finish(5)
-    meta, _ = world.decode(range(5))
-    assert _mirrored(meta)
+    attn_inputs, _ = world.decode(range(5))
+    assert _mirrored(attn_inputs)
 
 
 def test_what_a_slot_held_before_cannot_leak_into_its_next_holder() -> None:
@@ -213,12 +228,12 @@ def test_what_a_slot_held_before_cannot_leak_into_its_next_holder() -> None:
     world = _world([10] * 5 + [14])
     nan = torch.full((14, KV_HEADS, HEAD_DIM), float("nan"))
     world.rewrite(5, 14, [(nan, nan)] * NUM_LAYERS)
-    meta, _ = world.decode(range(6))
-    assert _mirrored(meta)
+    attn_inputs, _ = world.decode(range(6))
+    assert _mirrored(attn_inputs)
     world.finish(5)
     world.add(6, 8)
-    meta, outputs = world.decode([0, 1, 2, 3, 4, 6])
-    assert _mirrored(meta)
+    attn_inputs, outputs = world.decode([0, 1, 2, 3, 4, 6])
+    assert _mirrored(attn_inputs)
     assert not any(out.isnan().any() for out in outputs)
 
 
@@ -228,8 +243,8 @@ def test_the_mirror_stays_within_its_budget(budget_tokens: int) -> None:
     world = _world([10] * 8, mirror_budget=budget_tokens * bytes_per_token)
     used = []
     for _ in range(12):
-        meta, _ = world.decode(range(8))
-        used.append(_mirrored(meta))
+        attn_inputs, _ = world.decode(range(8))
+        used.append(_mirrored(attn_inputs))
         assert world.mirror.nbytes <= world.mirror.budget_bytes
     # 8 sequences of 11-22 tokens: no room in 40 tokens, the first steps fit in 200
     assert used == {0: [False] * 12, 40: [False] * 12, 200: [True] * 12}[budget_tokens]

@@ -1,0 +1,203 @@
+"""What paged attention reads in one step, planned once by the runner before `forward`.
+
+Everything that depends only on the batch layout (which rows decode, the gather
+indices, the masks) is computed here from host lists, so each layer spends its time
+on a handful of tensor ops (models/attention.py):
+- decodes are attended in one masked SDPA call per group of similar lengths (the
+  query heads that share a KV head act as that head's query rows, so GQA needs no
+  copies of K/V); a group reads its K/V gathered from the blocks, or, when the engine
+  keeps them contiguous (`MirroredDecodes`), in place;
+- prefill chunks run one SDPA each, causal over the new tokens; a chunk after cached
+  context reads that context back through its block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_DECODE_GROUPS = 4
+MIN_DECODE_GROUP = 4
+
+
+@dataclass
+class MirroredDecodes:
+    """Decodes whose K/V the engine keeps contiguous per layer, one slot per sequence,
+    already holding every token but this step's (app/engine/decode_mirror.py)."""
+
+    seqs: list[int]  # the batch's decoding sequences, in slot order
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer K, V [slots, kv_heads, cap, D]
+    token_rows: torch.Tensor  # [n * kv_heads] rows of a buffer's [-1, D] view for the new token
+    span: int  # positions attention reads: the longest sequence, in whole blocks
+    mask: torch.Tensor  # [n, 1, 1, span] bool, True = attend
+
+
+@dataclass
+class DecodeGroup:
+    """Single-token queries of sequences with similar lengths, attended in one call."""
+
+    rows: slice | torch.Tensor  # their rows in the flat batch
+    block_ids: torch.Tensor | None  # [num_seqs * blocks_per_seq] cache blocks, row-major per seq
+    mask: torch.Tensor  # [num_seqs, 1, 1, span] bool, True = attend
+    num_seqs: int
+    mirror: MirroredDecodes | None = None  # read K/V in place instead of gathering
+    # NOTE: every layer gathers into the same two buffers: a fresh multi-MB tensor per
+    # layer costs page faults (BENCHMARKS.md, history)
+    gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def buffers_for(self, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [len(block_ids), block_size, kv_heads, D] buffers, made once per step."""
+        buffers = self.gather_buffers
+        if buffers is None or buffers[0].dtype != k_cache.dtype:
+            assert self.block_ids is not None
+            shape = (self.block_ids.shape[0], *k_cache.shape[1:])
+            buffers = (k_cache.new_empty(shape), k_cache.new_empty(shape))
+            self.gather_buffers = buffers
+        return buffers
+
+
+@dataclass
+class PrefillChunk:
+    """The new tokens of one sequence, causal among themselves, after `context_len` cached."""
+
+    start: int
+    end: int
+    seq_len: int
+    block_ids: torch.Tensor | None  # None: no cached context, attend to the new keys only
+    mask: torch.Tensor | None  # [query_len, seq_len] bool when there is cached context
+
+
+@dataclass
+class AttentionInputs:
+    """One step's attention, planned: sequence i adds `query_lens[i]` tokens (a prefill
+    chunk, or 1 for a decode) after `context_lens[i]` tokens already cached."""
+
+    slot_mapping: torch.Tensor  # [T] int64, block_id * block_size + offset of each new token
+    query_lens: list[int]
+    context_lens: list[int]
+    decode_groups: list[DecodeGroup]
+    prefills: list[PrefillChunk]
+    # the whole batch is one decode group in batch order: no row gather or scatter
+    is_one_decode_group: bool
+
+
+def plan_attention(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    padding_block: int,
+    mirrored: MirroredDecodes | None = None,
+) -> AttentionInputs:
+    """The step's attention inputs. `block_tables[i]` holds sequence i's blocks; shorter
+    tables are padded with `padding_block`, whose K/V must stay finite (attention reads
+    them, masked, and a masked NaN still turns a row NaN)."""
+    layout = _Layout(
+        query_lens, context_lens, block_tables, block_size, padding_block, slot_mapping.device
+    )
+    decodes = [i for i, query_len in enumerate(query_lens) if query_len == 1]
+    if mirrored is not None:
+        assert sorted(mirrored.seqs) == decodes, "the mirror must hold every decode"
+        groups = [_mirror_group(layout, mirrored)]
+    else:
+        groups = [layout.decode_group(m) for m in _group_by_length(decodes, layout)]
+    prefills = [layout.prefill_chunk(i) for i, q in enumerate(query_lens) if q > 1]
+    return AttentionInputs(
+        slot_mapping=slot_mapping,
+        query_lens=query_lens,
+        context_lens=context_lens,
+        decode_groups=groups,
+        prefills=prefills,
+        is_one_decode_group=not prefills and len(groups) == 1 and layout.is_whole(groups[0]),
+    )
+
+
+class _Layout:
+    """The batch's rows, lengths and block tables; the tensors a group or chunk needs."""
+
+    def __init__(
+        self,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        padding_block: int,
+        device: torch.device,
+    ) -> None:
+        self.context_lens, self.block_tables = context_lens, block_tables
+        self.block_size, self.padding_block, self.device = block_size, padding_block, device
+        self.starts = [0]
+        for query_len in query_lens:
+            self.starts.append(self.starts[-1] + query_len)
+        self.seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+
+    def is_whole(self, group: DecodeGroup) -> bool:
+        """The group is the whole batch in batch order."""
+        return isinstance(group.rows, slice) and group.rows == slice(0, self.starts[-1])
+
+    def rows_of(self, seqs: list[int]) -> slice | torch.Tensor:
+        rows = [self.starts[i] for i in seqs]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+    def _blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+
+    def decode_group(self, members: list[int]) -> DecodeGroup:
+        lens = [self.seq_lens[i] for i in members]
+        blocks_per_seq = -(-max(lens) // self.block_size)
+        tables = [self.block_tables[i][:blocks_per_seq] for i in members]
+        padded = [b for t in tables for b in t + [self.padding_block] * (blocks_per_seq - len(t))]
+        positions = torch.arange(blocks_per_seq * self.block_size)
+        mask = positions[None, :] < torch.tensor(lens)[:, None]  # [n, span]
+        return DecodeGroup(
+            rows=self.rows_of(members),
+            block_ids=self._blocks(padded),
+            mask=mask[:, None, None, :].to(self.device, non_blocking=True),
+            num_seqs=len(members),
+        )
+
+    def prefill_chunk(self, seq: int) -> PrefillChunk:
+        context_len, seq_len = self.context_lens[seq], self.seq_lens[seq]
+        chunk = PrefillChunk(self.starts[seq], self.starts[seq + 1], seq_len, None, None)
+        if context_len == 0:
+            return chunk
+        chunk.block_ids = self._blocks(self.block_tables[seq][: -(-seq_len // self.block_size)])
+        query_positions = torch.arange(context_len, seq_len)  # [query_len]
+        key_positions = torch.arange(seq_len)  # [seq_len]
+        mask = key_positions[None, :] <= query_positions[:, None]
+        chunk.mask = mask.to(self.device, non_blocking=True)
+        return chunk
+
+
+def _mirror_group(layout: _Layout, mirrored: MirroredDecodes) -> DecodeGroup:
+    rows = layout.rows_of(mirrored.seqs)
+    return DecodeGroup(rows, None, mirrored.mask, len(mirrored.seqs), mirror=mirrored)
+
+
+def _group_by_length(seqs: list[int], layout: _Layout) -> list[list[int]]:
+    """Split decodes so that no group pads a sequence to more than twice its block count.
+
+    Few groups keep per-layer op counts low; splitting pays when lengths differ a lot.
+    """
+    if not seqs:
+        return []
+    blocks = {i: -(-layout.seq_lens[i] // layout.block_size) for i in seqs}
+    if max(blocks.values()) <= 2 * min(blocks.values()):
+        return [seqs]  # one group, batch order kept
+    order = sorted(seqs, key=lambda s: -blocks[s])
+    groups = [[order[0]]]
+    for position, seq in enumerate(order[1:], start=1):
+        split = (
+            len(groups) < MAX_DECODE_GROUPS
+            and len(groups[-1]) >= MIN_DECODE_GROUP
+            and len(order) - position >= MIN_DECODE_GROUP
+            and 2 * blocks[seq] <= blocks[groups[-1][0]]
+        )
+        if split:
+            groups.append([])
+        groups[-1].append(seq)
+    return groups
