@@ -16,6 +16,7 @@ from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
 from models.llava import build_llava
+from models.qwen_vl import build_qwen_vl
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
 
@@ -24,8 +25,16 @@ BUILDERS: dict[str, Builder] = {
     "LlamaForCausalLM": build_llama,
     "Qwen2ForCausalLM": build_llama,
     "GPT2LMHeadModel": build_gpt2,
+    "Qwen2VLForConditionalGeneration": build_qwen_vl,
+    "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
 }
-MULTIMODAL_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+MULTIMODAL_ARCHITECTURES = frozenset(
+    {
+        "LlavaForConditionalGeneration",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+    }
+)
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -113,5 +122,6 @@ def _model_info(
         image_token_id=model.image_token_id,
         image_seq_length=model.image_seq_length,
         image_size=model.image_size,
+        position_sections=model.position_sections,
         caption_prompt=checkpoint.caption_prompt(folder, ModelInfo.caption_prompt),
     )

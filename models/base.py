@@ -36,6 +36,7 @@ class ModelInfo:
     image_seq_length: int = 0  # tokens one image occupies in the prompt
     image_size: int = 0  # square side the image processor resizes to
     caption_prompt: str = "Describe the image."
+    position_sections: int = 1  # rotary position sections per token: 3 for M-RoPE
 
     @property
     def is_multimodal(self) -> bool:

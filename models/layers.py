@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
@@ -79,6 +81,7 @@ class PagedDecoderModel:
     image_token_id: int | None = None
     image_seq_length: int = 0
     image_size: int = 0
+    position_sections = 1  # 3 for multimodal rotary positions (M-RoPE)
 
     def adopt_dims(self, decoder: PagedDecoderModel) -> None:
         """Take the cache and output dimensions of the text decoder this model wraps."""
@@ -121,3 +124,22 @@ class PagedDecoderModel:
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} takes no images")
+
+    def encode_image_batch(
+        self, images: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """The step's new images in one tower call; per image [its tokens, hidden]. A family
+        of one fixed image size stacks them."""
+        pixels = torch.stack([image["pixel_values"] for image in images])  # [B, 3, H, W]
+        return list(self.encode_images(pixels))
+
+    def image_tokens(self, tensors: Mapping[str, Any]) -> int:
+        """How many placeholder tokens the image its processor made `tensors` of becomes."""
+        return self.image_seq_length
+
+    def prompt_positions(
+        self, num_tokens: int, image_starts: Sequence[int], images: Sequence[Mapping[str, Any]]
+    ) -> tuple[np.ndarray, int] | None:
+        """Multi-section positions [sections, num_tokens] of a prompt and the offset of the
+        tokens after it; None where positions are simply 0, 1, 2, ..."""
+        return None
