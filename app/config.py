@@ -83,6 +83,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Image embeddings kept, by content.",
     )
+    max_image_tokens_per_request: int = Field(
+        default=EngineConfig.max_image_tokens_per_request,
+        ge=0,
+        description="Most image tokens one request may hold (0: only the context limits them).",
+    )
     num_threads: int | None = Field(
         default=EngineConfig.num_threads,
         ge=1,

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from app import metrics
 from app.engine.sequence import ImageInput
 from app.errors import APIError, bad_request, too_large, unsupported_media
+from models.processors import image_features
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 ACCEPTED_NAMES = "PNG, JPEG, WebP, BMP or GIF"
@@ -133,11 +134,12 @@ def content_hash(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def preprocess(image: Image.Image, image_processor: Any) -> ImageInput:
-    """RGB image -> pixel values for the vision tower, float32 [3, H, W]."""
-    batch = image_processor(images=[image], return_tensors="np")["pixel_values"]
-    pixel_values = np.ascontiguousarray(np.asarray(batch[0], dtype=np.float32))  # [3, H, W]
-    return ImageInput(pixel_values=pixel_values, content_hash=content_hash(image))
+def preprocess(image: Image.Image, image_processor: Any, detail: str = "auto") -> ImageInput:
+    """RGB image -> its processor's arrays and the number of tokens it becomes."""
+    features = image_features(image, image_processor, detail)
+    # the same pixels read at another detail are another input to the tower
+    key = content_hash(image) if detail == "auto" else f"{content_hash(image)}:{detail}"
+    return ImageInput(features.pixel_values, key, features.num_tokens, features.extra)
 
 
 def decode_data_url(url: str, limits: ImageLimits, param: str) -> bytes:
@@ -165,24 +167,24 @@ class ImageIntake:
         self.limits = limits
         self._limiter = anyio.CapacityLimiter(DECODE_CONCURRENCY)
 
-    async def load(self, data: bytes, param: str = "image") -> ImageInput:
+    async def load(self, data: bytes, param: str = "image", detail: str = "auto") -> ImageInput:
         metrics.record_image_received()
         started = time.perf_counter()
         header = read_header(data, self.limits, param)
         if header.width * header.height <= INLINE_DECODE_PIXELS:
-            image_input = self._decode_and_preprocess(header, param)
+            image_input = self._decode_and_preprocess(header, param, detail)
         else:
             image_input = await anyio.to_thread.run_sync(
-                self._decode_and_preprocess, header, param, limiter=self._limiter
+                self._decode_and_preprocess, header, param, detail, limiter=self._limiter
             )
         metrics.record_image_preprocessed(time.perf_counter() - started)
         return image_input
 
-    def _decode_and_preprocess(self, header: Image.Image, param: str) -> ImageInput:
+    def _decode_and_preprocess(self, header: Image.Image, param: str, detail: str) -> ImageInput:
         image = decode_pixels(header, param)
         check_aspect_ratio(image, param)
         try:
-            return preprocess(image, self.image_processor)
+            return preprocess(image, self.image_processor, detail)
         except APIError:
             raise
         except Exception as error:  # a processor that cannot handle this picture

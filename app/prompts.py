@@ -2,14 +2,15 @@
 
 The one tokeniser wrapper of the API. Chat, caption and QA prompts go through the
 checkpoint's chat template with `{"type": "image"}` parts; the rendered string is
-tokenised without adding special tokens again (the template has them), then each
-image token becomes `image_seq_length` copies, the layout the engine expects.
+tokenised without adding special tokens again (the template has them), then the k-th
+image token becomes as many copies as the k-th image's processor said (a fixed-size
+family's `image_seq_length`), the layout the engine expects.
 Completions tokenise the raw prompt the way the tokenizer does by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -75,20 +76,23 @@ class PromptBuilder:
         messages: list[Message],
         param: str = "messages",
         tools: list[dict[str, Any]] | None = None,
+        image_tokens: Sequence[int] = (),
     ) -> list[int]:
         """Renders the chat template (with the tools the model is shown, if any) and expands
-        each image token. The engine checks that the image tokens match the request's images
-        (an image token typed in the text does not)."""
+        the k-th image token into `image_tokens[k]` copies (0 or absent: the model's fixed
+        count). The engine checks that the image tokens match the request's images (an
+        image token typed in the text does not)."""
         text = self._render(messages, param, tools)
         check_unicode(text, param)
         token_ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._expand_images(token_ids)
+        return self._expand_images(token_ids, image_tokens)
 
-    def caption(self, prompt: str | None) -> list[int]:
-        return self.chat(image_message(prompt or self.info.caption_prompt), param="prompt")
+    def caption(self, prompt: str | None, image_tokens: int = 0) -> list[int]:
+        message = image_message(prompt or self.info.caption_prompt)
+        return self.chat(message, param="prompt", image_tokens=[image_tokens])
 
-    def question(self, question: str) -> list[int]:
-        return self.chat(image_message(question), param="question")
+    def question(self, question: str, image_tokens: int = 0) -> list[int]:
+        return self.chat(image_message(question), param="question", image_tokens=[image_tokens])
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=False))
@@ -110,11 +114,17 @@ class PromptBuilder:
             raise bad_request(f"The chat template rejected the messages: {error}", param) from None
         return str(rendered)
 
-    def _expand_images(self, token_ids: list[int]) -> list[int]:
-        image_token, length = self.info.image_token_id, self.info.image_seq_length
+    def _expand_images(self, token_ids: list[int], image_tokens: Sequence[int]) -> list[int]:
+        image_token = self.info.image_token_id
         if image_token is None or image_token not in token_ids:
             return token_ids
         expanded: list[int] = []
+        index = 0
         for token_id in token_ids:
-            expanded.extend([image_token] * length if token_id == image_token else [token_id])
+            if token_id != image_token:
+                expanded.append(token_id)
+                continue
+            count = image_tokens[index] if index < len(image_tokens) else 0
+            expanded.extend([image_token] * (count or self.info.image_seq_length))
+            index += 1
         return expanded

@@ -7,9 +7,11 @@ runner planned for the step (models/attention_inputs.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from models.attention_inputs import AttentionInputs
@@ -69,7 +71,22 @@ class PagedModel(Protocol):
         ...
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, image_seq_length, hidden], already projected."""
+        """A fixed-size family's tower: [B, 3, H, W] -> [B, image_seq_length, hidden]."""
+        ...
+
+    def encode_image_batch(
+        self, images: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """The step's new images, each its processor's tensors by name (any shapes), in one
+        packed tower call; per image its projected embeddings [its tokens, hidden]."""
+        ...
+
+    def prompt_positions(
+        self, num_tokens: int, image_starts: Sequence[int], images: Sequence[Mapping[str, Any]]
+    ) -> tuple[np.ndarray, int] | None:
+        """Multi-section positions [sections, num_tokens] of a prompt whose images start at
+        `image_starts`, and the offset of every later token (p + offset in all sections);
+        None for a model whose positions are 0, 1, 2, ..."""
         ...
 
     def allocate_kv_cache(

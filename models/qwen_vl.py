@@ -57,7 +57,7 @@ class QwenVLForConditionalGeneration(PagedDecoderModel):
     def __init__(self, config: PretrainedConfig, decoder: LlamaDecoder, tower: Any) -> None:
         self.decoder, self.tower = decoder, tower
         self.adopt_dims(decoder)
-        self.image_token_id = int(config.image_token_id)
+        self.image_token_id = self._image_token = int(config.image_token_id)
         self.merge_size = int(config.vision_config.spatial_merge_size)
         mrope_section = _rope_parameters(config.text_config)["mrope_section"]
         decoder.rope = MultimodalRotaryEmbedding(decoder.rope, mrope_section)  # type: ignore[assignment]
@@ -102,7 +102,7 @@ class QwenVLForConditionalGeneration(PagedDecoderModel):
     ) -> torch.Tensor:  # [T, hidden]
         hidden = self.decoder.embed(input_ids)  # [T, hidden]
         if image_embeds is not None:
-            is_image = input_ids.eq(self.image_token_id)[:, None]
+            is_image = input_ids.eq(self._image_token)[:, None]
             count = int(is_image.sum())
             if image_embeds.shape[0] != count:
                 raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} embeddings")

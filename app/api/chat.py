@@ -63,7 +63,10 @@ async def create_chat_completion(
     builder = runtime.prompts
     num_chars = sum(len(str(message["content"])) for message in messages)
     plan, shown_tools = _tools(body)
-    prompt_ids = await builder.run(num_chars, builder.chat, messages, "messages", shown_tools)
+    image_tokens = [image.num_tokens for image in images]
+    prompt_ids = await builder.run(
+        num_chars, builder.chat, messages, "messages", shown_tools, image_tokens
+    )
     schema, param = _output_schema(body, plan)
     grammar = await compile_grammar(runtime, schema, param)
     defaults = sampling_defaults(runtime)

@@ -34,7 +34,9 @@ async def caption(
     check_model(runtime, form.model)
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
-    prompt_ids = await builder.run(len(form.prompt or ""), builder.caption, form.prompt)
+    prompt_ids = await builder.run(
+        len(form.prompt or ""), builder.caption, form.prompt, image.num_tokens
+    )
     job = _job(runtime, form, "caption", prompt_ids, image, prompt_param="prompt")
     return await _describe(request, runtime, form, job)
 
@@ -53,7 +55,9 @@ async def answer(
     check_model(runtime, form.model)
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
-    prompt_ids = await builder.run(len(form.question), builder.question, form.question)
+    prompt_ids = await builder.run(
+        len(form.question), builder.question, form.question, image.num_tokens
+    )
     job = _job(runtime, form, "qa", prompt_ids, image, prompt_param="question")
     return await _describe(request, runtime, form, job)
 

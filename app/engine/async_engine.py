@@ -27,7 +27,13 @@ from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingPa
 from app.engine.stats import EngineStats, StatsSink, StatsUpdate, ignore_stats
 from app.engine.step_threads import in_passing_thread
 from app.engine.structured import StructuredOutputs
-from app.engine.validation import image_spans, validate_length, validate_params, validate_prompt
+from app.engine.validation import (
+    image_spans,
+    validate_image_tokens,
+    validate_length,
+    validate_params,
+    validate_prompt,
+)
 from models.base import LoadedModel, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -218,7 +224,9 @@ class AsyncEngine:
         validate_length(
             len(prompt_token_ids), params.max_tokens, self.max_model_len, self._core.capacity_tokens
         )
-        return image_spans(prompt_token_ids, images, self.info)
+        spans = image_spans(prompt_token_ids, images, self.info)
+        validate_image_tokens(spans, self.config.max_image_tokens_per_request)
+        return spans
 
     def abort(self, request_id: str) -> None:
         """Abort a request (safe at any time); its blocks are freed at the next step."""

@@ -23,6 +23,7 @@ class EngineConfig:
     max_waiting_requests: int = 256  # beyond this submit() raises EngineOverloadedError
     enable_prefix_caching: bool = True
     image_cache_size: int = 256  # image embeddings kept, by content hash
+    max_image_tokens_per_request: int = 0  # image placeholder tokens in one request; 0: no cap
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     max_logprobs: int = 20
     seed: int = 0

@@ -99,8 +99,11 @@ class EngineCore:
     ) -> Request:
         """Queue a validated request (AsyncEngine.submit validates)."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        positions = self.runner.rope_positions(len(prompt_token_ids), image_spans)
         seqs = [
-            Sequence(next(self._seq_ids), request_id, i, prompt_token_ids, params, image_spans)
+            Sequence(
+                next(self._seq_ids), request_id, i, prompt_token_ids, params, image_spans, positions
+            )
             for i in range(params.n)
         ]
         seqs[0].pending_forks = seqs[1:]

@@ -26,7 +26,7 @@ class ImageEmbeddingCache:
         self.queries = self.hits = 0
 
     def lookup(self, content_hash: str) -> torch.Tensor | None:
-        """A counted lookup: the embedding [image_seq_length, hidden], or None."""
+        """A counted lookup: the embedding [its tokens, hidden], or None."""
         self.queries += 1
         embedding = self.get(content_hash)
         if embedding is not None:

@@ -15,6 +15,7 @@ is the cost.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ from app.engine.kv_cache import cache_slots
 from app.engine.prompt_logprobs import PromptRows, score_prompt_rows
 from app.engine.sampler import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
-from app.engine.sequence import ImageInput, Sequence
+from app.engine.sequence import ImageInput, ImageSpan, RopePositions, Sequence
 from app.engine.step_threads import StepThreads
 from models.attention import KVCache
 from models.attention_inputs import AttentionInputs, MirroredDecodes, plan_attention
@@ -78,6 +79,7 @@ class ModelRunner:
         )
         self.image_cache = ImageEmbeddingCache(config.image_cache_size)
         self.threads = StepThreads(loaded.info)
+        self.vision_seconds = 0.0  # the vision tower's time, cumulative (the step stats read it)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -118,6 +120,20 @@ class ModelRunner:
             return self.model.compute_logits(rows, row_major=True)
 
         return score_prompt_rows(hidden, plan, logits_of)
+
+    def rope_positions(
+        self, num_prompt_tokens: int, spans: tuple[ImageSpan, ...]
+    ) -> RopePositions | None:
+        """A prompt's multi-section positions, for a model that wants them (M-RoPE)."""
+        if self.info.position_sections == 1:
+            return None
+        starts = [span.start for span in spans]
+        tensors = [span.image.tensors() for span in spans]
+        computed = self.model.prompt_positions(num_prompt_tokens, starts, tensors)
+        if computed is None:
+            return None
+        prompt, offset = computed
+        return RopePositions(np.ascontiguousarray(prompt, dtype=np.int64), offset)
 
     def clear_image_cache(self) -> None:
         """Forget every cached image embedding, and the cache's lookup counts."""
@@ -171,7 +187,7 @@ class ModelRunner:
         every_row = not has_forks and len(logit_rows) == num_tokens
         return ModelInputs(
             input_ids=flat[:num_tokens],
-            positions=flat[num_tokens:],
+            positions=self._sectioned(batch, flat[num_tokens:]),
             attn_inputs=self._attention_inputs(batch, context_lens, slots),
             image_embeds=self._image_embeds(batch),
             logit_rows=None if every_row else _long_tensor(logit_rows, self.device),
@@ -180,6 +196,23 @@ class ModelRunner:
             fresh_blocks=fresh_blocks,
             prompt_rows=prompt_rows,
         )
+
+    def _sectioned(self, batch: ScheduledBatch, positions: torch.Tensor) -> torch.Tensor:
+        """[T] positions, or [sections, T] for a model with multi-section positions: a
+        sequence's own where its prompt has them, the 1-D ones in every section elsewhere."""
+        sections = self.info.position_sections
+        if sections == 1:
+            return positions
+        if not any(seq.rope_positions is not None for seq in batch.seqs):
+            return positions.expand(sections, -1)
+        rows = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            if seq.rope_positions is None:
+                rows.append(np.broadcast_to(np.arange(start, start + num_new), (sections, num_new)))
+            else:
+                rows.append(seq.rope_positions.columns(start, start + num_new))
+        return torch.from_numpy(np.concatenate(rows, axis=1)).to(self.device)  # [sections, T]
 
     def _attention_inputs(
         self, batch: ScheduledBatch, context_lens: list[int], slots: list[int]
@@ -243,11 +276,11 @@ class ModelRunner:
         return found
 
     def _encode(self, images: dict[str, ImageInput]) -> dict[str, torch.Tensor]:
-        arrays = [np.asarray(image.pixel_values, dtype=np.float32) for image in images.values()]
-        pixels = torch.from_numpy(np.stack(arrays))  # [B, 3, H, W]
-        pixels = pixels.to(device=self.device, dtype=self.info.dtype)
-        embeds = self.model.encode_images(pixels)  # [B, image_seq_length, hidden]
-        encoded = dict(zip(images, embeds, strict=True))
+        """Every new image of the step in one packed call of the vision tower."""
+        started = time.perf_counter()
+        embeds = self.model.encode_image_batch([_torch_tensors(image) for image in images.values()])
+        self.vision_seconds += time.perf_counter() - started
+        encoded = dict(zip(images, embeds, strict=True))  # each [its tokens, hidden]
         for content_hash, embedding in encoded.items():
             self.image_cache.put(content_hash, embedding)
         return encoded
@@ -267,6 +300,13 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_cache:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+
+def _torch_tensors(image: ImageInput) -> dict[str, torch.Tensor]:
+    """The processor's arrays as tensors; pixel values as float32, the model casts them."""
+    tensors = {name: torch.from_numpy(np.asarray(array)) for name, array in image.extra.items()}
+    pixels = np.asarray(image.pixel_values, dtype=np.float32)
+    return {"pixel_values": torch.from_numpy(pixels), **tensors}
 
 
 def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -35,10 +38,38 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One preprocessed image: pixel values ready for the vision tower."""
+    """One preprocessed image: its processor's tensors and the placeholder tokens it becomes."""
 
-    pixel_values: Any  # numpy float32 array [3, H, W]
+    # numpy float32: [3, H, W] for a fixed-size tower, [patches, C*T*P*P] for Qwen-VL
+    pixel_values: Any
     content_hash: str  # hash of the decoded pixels; keys the image and prefix caches
+    num_tokens: int = 0  # placeholder tokens in the prompt; 0: the model's fixed count
+    extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. image_grid_thw [3]
+
+    def tensors(self) -> dict[str, Any]:
+        """Every tensor the processor made, by its name, as the model's tower takes them."""
+        return {"pixel_values": self.pixel_values, **self.extra}
+
+
+@dataclass(frozen=True)
+class RopePositions:
+    """Multi-section positions of a prompt (M-RoPE), fixed when the prompt is built.
+
+    A token p past the prompt sits at p + offset in every section, so decodes, forks
+    and a recomputed (preempted) sequence need nothing else.
+    """
+
+    prompt: Any  # numpy int64 [sections, num_prompt_tokens]
+    offset: int
+
+    def columns(self, start: int, end: int) -> Any:
+        """Positions [sections, end - start] of tokens start..end-1."""
+        num_prompt = self.prompt.shape[1]
+        if end <= num_prompt:
+            return self.prompt[:, start:end]
+        after = np.arange(max(start, num_prompt), end) + self.offset
+        tail = np.broadcast_to(after, (self.prompt.shape[0], after.shape[0]))
+        return np.concatenate((self.prompt[:, start:num_prompt], tail), axis=1)
 
 
 @dataclass
@@ -103,7 +134,7 @@ class ImageSpan:
     """Where one image's tokens sit in a prompt."""
 
     start: int  # position of the image's first token
-    length: int  # ModelInfo.image_seq_length
+    length: int  # the image's placeholder tokens
     image: ImageInput
 
     @property
@@ -129,6 +160,7 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         image_spans: tuple[ImageSpan, ...] = (),
+        rope_positions: RopePositions | None = None,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -137,6 +169,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.image_spans = image_spans
+        self.rope_positions = rope_positions  # None: positions are 0, 1, 2, ...
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission

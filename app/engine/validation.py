@@ -123,25 +123,38 @@ def image_spans(
     if not info.is_multimodal:
         _check(not images, "this model takes no images", "images")
         return ()
-    length = info.image_seq_length
+    lengths = [image.num_tokens or info.image_seq_length for image in images]
     positions = [i for i, t in enumerate(prompt_token_ids) if t == info.image_token_id]
-    if len(positions) != len(images) * length:
+    if len(positions) != sum(lengths):
         raise InvalidRequestError(
-            f"The prompt holds {len(positions)} image tokens, but {len(images)} image(s) of "
-            f"{length} tokens each need {len(images) * length}; the image token may appear "
-            "only where an image is, not in text.",
+            f"The prompt holds {len(positions)} image tokens, but its {len(images)} image(s) "
+            f"need {sum(lengths)}; the image token may appear only where an image is, not in "
+            "text.",
             "prompt",
         )
-    spans = []
-    for k, image in enumerate(images):
-        start = positions[k * length]
+    spans, first = [], 0
+    for k, (image, length) in enumerate(zip(images, lengths, strict=True)):
+        start = positions[first]
         _check(
-            positions[k * length + length - 1] == start + length - 1,
+            positions[first + length - 1] == start + length - 1,
             f"image {k}'s {length} tokens are not consecutive",
             "prompt",
         )
         spans.append(ImageSpan(start, length, image))
+        first += length
     return tuple(spans)
+
+
+def validate_image_tokens(spans: Sequence[ImageSpan], max_image_tokens: int) -> None:
+    """The server's cap on a request's image tokens (0: none), before any work is done."""
+    total = sum(span.length for span in spans)
+    if max_image_tokens and total > max_image_tokens:
+        raise InvalidRequestError(
+            f"The request's images take {total} tokens; the server allows at most "
+            f"{max_image_tokens} image tokens per request. Send smaller images, fewer images "
+            'or detail "low".',
+            "messages",
+        )
 
 
 def _finite(value: float) -> bool:

@@ -110,7 +110,7 @@ def test_an_image_token_typed_in_text_breaks_the_count() -> None:
     typed = [1, *[IMAGE] * IMAGE_LENGTH, 7, *[IMAGE] * IMAGE_LENGTH]
     refusal = _refusal(lambda: image_spans(typed, [_image("a")], _info()))
     assert refusal.param == "prompt"
-    assert "6 image tokens, but 1 image(s) of 3 tokens each need 3" in str(refusal)
+    assert "6 image tokens, but its 1 image(s) need 3" in str(refusal)
     no_image = _refusal(lambda: image_spans([IMAGE] * IMAGE_LENGTH, [], _info()))
     assert no_image.param == "prompt"
 
