@@ -141,6 +141,12 @@ class Settings(BaseSettings):
         default=40 * MB, ge=1, description="Most pixels in one image, read from its header (413)."
     )
     max_images_per_request: int = Field(default=8, ge=0, description="Most images in one request.")
+    caption_prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The prompt /v1/caption uses when none is sent. Default: the checkpoint's "
+        "(mmgpt.json), else 'Describe the image.'",
+    )
     allowed_media_domains: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated hosts that http(s) image URLs may name. "

@@ -67,6 +67,15 @@ REQUEST_GENERATION_TOKENS = Histogram(
     "mmgpt_request_generation_tokens", "Generated tokens per request.", buckets=TOKEN_BUCKETS
 )
 
+REQUEST_IMAGE_TOKENS = Histogram(
+    "mmgpt_request_image_tokens",
+    "Image placeholder tokens per request that holds images.",
+    buckets=TOKEN_BUCKETS,
+)
+VISION_ENCODER_TIME = Histogram(
+    "mmgpt_vision_encoder_seconds",
+    "The vision tower's time in one engine step that encoded images.",
+)
 NUM_REQUESTS_RUNNING = Gauge("mmgpt_num_requests_running", "Requests in the running queue.")
 NUM_REQUESTS_WAITING = Gauge("mmgpt_num_requests_waiting", "Requests in the waiting queue.")
 KV_CACHE_USAGE = Gauge(
@@ -159,12 +168,16 @@ def _observe_step(step: StepStats) -> None:
     ENGINE_STEP_TIME.observe(step.duration)
     BATCH_TOKENS.observe(step.num_batched_tokens)
     GENERATION_TOKENS.inc(step.num_generated_tokens)
+    if step.vision_encoder_seconds > 0:
+        VISION_ENCODER_TIME.observe(step.vision_encoder_seconds)
 
 
 def _observe_finished(request: FinishedRequestStats) -> None:
     PROMPT_TOKENS.inc(request.num_prompt_tokens)
     REQUEST_PROMPT_TOKENS.observe(request.num_prompt_tokens)
     REQUEST_GENERATION_TOKENS.observe(request.num_generation_tokens)
+    if request.num_image_tokens:
+        REQUEST_IMAGE_TOKENS.observe(request.num_image_tokens)
     E2E_REQUEST_LATENCY.observe(request.e2e_latency)
     spans = (
         (REQUEST_QUEUE_TIME, request.queue_time),

@@ -47,9 +47,18 @@ def check_unicode(text: str, param: str) -> None:
 class PromptBuilder:
     """Turns requests into the token ids `engine.submit` takes, for one loaded model."""
 
-    def __init__(self, tokenizer: Any, info: ModelInfo, chat_template: str | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        info: ModelInfo,
+        chat_template: str | None,
+        caption_prompt: str | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.info = info
+        self.caption_prompt = (
+            caption_prompt or info.caption_prompt
+        )  # the server's, else the model's
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self._limiter = anyio.CapacityLimiter(1)  # one tokenising thread: no contention
 
@@ -88,7 +97,7 @@ class PromptBuilder:
         return self._expand_images(token_ids, image_tokens)
 
     def caption(self, prompt: str | None, image_tokens: int = 0) -> list[int]:
-        message = image_message(prompt or self.info.caption_prompt)
+        message = image_message(prompt or self.caption_prompt)
         return self.chat(message, param="prompt", image_tokens=[image_tokens])
 
     def question(self, question: str, image_tokens: int = 0) -> list[int]:

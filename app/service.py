@@ -144,7 +144,9 @@ class Service:
         return Runtime(
             engine=engine,
             info=engine.info,
-            prompts=PromptBuilder(engine.tokenizer, engine.info, loaded.chat_template),
+            prompts=PromptBuilder(
+                engine.tokenizer, engine.info, loaded.chat_template, settings.caption_prompt
+            ),
             images=images,
             fetcher=fetcher,
             generation_defaults=dict(loaded.generation_defaults or {}),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -96,7 +96,15 @@ def _tools(body: ChatCompletionRequest) -> tuple[ToolPlan | None, list[dict[str,
     return plan_tools(tools, choice), (tools if tools and choice != "none" else None)
 
 
-def template_messages(messages: list[ChatMessage]) -> tuple[list[Message], list[tuple[str, str]]]:
+class ImageRef(NamedTuple):
+    """A chat image part: its URL, the request field it came in, its detail."""
+
+    url: str
+    param: str
+    detail: str
+
+
+def template_messages(messages: list[ChatMessage]) -> tuple[list[Message], list[ImageRef]]:
     """OpenAI messages -> chat-template messages, and the image URLs in order with their params.
 
     Text-only content becomes a plain string (what every template accepts); content
@@ -104,7 +112,7 @@ def template_messages(messages: list[ChatMessage]) -> tuple[list[Message], list[
     assistant's calls and a tool's answer keep the fields chat templates read.
     """
     converted: list[Message] = []
-    image_urls: list[tuple[str, str]] = []
+    image_urls: list[ImageRef] = []
     for message_index, message in enumerate(messages):
         content = _template_content(message, message_index, image_urls)
         entry: Message = {"role": message.role, "content": content}
@@ -117,7 +125,7 @@ def template_messages(messages: list[ChatMessage]) -> tuple[list[Message], list[
 
 
 def _template_content(
-    message: ChatMessage, message_index: int, image_urls: list[tuple[str, str]]
+    message: ChatMessage, message_index: int, image_urls: list[ImageRef]
 ) -> str | list[dict[str, str]]:
     content = message.content or ""
     if isinstance(content, str):
@@ -131,7 +139,7 @@ def _template_content(
             parts.append({"type": "text", "text": part.text})
         else:
             param = f"messages.{message_index}.content.{part_index}.image_url.url"
-            image_urls.append((part.image_url.url, param))
+            image_urls.append(ImageRef(part.image_url.url, param, part.image_url.detail or "auto"))
             parts.append({"type": "image"})
     return parts
 
@@ -146,12 +154,12 @@ def _template_call(call: ToolCallSpec) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": function}
 
 
-async def _load_images(runtime: Runtime, image_urls: list[tuple[str, str]]) -> list[ImageInput]:
+async def _load_images(runtime: Runtime, image_urls: list[ImageRef]) -> list[ImageInput]:
     if not image_urls:
         return []
-    image_intake(runtime, image_urls[0][1])
+    image_intake(runtime, image_urls[0].param)
     check_image_count(runtime, len(image_urls), "messages")
-    return [await load_image_url(runtime, url, param) for url, param in image_urls]
+    return [await load_image_url(runtime, ref.url, ref.param, ref.detail) for ref in image_urls]
 
 
 class ChatRenderer:

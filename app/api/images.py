@@ -35,7 +35,9 @@ async def load_upload(runtime: Runtime, upload: UploadFile, param: str = "image"
     return await intake.load(data, param)
 
 
-async def load_image_url(runtime: Runtime, url: str, param: str) -> ImageInput:
+async def load_image_url(
+    runtime: Runtime, url: str, param: str, detail: str = "auto"
+) -> ImageInput:
     """A chat image part: a base64 data: URL, or an http(s) URL on an allowed host."""
     intake = image_intake(runtime, param)
     if url.startswith("data:"):
@@ -45,4 +47,4 @@ async def load_image_url(runtime: Runtime, url: str, param: str) -> ImageInput:
         data = await runtime.fetcher.fetch(url, param)
     else:
         raise bad_request("Image URLs must be data: or http(s) URLs.", param)
-    return await intake.load(data, param)
+    return await intake.load(data, param, detail)

@@ -290,7 +290,9 @@ class EngineCore:
         self.num_steps += 1
         self.last_step_end = now
         num_generated = sum(len(delivery.output.token_ids) for delivery in deliveries)
-        self._emit_stats(StepStats(now - started, batch.num_batched_tokens, num_generated))
+        vision_seconds = self.runner.step_vision_seconds
+        step = StepStats(now - started, batch.num_batched_tokens, num_generated, vision_seconds)
+        self._emit_stats(step)
 
     def _emit_stats(self, step: StepStats | None) -> None:
         finished, self._finished = tuple(self._finished), []

@@ -79,10 +79,11 @@ class ModelRunner:
         )
         self.image_cache = ImageEmbeddingCache(config.image_cache_size)
         self.threads = StepThreads(loaded.info)
-        self.vision_seconds = 0.0  # the vision tower's time, cumulative (the step stats read it)
+        self.step_vision_seconds = 0.0  # the vision tower's time in the last step
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        self.step_vision_seconds = 0.0
         if batch.block_copies:
             self._copy_blocks(batch.block_copies)
         inputs = self.prepare(batch)
@@ -279,7 +280,7 @@ class ModelRunner:
         """Every new image of the step in one packed call of the vision tower."""
         started = time.perf_counter()
         embeds = self.model.encode_image_batch([_torch_tensors(image) for image in images.values()])
-        self.vision_seconds += time.perf_counter() - started
+        self.step_vision_seconds += time.perf_counter() - started
         encoded = dict(zip(images, embeds, strict=True))  # each [its tokens, hidden]
         for content_hash, embedding in encoded.items():
             self.image_cache.put(content_hash, embedding)

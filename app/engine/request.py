@@ -65,4 +65,5 @@ class Request:
             prefill_time=None if first is None or scheduled is None else first - scheduled,
             decode_time=None if first is None or last is None else last - first,
             token_gaps=tuple(self.token_gaps),
+            num_image_tokens=sum(span.length for span in self.seqs[0].image_spans),
         )

@@ -34,6 +34,7 @@ class StepStats:
     duration: float  # seconds: schedule, run, update
     num_batched_tokens: int  # tokens the model computed
     num_generated_tokens: int  # tokens handed to callers
+    vision_encoder_seconds: float = 0.0  # the vision tower's share; 0 when no image was new
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class FinishedRequestStats:
     prefill_time: float | None  # first scheduled to first token
     decode_time: float | None  # first token to last token
     token_gaps: tuple[float, ...]  # seconds between consecutive output tokens
+    num_image_tokens: int = 0  # placeholder tokens of its images in the prompt
 
 
 @dataclass(frozen=True, slots=True)
