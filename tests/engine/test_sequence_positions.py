@@ -17,7 +17,7 @@ def test_columns_continue_the_prompt_by_the_offset() -> None:
     ]
     assert offset == -2  # the image's four tokens took two positions
     positions = RopePositions(prompt, offset)
-    np.testing.assert_array_equal(
-        positions.columns(5, 9), [[2, 4, 5, 6]] * 0 + [[2, 4, 5, 6], [3, 4, 5, 6], [3, 4, 5, 6]]
-    )
+    # the last two prompt tokens, then two past it at p + offset in every section
+    expected = [[2, 4, 5, 6], [3, 4, 5, 6], [3, 4, 5, 6]]
+    np.testing.assert_array_equal(positions.columns(5, 9), expected)
     np.testing.assert_array_equal(positions.columns(8, 9), [[6], [6], [6]])
