@@ -81,6 +81,10 @@ class PagedModel(Protocol):
         packed tower call; per image its projected embeddings [its tokens, hidden]."""
         ...
 
+    def image_tokens(self, tensors: Mapping[str, Any]) -> int:
+        """How many placeholder tokens the image its processor made `tensors` of becomes."""
+        ...
+
     def prompt_positions(
         self, num_tokens: int, image_starts: Sequence[int], images: Sequence[Mapping[str, Any]]
     ) -> tuple[np.ndarray, int] | None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -118,12 +119,7 @@ def make_tiny_qwen_vl(
     torch.manual_seed(seed)
     tokenizer = build_qwen_tokenizer()
     ids = {name: int(tokenizer.convert_tokens_to_ids(name)) for name in SPECIALS}  # type: ignore[arg-type]
-    config_class, model_class = (
-        (Qwen2VLConfig, Qwen2VLForConditionalGeneration)
-        if family == "qwen2_vl"
-        else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
-    )
-    config = config_class(
+    parts: dict[str, Any] = dict(
         text_config=_text_config(tokenizer),
         vision_config=_vision_config(family),
         image_token_id=ids[IMAGE_PAD],
@@ -132,7 +128,11 @@ def make_tiny_qwen_vl(
         vision_end_token_id=ids[VISION_END],
         tie_word_embeddings=False,
     )
-    model = model_class(config)
+    model: PreTrainedModel = (
+        Qwen2VLForConditionalGeneration(Qwen2VLConfig(**parts))
+        if family == "qwen2_vl"
+        else Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**parts))
+    )
     _randomise(model, seed)
     out = _save(model, tokenizer, Path(out_dir))
     image_processor().save_pretrained(out)
