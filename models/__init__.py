@@ -23,6 +23,7 @@ BUILDERS: dict[str, Builder] = {
     "LlavaForConditionalGeneration": build_llava,
     "LlamaForCausalLM": build_llama,
     "Qwen2ForCausalLM": build_llama,
+    "Qwen3ForCausalLM": build_llama,
     "GPT2LMHeadModel": build_gpt2,
 }
 MULTIMODAL_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
