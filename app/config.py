@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     # The model and the engine: EngineConfig's fields, by name, with its defaults.
     model: str | None = Field(
         default=None,
-        description="Checkpoint folder in Hugging Face format. Default: the shipped "
+        description="Checkpoint folder in Hugging Face format, or a GGUF file (or a folder "
+        "holding one). Default: the shipped "
         f"models/checkpoints/{DEFAULT_MODEL_NAME}.",
     )
     served_model_name: str | None = Field(
