@@ -56,13 +56,15 @@ def read_config(path: Path) -> tuple[str, PretrainedConfig]:
         raise ModelLoadError(
             path, f"unsupported GGUF architecture {model_type!r}; supported: {supported}"
         )
-    _set_head_dim(path, config)
+    _apply_file_metadata(path, config)
     return ARCHITECTURES[model_type], config
 
 
-def _set_head_dim(path: Path, config: PretrainedConfig) -> None:
-    """NOTE: transformers leaves `attention.key_length` unread, so a Qwen3 GGUF would get the
-    config class's default head_dim (128) whatever the file says."""
+def _apply_file_metadata(path: Path, config: PretrainedConfig) -> None:
+    """What transformers leaves unread. `attention.key_length` is the head_dim (a Qwen3
+    GGUF would otherwise get the config class's default, 128). Rope scaling (llama.cpp's
+    `rope.scaling.*` keys and the `rope_freqs` factors of Llama 3.1 and later) it drops,
+    which would serve wrong positions: such a file is refused until rope.py takes the factors."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -70,6 +72,12 @@ def _set_head_dim(path: Path, config: PretrainedConfig) -> None:
     key_length = reader.fields.get(f"{architecture}.attention.key_length")
     if key_length is not None:
         config.head_dim = int(key_length.contents())
+    scaling = reader.fields.get(f"{architecture}.rope.scaling.type")
+    scaling_type = scaling.contents() if scaling is not None else "none"
+    if scaling_type != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ModelLoadError(
+            path, "GGUF rope scaling (rope.scaling.*, rope_freqs) is not supported yet"
+        )
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -29,15 +29,21 @@ TYPES = {
 
 
 def write_gguf(
-    folder: Path, out_path: Path, tensor_type: str = "f32", leave_out: tuple[str, ...] = ()
+    folder: Path,
+    out_path: Path,
+    tensor_type: str = "f32",
+    leave_out: tuple[str, ...] = (),
+    rope_scaling: str | None = None,
 ) -> Path:
     """The checkpoint in `folder` (a Llama, Qwen2 or Qwen3) as one GGUF file at `out_path`,
-    without the tensors named in `leave_out`."""
+    without the tensors named in `leave_out`; `rope_scaling` "linear" writes llama.cpp's
+    scaling keys, "rope_freqs" the frequency factors of Llama 3.1 and later (all ones)."""
     config = json.loads((folder / "config.json").read_text())
     arch = ARCHITECTURES[config["model_type"]]
     writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[arch])
     _write_config(writer, config)
     _write_tokenizer(writer, folder)
+    _write_rope_scaling(writer, config, rope_scaling)
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     for name, array in sorted(load_file(str(folder / "model.safetensors")).items()):
         if name in leave_out:
@@ -67,6 +73,15 @@ def _write_config(writer: gguf.GGUFWriter, config: dict) -> None:
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+
+def _write_rope_scaling(writer: gguf.GGUFWriter, config: dict, rope_scaling: str | None) -> None:
+    if rope_scaling == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(2.0)
+    elif rope_scaling == "rope_freqs":
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        writer.add_tensor("rope_freqs.weight", np.ones(head_dim // 2, dtype=np.float32))
 
 
 def _write_tokenizer(writer: gguf.GGUFWriter, folder: Path) -> None:

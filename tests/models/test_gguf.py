@@ -184,3 +184,13 @@ def test_a_file_missing_a_tensor_is_refused_naming_it(
     path = write_gguf(folders("llama"), tmp_path / "holey.gguf", "f16", leave_out=(missing,))
     with pytest.raises(ModelLoadError, match=f"1 tensors missing from the file: '{missing}'"):
         load_model(path)
+
+
+@pytest.mark.parametrize("rope_scaling", ["linear", "rope_freqs"])
+def test_rope_scaling_that_transformers_drops_is_refused(
+    folders: Callable[[str], Path], tmp_path: Path, rope_scaling: str
+) -> None:
+    path = write_gguf(folders("llama"), tmp_path / "scaled.gguf", rope_scaling=rope_scaling)
+    with pytest.raises(ModelLoadError, match=r"GGUF rope scaling .* is not supported yet") as error:
+        load_model(path)
+    assert error.value.path == str(path)
