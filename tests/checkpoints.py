@@ -205,13 +205,14 @@ def make_tiny_qwen2(out_dir: str | Path, *, seed: int = 0) -> Path:
     return _save(model, tokenizer, Path(out_dir))
 
 
-def make_tiny_qwen3(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """A 2-layer Qwen3 (QK-norm, GQA, an explicit head_dim wider than hidden / heads)."""
+def make_tiny_qwen3(out_dir: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A 2-layer Qwen3 (QK-norm, GQA, an explicit head_dim wider than hidden / heads);
+    `overrides` go to Qwen3Config (e.g. attention_bias)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(with_image_token=False)
     llama = llama_config(tokenizer, num_kv_heads=2, tie_word_embeddings=True)
     fields = {k: v for k, v in llama.to_dict().items() if k in QWEN2_FIELDS}
-    model = Qwen3ForCausalLM(Qwen3Config(**fields, head_dim=24))
+    model = Qwen3ForCausalLM(Qwen3Config(**(fields | {"head_dim": 24} | overrides)))
     _randomise(model, seed)
     return _save(model, tokenizer, Path(out_dir))
 

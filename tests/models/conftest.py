@@ -98,6 +98,10 @@ CASES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Case]]] = {
     ),
     "qwen2_qkv_bias": (make_tiny_qwen2, _text_case),
     "qwen3_qk_norm": (make_tiny_qwen3, _text_case),
+    "qwen3_bias_untied": (
+        lambda d: make_tiny_qwen3(d, attention_bias=True, tie_word_embeddings=False),
+        _text_case,
+    ),
     "gpt2_tied": (make_tiny_gpt2, _text_case),
     "llava_clip": (lambda d: make_tiny_llava(d, vision="clip"), _llava_case),
     "llava_siglip": (lambda d: make_tiny_llava(d, vision="siglip"), _llava_case),
