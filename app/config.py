@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     # The model and the engine: EngineConfig's fields, by name, with its defaults.
     model: str | None = Field(
         default=None,
-        description="Checkpoint folder in Hugging Face format. Default: the shipped "
+        description="Checkpoint folder in Hugging Face format, or a GGUF file (or a folder "
+        "holding one). Default: the shipped "
         f"models/checkpoints/{DEFAULT_MODEL_NAME}.",
     )
     served_model_name: str | None = Field(
@@ -169,9 +170,9 @@ class Settings(BaseSettings):
         return [host.lower().rstrip(".") for host in hosts]
 
     def model_path(self) -> Path:
-        """The checkpoint folder to load, checked to exist."""
+        """The checkpoint to load, checked to exist: a folder, a .gguf file or a folder of one."""
         path = Path(self.model) if self.model else default_model_path()
-        if not (path / "config.json").is_file():
+        if not _is_checkpoint(path):
             raise ModelPathError(_missing_model_message(path, default=self.model is None))
         return path
 
@@ -202,10 +203,19 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "checkpoints" / DEFAULT_MODEL_NAME
 
 
+def _is_checkpoint(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    return (path / "config.json").is_file() or any(path.glob("*.gguf"))
+
+
 def _missing_model_message(path: Path, *, default: bool) -> str:
     if default:
         return (
             f"The default model is missing: {path} has no config.json. Train or copy it there "
             "(see models/scenes), or serve another checkpoint with --model PATH or MMGPT_MODEL."
         )
-    return f"No checkpoint at {path}: expected a folder with config.json (Hugging Face format)."
+    return (
+        f"No checkpoint at {path}: expected a folder with config.json (Hugging Face format), "
+        "a .gguf file or a folder holding one."
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from models import checkpoint
+from models import checkpoint, gguf
 from models.base import LoadedModel, ModelInfo
 from models.errors import ModelLoadError
 from models.gpt2 import build_gpt2
@@ -24,6 +24,7 @@ BUILDERS: dict[str, Builder] = {
     "LlavaForConditionalGeneration": build_llava,
     "LlamaForCausalLM": build_llama,
     "Qwen2ForCausalLM": build_llama,
+    "Qwen3ForCausalLM": build_llama,
     "GPT2LMHeadModel": build_gpt2,
     "Qwen2VLForConditionalGeneration": build_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
@@ -62,22 +63,56 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
 ) -> LoadedModel:
-    """Load a Hugging Face checkpoint folder; raise `ModelLoadError` if it cannot be served."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(folder, "not a directory")
+    """Load a Hugging Face checkpoint folder or a GGUF file (or a folder holding one);
+    raise `ModelLoadError` if it cannot be served."""
+    source = Path(path).expanduser()
+    gguf_file = gguf.find_gguf_file(source)
+    if gguf_file is not None:
+        return _load_gguf(gguf_file, torch.device(device), dtype)
+    if not source.is_dir():
+        raise ModelLoadError(source, "not a directory")
+    return _load_folder(source, torch.device(device), dtype)
+
+
+def _load_folder(folder: Path, target: torch.device, dtype: torch.dtype | str) -> LoadedModel:
     architecture = checkpoint.read_architecture(folder, list(BUILDERS))
     config = checkpoint.load_config(folder)
     tokenizer = checkpoint.load_tokenizer(folder)
     is_multimodal = architecture in MULTIMODAL_ARCHITECTURES
     image_processor = checkpoint.load_image_processor(folder) if is_multimodal else None
-    target = torch.device(device)
-    resolved = _resolve_dtype(dtype, target)
-    if resolved != torch.float32 and target.type == "cpu" and not _cpu_has_fast_half():
-        logger.warning("%s on a CPU without AVX-512: expect float32 to be faster", resolved)
+    resolved = _checked_dtype(dtype, target)
     model = BUILDERS[architecture](config, folder, resolved, target)
     gen_config = checkpoint.generation_config(folder)
     model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
+    return _loaded(model, tokenizer, image_processor, gen_config, folder)
+
+
+def _load_gguf(path: Path, target: torch.device, dtype: torch.dtype | str) -> LoadedModel:
+    """Config, tokenizer and dequantised tensors through transformers' GGUF support, then the
+    same strict builder as a folder; the file carries no generation config."""
+    architecture, config = gguf.read_config(path)
+    tokenizer = gguf.load_tokenizer(path)
+    resolved = _checked_dtype(dtype, target)
+    weights = gguf.load_weights(path, config, resolved)
+    model = build_llama(config, path, resolved, target, weights=weights)
+    model.info = _model_info(path, architecture, model, config, {}, tokenizer)
+    return _loaded(model, tokenizer, None, {}, path)
+
+
+def _checked_dtype(dtype: torch.dtype | str, target: torch.device) -> torch.dtype:
+    resolved = _resolve_dtype(dtype, target)
+    if resolved != torch.float32 and target.type == "cpu" and not _cpu_has_fast_half():
+        logger.warning("%s on a CPU without AVX-512: expect float32 to be faster", resolved)
+    return resolved
+
+
+def _loaded(
+    model: PagedDecoderModel,
+    tokenizer: object,
+    image_processor: object,
+    gen_config: dict,
+    source: Path,
+) -> LoadedModel:
     chat_template = getattr(tokenizer, "chat_template", None) or getattr(
         image_processor, "chat_template", None
     )
@@ -88,12 +123,12 @@ def load_model(
         image_processor=image_processor,
         chat_template=chat_template,
         generation_defaults=checkpoint.sampling_defaults(gen_config),
-        path=str(folder),
+        path=str(source),
     )
 
 
 def _model_info(
-    folder: Path,
+    source: Path,
     architecture: str,
     model: PagedDecoderModel,
     config: PretrainedConfig,
@@ -104,9 +139,9 @@ def _model_info(
     configs = [c for c in configs if c is not None]
     eos_ids = checkpoint.eos_token_ids(gen_config, configs, tokenizer)
     if not eos_ids:
-        raise ModelLoadError(folder, "no eos_token_id in generation_config, config or tokenizer")
+        raise ModelLoadError(source, "no eos_token_id in generation_config, config or tokenizer")
     return ModelInfo(
-        name=folder.resolve().name,
+        name=source.resolve().name,
         architecture=architecture,
         num_layers=model.num_layers,
         num_kv_heads=model.num_kv_heads,
@@ -123,5 +158,11 @@ def _model_info(
         image_seq_length=model.image_seq_length,
         image_size=model.image_size,
         position_sections=model.position_sections,
-        caption_prompt=checkpoint.caption_prompt(folder, ModelInfo.caption_prompt),
+        caption_prompt=_caption_prompt(source),
     )
+
+
+def _caption_prompt(source: Path) -> str:
+    """From the folder's mmgpt.json; a GGUF file's from the mmgpt.json beside it."""
+    folder = source if source.is_dir() else source.parent
+    return checkpoint.caption_prompt(folder, ModelInfo.caption_prompt)

@@ -1,4 +1,4 @@
-"""Llama-family decoders (Llama, Qwen2-style q/k/v bias) on the paged KV cache.
+"""Llama-family decoders (Llama, Qwen2-style q/k/v bias, Qwen3's QK-norm) on the paged KV cache.
 
 Weights are read by their Hugging Face names. q/k/v are fused into one matrix and
 gate/up into another at load time, so a layer runs three big matmuls plus the
@@ -41,9 +41,12 @@ class LlamaDims:
     qkv_bias: bool  # Llama's attention_bias and Qwen2 both bias q/k/v
     o_bias: bool  # only Llama's attention_bias biases the output projection
     mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over each head's q and k before the rotary embedding
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, *, qkv_bias_always: bool = False) -> LlamaDims:
+    def from_config(
+        cls, config: PretrainedConfig, *, qkv_bias_always: bool = False, qk_norm: bool = False
+    ) -> LlamaDims:
         num_heads = config.num_attention_heads
         attention_bias = bool(getattr(config, "attention_bias", False))
         return cls(
@@ -59,6 +62,7 @@ class LlamaDims:
             qkv_bias=attention_bias or qkv_bias_always,
             o_bias=attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=qk_norm,
         )
 
 
@@ -67,6 +71,7 @@ class LlamaLayerWeights:
     input_norm: torch.Tensor  # [hidden]
     qkv_weight: torch.Tensor  # [(H + 2 * KV) * D, hidden]
     qkv_bias: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # [H + KV, D]: q_norm's weight for every query head, then k_norm's
     o_weight: torch.Tensor  # [hidden, H * D]
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor  # [hidden]
@@ -108,6 +113,8 @@ class LlamaLayer:
         normed = rms_norm(hidden, self.w.input_norm, dims.eps)
         qkv = self.product(normed, self.w.qkv_weight, self.w.qkv_bias)  # [T, (H + 2 * KV) * D]
         q_and_k = qkv[:, : self.q_and_k_width].view(num_tokens, -1, dims.head_dim)
+        if self.w.qk_norm is not None:
+            q_and_k = head_rms_norm(q_and_k, self.w.qk_norm, dims.eps)
         q_and_k = rope.apply(q_and_k, *cos_sin)  # [T, H + KV, D]
         query, key = q_and_k[:, : dims.num_heads], q_and_k[:, dims.num_heads :]
         value = qkv[:, self.q_and_k_width :].view(num_tokens, dims.num_kv_heads, dims.head_dim)
@@ -119,6 +126,13 @@ class LlamaLayer:
         gate_up = self.product(normed, self.w.gate_up_weight, self.w.gate_up_bias)  # [T, 2 * inter]
         gate, up = gate_up.chunk(2, dim=-1)
         return self.product(self.act(gate) * up, self.w.down_weight, self.w.down_bias)
+
+
+def head_rms_norm(heads: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of [T, heads, D] with a per-head weight [heads, D]; the
+    statistics in float32, as Qwen3's norm computes them."""
+    normed = F.rms_norm(heads.float(), heads.shape[-1:], None, eps)
+    return normed.to(heads.dtype) * weight
 
 
 class LlamaDecoder(PagedDecoderModel):
@@ -135,8 +149,11 @@ class LlamaDecoder(PagedDecoderModel):
         dtype: torch.dtype,
         device: torch.device,
         qkv_bias_always: bool = False,
+        qk_norm: bool = False,
     ) -> None:
-        self.dims = dims = LlamaDims.from_config(config, qkv_bias_always=qkv_bias_always)
+        self.dims = dims = LlamaDims.from_config(
+            config, qkv_bias_always=qkv_bias_always, qk_norm=qk_norm
+        )
         self.num_layers, self.num_kv_heads, self.head_dim = (
             dims.num_layers,
             dims.num_kv_heads,
@@ -224,6 +241,7 @@ class _LlamaWeightReader:
             input_norm=self.take(f"layers.{index}.input_layernorm.weight", d.hidden_size),
             qkv_weight=torch.cat(qkv),
             qkv_bias=_cat_optional(qkv_bias),
+            qk_norm=self._qk_norm(attn) if d.qk_norm else None,
             o_weight=self.take(f"{attn}o_proj.weight", d.hidden_size, q_width),
             o_bias=self.maybe(d.o_bias, f"{attn}o_proj.bias", d.hidden_size),
             post_norm=self.take(f"layers.{index}.post_attention_layernorm.weight", d.hidden_size),
@@ -233,6 +251,12 @@ class _LlamaWeightReader:
             down_bias=self.maybe(d.mlp_bias, f"{mlp}down_proj.bias", d.hidden_size),
         )
 
+    def _qk_norm(self, attn: str) -> torch.Tensor:
+        d = self.dims
+        q_norm = self.take(f"{attn}q_norm.weight", d.head_dim).expand(d.num_heads, -1)
+        k_norm = self.take(f"{attn}k_norm.weight", d.head_dim).expand(d.num_kv_heads, -1)
+        return torch.cat([q_norm, k_norm])  # [H + KV, D]
+
 
 def _cat_optional(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     present = [part for part in parts if part is not None]
@@ -240,7 +264,7 @@ def _cat_optional(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 class LlamaForCausalLM(PagedDecoderModel):
-    """LlamaForCausalLM / Qwen2ForCausalLM: a text-only paged model."""
+    """LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM: a text-only paged model."""
 
     def __init__(self, decoder: LlamaDecoder) -> None:
         self.decoder = decoder
@@ -262,13 +286,18 @@ class LlamaForCausalLM(PagedDecoderModel):
 
 
 def build_llama(
-    config: PretrainedConfig, folder: Path, dtype: torch.dtype, device: torch.device
+    config: PretrainedConfig,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: CheckpointWeights | None = None,
 ) -> LlamaForCausalLM:
-    """LlamaForCausalLM, or Qwen2ForCausalLM (the same decoder with q/k/v bias)."""
-    is_qwen2 = getattr(config, "model_type", "") == "qwen2"
-    if is_qwen2 and getattr(config, "use_sliding_window", False):
+    """LlamaForCausalLM, Qwen2ForCausalLM (the same decoder with q/k/v bias) or
+    Qwen3ForCausalLM (with QK-norm); `weights` default to the folder's safetensors."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
         raise ModelLoadError(folder / "config.json", "sliding-window attention is not supported")
-    weights = CheckpointWeights(folder)
+    weights = weights or CheckpointWeights(folder)
     decoder = LlamaDecoder(
         config,
         weights,
@@ -277,7 +306,8 @@ def build_llama(
         tied=bool(getattr(config, "tie_word_embeddings", False)),
         dtype=dtype,
         device=device,
-        qkv_bias_always=is_qwen2,
+        qkv_bias_always=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
     )
     weights.check_all_used()
     return LlamaForCausalLM(decoder)

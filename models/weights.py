@@ -9,7 +9,7 @@ does not match its config fails loudly instead of serving half-random weights.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,20 @@ def _header_names(path: Path) -> list[str]:
 
 
 class CheckpointWeights:
-    """The tensors of one folder, addressed by canonical name (see `rename`)."""
+    """The tensors of one folder, addressed by canonical name (see `rename`); or tensors
+    already in memory (a GGUF file's, dequantised), with `folder` the file they came from."""
 
-    def __init__(self, folder: Path, rename: Callable[[str], str] = str) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        rename: Callable[[str], str] = str,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.folder = folder
+        self._tensors = tensors
+        files = dict.fromkeys(tensors, folder) if tensors is not None else _shard_map(folder)
         self._location: dict[str, tuple[Path, str]] = {}
-        for stored_name, path in _shard_map(folder).items():
+        for stored_name, path in files.items():
             self._location[rename(stored_name)] = (path, stored_name)
         self._handles: dict[Path, Any] = {}
         self._used: set[str] = set()
@@ -110,6 +118,8 @@ class CheckpointWeights:
             raise ModelLoadError(self.folder, f"missing tensor {name!r} in the checkpoint weights")
         path, stored_name = self._location[name]
         self._used.add(name)
+        if self._tensors is not None:
+            return self._tensors[stored_name]
         try:
             return self._handle(path).get_tensor(stored_name)
         except (SafetensorError, OSError) as exc:

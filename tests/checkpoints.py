@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     SiglipImageProcessor,
     SiglipVisionConfig,
 )
@@ -203,6 +205,18 @@ def make_tiny_qwen2(out_dir: str | Path, *, seed: int = 0) -> Path:
     return _save(model, tokenizer, Path(out_dir))
 
 
+def make_tiny_qwen3(out_dir: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A 2-layer Qwen3 (QK-norm, GQA, an explicit head_dim wider than hidden / heads);
+    `overrides` go to Qwen3Config (e.g. attention_bias)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(with_image_token=False)
+    llama = llama_config(tokenizer, num_kv_heads=2, tie_word_embeddings=True)
+    fields = {k: v for k, v in llama.to_dict().items() if k in QWEN2_FIELDS}
+    model = Qwen3ForCausalLM(Qwen3Config(**(fields | {"head_dim": 24} | overrides)))
+    _randomise(model, seed)
+    return _save(model, tokenizer, Path(out_dir))
+
+
 def _shard_size(model: PreTrainedModel, shards: int) -> str | None:
     if shards <= 1:
         return None
@@ -355,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random checkpoint folder.")
     parser.add_argument("out_dir")
     parser.add_argument(
-        "--kind", choices=["llava", "llava-siglip", "llama", "gpt2"], default="llava"
+        "--kind",
+        choices=["llava", "llava-siglip", "llama", "qwen2", "qwen3", "gpt2"],
+        default="llava",
     )
     args = parser.parse_args(argv)
     if args.kind == "llava":
@@ -366,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         make_tiny_llama(args.out_dir)
     elif args.kind == "qwen2":
         make_tiny_qwen2(args.out_dir)
+    elif args.kind == "qwen3":
+        make_tiny_qwen3(args.out_dir)
     else:
         make_tiny_gpt2(args.out_dir)
     print(args.out_dir)

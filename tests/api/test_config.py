@@ -99,3 +99,12 @@ def test_missing_model_fails_with_a_clear_message(
         Settings(model=str(tmp_path / "nothing")).model_path()
     assert main(["serve", "--model", str(tmp_path / "nothing")]) == 2
     assert "No checkpoint at" in capsys.readouterr().err
+
+
+def test_a_gguf_file_or_a_folder_holding_one_is_a_model(tmp_path: Path) -> None:
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # the loader reads it; only the path is checked
+    assert Settings(model=str(tmp_path / "model.gguf")).model_path() == tmp_path / "model.gguf"
+    assert Settings(model=str(tmp_path)).model_path() == tmp_path
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelPathError, match=r"a \.gguf file or a folder holding one"):
+        Settings(model=str(tmp_path / "notes.txt")).model_path()

@@ -13,7 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from models import LoadedModel, load_model
-from tests.checkpoints import make_tiny_gpt2, make_tiny_llama, make_tiny_llava, make_tiny_qwen2
+from tests.checkpoints import (
+    make_tiny_gpt2,
+    make_tiny_llama,
+    make_tiny_llava,
+    make_tiny_qwen2,
+    make_tiny_qwen3,
+)
 from tests.torch_threads import intra_op_threads
 
 PROMPT_LENGTHS = (5, 11, 17, 23)
@@ -91,6 +97,11 @@ CASES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Case]]] = {
         _text_case,
     ),
     "qwen2_qkv_bias": (make_tiny_qwen2, _text_case),
+    "qwen3_qk_norm": (make_tiny_qwen3, _text_case),
+    "qwen3_bias_untied": (
+        lambda d: make_tiny_qwen3(d, attention_bias=True, tie_word_embeddings=False),
+        _text_case,
+    ),
     "gpt2_tied": (make_tiny_gpt2, _text_case),
     "llava_clip": (lambda d: make_tiny_llava(d, vision="clip"), _llava_case),
     "llava_siglip": (lambda d: make_tiny_llava(d, vision="siglip"), _llava_case),
