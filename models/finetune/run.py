@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import json
 import random
 import time
 from dataclasses import asdict
@@ -18,8 +18,6 @@ from models.finetune.encode import Example, PromptFormat, encode_all
 from models.finetune.lora import add_lora, load_base_model, load_prompt_format
 from models.finetune.report import draw_loss_curve, write_metrics
 from models.finetune.train import History, epoch_batches, evaluate, plan, train_epoch
-
-logger = logging.getLogger(__name__)
 
 
 def load_examples(prompt_format: PromptFormat, paths: list[Path]) -> list[list[Example]]:
@@ -117,7 +115,7 @@ def _summary(row: dict[str, float]) -> str:
 def _metrics(
     config: FinetuneConfig, history: History, num_train: int, num_eval: int, started: float
 ) -> dict[str, Any]:
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    settings = json.loads(json.dumps(asdict(config), default=str))  # paths as strings
     return {
         "config": settings,
         "train_examples": num_train,
