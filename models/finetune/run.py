@@ -69,6 +69,7 @@ def _train(
     rng, history = random.Random(config.seed), History()
     history.epochs.append(_epoch_row(model, 0, 0, None, eval_examples, config, pad_id))
     bar = tqdm(total=schedule.total_steps, disable=not config.progress, desc="finetune")
+    bar.write(_summary(history.epochs[0]))
 
     def on_step(loss: float) -> None:
         history.step_losses.append(loss)
