@@ -12,7 +12,7 @@ from models.scenes.evaluate import place_requests
 from models.scenes.finetune_data import TRAIN_SEED_START, write_split
 from models.scenes.language import PLACE
 from models.scenes.sample import sample
-from models.scenes.tokenizer import UNK
+from models.scenes.tokenizer import CAPTION_PROMPT, UNK
 from models.scenes.world import EVAL_SEED_START, TRAIN_SEED_END
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "mmgpt-scenes"
@@ -53,3 +53,17 @@ def test_every_word_is_in_the_shipped_vocabulary() -> None:
         assert request.question is not None
         ids = tokenizer(request.question + " " + request.expected)["input_ids"]
         assert tokenizer.convert_tokens_to_ids(UNK) not in ids
+
+
+def test_rehearsal_lines_are_the_scenes_own_captions_and_questions(tmp_path: Path) -> None:
+    seeds = range(TRAIN_SEED_START, TRAIN_SEED_START + 40)
+    records = _records(write_split(tmp_path, "train", seeds, rehearse=0.5))
+    rehearsed = 0
+    for seed, record in zip(seeds, records, strict=True):
+        user, assistant = record["messages"]
+        pair = (user["content"][0]["text"], assistant["content"])
+        scene = sample(seed)
+        if "the object" not in pair[0]:
+            rehearsed += 1
+            assert pair in [*scene.qa, (CAPTION_PROMPT, scene.caption)]
+    assert 10 <= rehearsed <= 30
