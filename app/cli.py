@@ -177,7 +177,12 @@ def run_bench(argv: Sequence[str]) -> int:
 def run_finetune(argv: Sequence[str]) -> int:
     """`mmgpt finetune ...`: every bad line of the data is reported before training starts."""
     from models import ModelLoadError
-    from models.finetune import DataError, FinetuneConfig, finetune
+
+    try:
+        from models.finetune import DataError, FinetuneConfig, finetune
+    except ModuleNotFoundError as error:  # peft is an extra: the serving image leaves it out
+        print(f"mmgpt finetune needs {error.name}: pip install 'mmgpt[finetune]'", file=sys.stderr)
+        return 2
 
     args = finetune_parser().parse_args(list(argv))
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,11 @@ def test_top_level_help_lists_finetune() -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
         main(["--help"])
     assert "finetune" in out.getvalue()
+
+
+def test_without_peft_it_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in sys.modules if n.startswith("models.finetune")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "peft", None)  # what an uninstalled package looks like
+    code, _, stderr = _run("--help")
+    assert code == 2 and "needs peft: pip install 'mmgpt[finetune]'" in stderr
