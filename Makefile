@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch is pinned to the CPU build here; the package itself asks only for torch>=2.4.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,finetune]'
 	touch $(STAMP)
 
 venv: $(STAMP)

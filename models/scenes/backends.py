@@ -40,9 +40,15 @@ def caption_prompt(model_dir: Path) -> str:
 class TransformersBackend:
     """Greedy `generate()` on left-padded batches of one task at a time."""
 
-    def __init__(self, model_dir: Path, batch_size: int = 64, threads: int = 1) -> None:
+    def __init__(
+        self, model_dir: Path, batch_size: int = 64, threads: int = 1, adapter: Path | None = None
+    ) -> None:
         torch.set_num_threads(threads)
         self.model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+        if adapter is not None:  # a LoRA adapter from `mmgpt finetune`, applied by peft itself
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(adapter)).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.caption_prompt = caption_prompt(model_dir)
         self.batch_size = batch_size

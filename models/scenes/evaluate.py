@@ -2,11 +2,15 @@
 
 Scores captions and every question of held-out scenes (seeds from EVAL_SEED_START, never
 used in training), through transformers' reference model or through a running mmgpt server.
+`--adapter DIR` applies a LoRA adapter (with peft); `--tasks place` asks instead the
+question type the shipped model never saw (models/scenes/finetune_data.py), the same
+questions as its held-out JSONL.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,12 +18,13 @@ from pathlib import Path
 
 from models.scenes.backends import Backend, Request, ServerBackend, TransformersBackend
 from models.scenes.data import CAPTION_TASK
+from models.scenes.finetune_data import PLACE_TASK, place_question
 from models.scenes.language import TASKS
 from models.scenes.sample import sample
 from models.scenes.world import EVAL_SEED_START
 
 ALL_TASKS = (CAPTION_TASK, *TASKS)
-THRESHOLDS = {CAPTION_TASK: 0.97} | dict.fromkeys(TASKS, 0.95)
+THRESHOLDS = {CAPTION_TASK: 0.97, PLACE_TASK: 0.95} | dict.fromkeys(TASKS, 0.95)
 
 
 @dataclass
@@ -30,6 +35,16 @@ class TaskScore:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+
+def place_requests(num_scenes: int) -> list[Request]:
+    """The place question of each held-out scene, as the held-out JSONL asks it."""
+    requests = []
+    for seed in range(EVAL_SEED_START, EVAL_SEED_START + num_scenes):
+        scene = sample(seed)
+        question, answer = place_question(scene, random.Random(seed))
+        requests.append(Request(PLACE_TASK, scene.image, question, answer))
+    return requests
 
 
 def held_out_requests(num_scenes: int) -> list[Request]:
@@ -47,9 +62,13 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def evaluate(backend: Backend, num_scenes: int) -> dict[str, TaskScore]:
-    requests = held_out_requests(num_scenes)
-    scores = {task: TaskScore() for task in ALL_TASKS}
+def evaluate(backend: Backend, num_scenes: int, tasks: str = "scenes") -> dict[str, TaskScore]:
+    names: tuple[str, ...]
+    if tasks == "place":
+        requests, names = place_requests(num_scenes), (PLACE_TASK,)
+    else:
+        requests, names = held_out_requests(num_scenes), ALL_TASKS
+    scores = {task: TaskScore() for task in names}
     for request, answer in zip(requests, backend.answer(requests), strict=True):
         score = scores[request.task]
         score.total += 1
@@ -78,6 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-scenes", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter folder (transformers only)")
+    parser.add_argument(
+        "--tasks", choices=["scenes", "place"], default="scenes",
+        help="the model's own tasks, or the place questions it was never trained on",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -87,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.server:
         make_backend = lambda: ServerBackend(args.server, concurrency=args.batch_size)  # noqa: E731
     else:
-        make_backend = lambda: TransformersBackend(args.model, args.batch_size, args.threads)  # noqa: E731
-    scores = evaluate(make_backend(), args.num_scenes)
+        make_backend = lambda: TransformersBackend(  # noqa: E731
+            args.model, args.batch_size, args.threads, args.adapter
+        )
+    scores = evaluate(make_backend(), args.num_scenes, args.tasks)
     where = args.server or f"transformers, {args.model}"
+    where += f", adapter {args.adapter}" if args.adapter and not args.server else ""
     print(f"{args.num_scenes} held-out scenes (seeds from {EVAL_SEED_START}), {where}")
     print(table(scores))
     failing = below_threshold(scores)
