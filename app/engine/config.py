@@ -28,4 +28,4 @@ class EngineConfig:
     max_logprobs: int = 20
     seed: int = 0
     warm_up: bool = True  # one full-size step at start-up (app/engine/warm_up.py)
-    decode_mirror: bool = True  # CPU: decode attention reads models/decode_mirror.py's copy
+    decode_mirror: bool = True  # CPU: decode attention reads app/engine/decode_mirror.py's copy
