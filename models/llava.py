@@ -46,7 +46,7 @@ def canonical_llava_name(stored: str) -> str:
     return stored
 
 
-def _no_init_weights() -> Any:
+def no_init_weights() -> Any:
     """transformers' context that skips random init of a module about to be overwritten."""
     try:
         module = importlib.import_module("transformers.initialization")
@@ -63,7 +63,7 @@ def load_vision_tower(
         supported = ", ".join(VISION_TOWERS)
         problem = f"vision tower {config.model_type!r} unsupported ({supported})"
         raise ModelLoadError(weights.folder / CONFIG_FILE, problem)
-    with _no_init_weights():
+    with no_init_weights():
         tower = AutoModel.from_config(config)
     stored = weights.take_prefix("vision_tower.")
     state = {}
@@ -146,7 +146,7 @@ def _feature_layers(layer: int | list[int]) -> list[int]:
     return [layer] if isinstance(layer, int) else [int(i) for i in layer]
 
 
-def _image_seq_length(folder: Path, config: PretrainedConfig) -> int:
+def image_seq_length_of(folder: Path, config: PretrainedConfig) -> int:
     """Tokens one image becomes; must agree with an explicit `image_seq_length` in config.json."""
     vision = config.vision_config
     count = (vision.image_size // vision.patch_size) ** 2
@@ -210,5 +210,5 @@ def build_llava(
     projector = _projector(config, weights, dtype, device)
     weights.check_all_used()
     return LlavaForConditionalGeneration(
-        config, decoder, tower, projector, _image_seq_length(folder, config)
+        config, decoder, tower, projector, image_seq_length_of(folder, config)
     )

@@ -28,7 +28,7 @@ from models.checkpoint import CONFIG_FILE
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel
 from models.llama import LlamaDecoder
-from models.llava import _no_init_weights
+from models.llava import no_init_weights
 from models.mrope import MultimodalRotaryEmbedding, prompt_positions
 from models.weights import CheckpointWeights
 
@@ -165,7 +165,7 @@ def build_qwen_vl(
         device=device,
         qkv_bias_always=True,
     )
-    with _no_init_weights():
+    with no_init_weights():
         tower = VISION_TOWERS[config.model_type]._from_config(config.vision_config)
     load_module(tower, weights, "visual.")
     weights.check_all_used()

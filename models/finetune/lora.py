@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from models import BUILDERS, MULTIMODAL_ARCHITECTURES, checkpoint
 from models.finetune.config import FinetuneConfig
 from models.finetune.encode import PromptFormat
-from models.llava import _image_seq_length
+from models.llava import image_seq_length_of
 
 PROJECTOR = "multi_modal_projector"
 
@@ -45,7 +45,7 @@ def load_prompt_format(folder: Path) -> PromptFormat:
         chat_template=template,
         image_processor=image_processor,
         image_token_id=getattr(config, "image_token_id", None) if image_processor else None,
-        image_seq_length=_image_seq_length(folder, config) if image_processor else 0,
+        image_seq_length=image_seq_length_of(folder, config) if image_processor else 0,
         max_length=int(max_length),
     )
 
