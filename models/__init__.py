@@ -16,6 +16,7 @@ from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
 from models.llava import build_llava
+from models.quantize import quantize_decoder
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
 
@@ -52,8 +53,12 @@ def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Load a Hugging Face checkpoint folder; raise `ModelLoadError` if it cannot be served."""
+    """Load a Hugging Face checkpoint folder; raise `ModelLoadError` if it cannot be served.
+
+    `quantization` "int8" stores the decoder layers' matrices as int8 (models/quantize.py).
+    """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(folder, "not a directory")
@@ -67,6 +72,7 @@ def load_model(
     if resolved != torch.float32 and target.type == "cpu" and not _cpu_has_fast_half():
         logger.warning("%s on a CPU without AVX-512: expect float32 to be faster", resolved)
     model = BUILDERS[architecture](config, folder, resolved, target)
+    quantize_decoder(model, quantization)
     gen_config = checkpoint.generation_config(folder)
     model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
     chat_template = getattr(tokenizer, "chat_template", None) or getattr(

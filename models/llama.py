@@ -124,6 +124,8 @@ class LlamaLayer:
 class LlamaDecoder(PagedDecoderModel):
     """Embeddings, layers and final norm of a Llama-family text model, plus its output layer."""
 
+    layers: list[LlamaLayer]
+
     def __init__(
         self,
         config: PretrainedConfig,
