@@ -10,6 +10,7 @@ dtype. The output layer stays too: its int8 product measured slower than the flo
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -17,6 +18,7 @@ from models.layers import PagedDecoderModel
 from models.linear import Int8Product, Int8Weight
 
 QUANTIZATIONS = ("none", "int8")
+logger = logging.getLogger(__name__)
 
 
 def quantize_decoder(model: PagedDecoderModel, quantization: str) -> None:
@@ -30,6 +32,7 @@ def quantize_decoder(model: PagedDecoderModel, quantization: str) -> None:
         _quantize_matrices(layer.w)
         layer.product = product
     model.product = product
+    logger.info("int8 weights in %d decoder layers; the output layer stays", len(model.layers))
 
 
 def _quantize_matrices(weights: object) -> None:
