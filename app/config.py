@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.engine.config import Dtype, EngineConfig
+from app.engine.config import Dtype, EngineConfig, Quantization
 
 DEFAULT_MODEL_NAME = "mmgpt-scenes"
 MB = 1_000_000
@@ -44,6 +44,10 @@ class Settings(BaseSettings):
         default=EngineConfig.device, description="auto (cuda when available, else cpu), cpu, cuda."
     )
     dtype: Dtype = Field(default=EngineConfig.dtype, description="Weights and KV cache dtype.")
+    quantization: Quantization = Field(
+        default=EngineConfig.quantization,
+        description="int8: the decoder's matrices as per-channel int8, activations in dtype.",
+    )
     block_size: int = Field(
         default=EngineConfig.block_size, ge=1, description="Tokens per KV cache block."
     )

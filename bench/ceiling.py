@@ -4,7 +4,8 @@
 
 Prints matmul GFLOP/s (a square matmul and the decode-shaped [B, hidden] x
 [hidden, 4*hidden] at each batch size) in fp32 and bf16, then the tokens/s of
-the bare static-batch GPT-2 decode loop (bench.gpt2_loop) at each batch size.
+the bare static-batch decode loop (bench.gpt2_loop or bench.llama_loop, by the
+checkpoint's model_type) at each batch size.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench.gpt2_loop import Gpt2Weights, StaticKVCache, forward, greedy_decode, load_gpt2
+from bench import gpt2_loop, llama_loop
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -77,21 +79,48 @@ class DecodeResult:
         return self.batch_size * self.new_tokens / (self.prefill_s + self.decode_s)
 
 
+@dataclass(frozen=True)
+class BareLoop:
+    """A bare decode loop (bench.gpt2_loop or bench.llama_loop) over one checkpoint's weights."""
+
+    weights: Any
+    vocab_size: int
+    new_cache: Callable[[Any, int, int], Any]  # (weights, batch, max_len) -> cache
+    forward: Callable[[Any, Any, torch.Tensor, int], torch.Tensor]
+    greedy_decode: Callable[[Any, torch.Tensor, int], torch.Tensor]
+
+
+def load_bare_loop(model: str, dtype: torch.dtype) -> BareLoop:
+    """bench.llama_loop for a Llama checkpoint, bench.gpt2_loop for any other (GPT-2)."""
+    model_type = json.loads((Path(model) / "config.json").read_text()).get("model_type")
+    if model_type == "llama":
+        llama = llama_loop.load_llama(model, dtype)
+        vocab = int(llama.lm_head.shape[0])
+        return BareLoop(
+            llama, vocab, llama_loop.StaticKVCache, llama_loop.forward, llama_loop.greedy_decode
+        )
+    gpt2 = gpt2_loop.load_gpt2(model, dtype)
+    vocab = int(gpt2.token_embedding.shape[0])
+    return BareLoop(
+        gpt2, vocab, gpt2_loop.StaticKVCache, gpt2_loop.forward, gpt2_loop.greedy_decode
+    )
+
+
 @torch.inference_mode()
 def measure_decode(
-    weights: Gpt2Weights, dtype: str, batch_size: int, prompt_len: int, new_tokens: int
+    loop: BareLoop, dtype: str, batch_size: int, prompt_len: int, new_tokens: int
 ) -> DecodeResult:
     """One warm-up generation, then a timed prefill and `new_tokens - 1` timed decode steps."""
-    vocab = weights.token_embedding.shape[0]
     seed = torch.Generator().manual_seed(batch_size)
-    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=seed)  # [B, P]
-    greedy_decode(weights, prompt, 4)  # first-call allocations and kernel selection
-    cache = StaticKVCache(weights, batch_size, prompt_len + new_tokens)
+    prompt = torch.randint(0, loop.vocab_size, (batch_size, prompt_len), generator=seed)  # [B, P]
+    loop.greedy_decode(loop.weights, prompt, 4)  # first-call allocations and kernel selection
+    cache = loop.new_cache(loop.weights, batch_size, prompt_len + new_tokens)
     start = time.perf_counter()
-    token = forward(weights, cache, prompt, 0).argmax(-1, keepdim=True)  # [B, 1]
+    token = loop.forward(loop.weights, cache, prompt, 0).argmax(-1, keepdim=True)  # [B, 1]
     prefill_done = time.perf_counter()
     for step in range(1, new_tokens):
-        token = forward(weights, cache, token, prompt_len + step - 1).argmax(-1, keepdim=True)
+        position = prompt_len + step - 1
+        token = loop.forward(loop.weights, cache, token, position).argmax(-1, keepdim=True)
     end = time.perf_counter()
     return DecodeResult(
         dtype, batch_size, prompt_len, new_tokens, prefill_done - start, end - prefill_done
@@ -103,8 +132,8 @@ def measure_decode_loops(
 ) -> list[DecodeResult]:
     results = []
     for name in dtypes:
-        weights = load_gpt2(model, DTYPES[name])
-        results += [measure_decode(weights, name, b, prompt_len, new_tokens) for b in batch_sizes]
+        loop = load_bare_loop(model, DTYPES[name])
+        results += [measure_decode(loop, name, b, prompt_len, new_tokens) for b in batch_sizes]
     return results
 
 
@@ -145,7 +174,9 @@ def int_list(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="GPT-2 checkpoint folder for the decode loop")
+    parser.add_argument(
+        "--model", default=None, help="GPT-2 or Llama checkpoint folder for the bare decode loop"
+    )
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8, 32, 64])
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma list")
     parser.add_argument("--prompt-len", type=int, default=32)

@@ -43,7 +43,12 @@ END_OF_TEXT = "<|endoftext|>"
 SPACE = "Ġ"  # how byte-level BPE spells a leading space
 SHAPES = {"small": (768, 12, 12), "tiny": (64, 4, 4)}  # GPT-2: (hidden size, layers, heads)
 # Llama: (hidden size, layers, query heads, key/value heads, MLP size)
-LLAMA_SHAPES = {"llama-1b": (2048, 16, 32, 8, 8192), "llama-tiny": (64, 2, 4, 2, 256)}
+LLAMA_SHAPES = {
+    "llama-1b": (2048, 16, 32, 8, 8192),
+    "llama-135m": (576, 30, 9, 3, 1536),  # SmolLM2-135M's shape
+    "llama-tiny": (64, 2, 4, 2, 256),
+}
+LLAMA_VOCAB_SIZES = {"llama-135m": 49_152}  # the others: GPT-2's
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -109,11 +114,12 @@ def make_llama(out_dir: str | Path, size: str = "llama-1b", seed: int = 0) -> Pa
     """A Llama with random weights, built and saved in bfloat16 (half the memory and
     time of building a billion parameters in float32)."""
     torch.manual_seed(seed)
-    tokenizer = build_gpt2_tokenizer()
+    vocab_size = LLAMA_VOCAB_SIZES.get(size, GPT2_VOCAB_SIZE)
+    tokenizer = build_gpt2_tokenizer(vocab_size)
     eos = tokenizer.eos_token_id
     hidden, layers, heads, kv_heads, mlp = LLAMA_SHAPES[size]
     config = LlamaConfig(
-        vocab_size=GPT2_VOCAB_SIZE,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=mlp,
         num_hidden_layers=layers,

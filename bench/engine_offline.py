@@ -13,9 +13,11 @@ within one run (shared machines are noisy).
     python -m bench.engine_offline --models /path/to/checkpoint --threads 1
     python -m bench.engine_offline --device cuda --dtype bfloat16
     python -m bench.engine_offline --models gpt2-tiny --batch-sizes 32 --temperature 1 --top-p 0.9
+    python -m bench.engine_offline --models llama-135m --quantization none int8 --repeats 3
 
-Model names: gpt2-small / gpt2-tiny (random GPT-2 shapes built by bench.checkpoints
-into --cache-dir), default (models/checkpoints/<the one there>), or a folder.
+Model names: gpt2-small / gpt2-tiny, llama-1b / llama-135m / llama-tiny (random shapes
+built by bench.checkpoints into --cache-dir), default (models/checkpoints/<the one
+there>), or a folder.
 """
 
 from __future__ import annotations
@@ -50,12 +52,16 @@ class Row:
 
 
 def resolve_model(name: str, cache_dir: Path) -> Path:
-    if name in ("gpt2-small", "gpt2-tiny"):
-        from bench.checkpoints import make_gpt2
+    from bench.checkpoints import LLAMA_SHAPES, make_gpt2, make_llama
 
-        folder = cache_dir / name
+    folder = cache_dir / name
+    if name in ("gpt2-small", "gpt2-tiny"):
         if not (folder / "config.json").exists():
             make_gpt2(folder, size=name.removeprefix("gpt2-"))
+        return folder
+    if name in LLAMA_SHAPES:
+        if not (folder / "config.json").exists():
+            make_llama(folder, size=name)
         return folder
     if name == "default":
         found = sorted(
@@ -176,40 +182,53 @@ def load_hf(folder: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 def bench_model(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
     dtype = getattr(torch, args.dtype)
-    loaded = load_model(folder, args.device, dtype)
+    engines = {q: load_model(folder, args.device, dtype, q) for q in args.quantization}
     hf_model = None if args.skip_generate else load_hf(folder, args.device, dtype)
-    warm = prompts(loaded, 2, args.prompt_len, seed=0)
     sampling = Sampling(args.temperature, args.top_p)
-    engine_run(loaded, warm, 4, args.block_size, sampling)
+    warm = prompts(next(iter(engines.values())), 2, args.prompt_len, seed=0)
+    for loaded in engines.values():
+        engine_run(loaded, warm, 4, args.block_size, sampling)
     if hf_model is not None:
         generate_run(hf_model, warm, 2, sampling)
     rows = []
     for batch_size in args.batch_sizes:
-        rows.append(bench_batch(name, loaded, hf_model, batch_size, args))
-        print_row(rows[-1], flush=True)
+        for row in bench_batch(name, engines, hf_model, batch_size, args):
+            rows.append(row)
+            print_row(row, flush=True)
     return rows
 
 
 def bench_batch(
     name: str,
-    loaded: LoadedModel,
+    engines: dict[str, LoadedModel],
     hf_model: torch.nn.Module | None,
     batch_size: int,
     args: argparse.Namespace,
-) -> Row:
-    """The best of `--repeats` alternating runs of each, so that a noisy moment hurts neither."""
-    batch = prompts(loaded, batch_size, args.prompt_len, seed=batch_size)
-    engine_best, step_best, generate_best = 0.0, float("inf"), 0.0
+) -> list[Row]:
+    """The best of `--repeats` alternating runs of each engine (one per quantization) and of
+    generate(), so that a noisy moment hurts none of them more than the others."""
+    batch = prompts(next(iter(engines.values())), batch_size, args.prompt_len, seed=batch_size)
+    engine_best = dict.fromkeys(engines, 0.0)
+    step_best = dict.fromkeys(engines, float("inf"))
+    generate_best = 0.0
     sampling = Sampling(args.temperature, args.top_p)
     for _ in range(args.repeats):
-        engine_tps, ms_per_step = engine_run(
-            loaded, batch, args.new_tokens, args.block_size, sampling
-        )
-        engine_best, step_best = max(engine_best, engine_tps), min(step_best, ms_per_step)
+        for quantization, loaded in engines.items():
+            tps, ms = engine_run(loaded, batch, args.new_tokens, args.block_size, sampling)
+            engine_best[quantization] = max(engine_best[quantization], tps)
+            step_best[quantization] = min(step_best[quantization], ms)
         if hf_model is not None:
             generate_tps = generate_run(hf_model, batch, args.new_tokens, sampling)
             generate_best = max(generate_best, generate_tps)
-    return Row(name, batch_size, engine_best, step_best, generate_best or None)
+    return [
+        Row(_label(name, q, len(engines)), batch_size, engine_best[q], step_best[q],
+            generate_best or None)
+        for q in engines
+    ]  # fmt: skip
+
+
+def _label(name: str, quantization: str, num_engines: int) -> str:
+    return name if num_engines == 1 else f"{Path(name).name} {quantization}"
 
 
 def print_header() -> None:
@@ -238,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--quantization", nargs="+", default=["none"], choices=["none", "int8"],
+        help="weights as loaded (none) and/or int8; several are run in alternation",
+    )  # fmt: skip
     parser.add_argument("--skip-generate", action="store_true", help="engine numbers only")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs; best is kept")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
@@ -247,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {args.dtype}, {args.device}; "
+    print(f"torch {torch.__version__}, {threads} threads, {args.dtype}, {args.device}, "
+          f"quantization {' and '.join(args.quantization)}; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{Sampling(args.temperature, args.top_p).describe()}, "
           f"best of {args.repeats}")  # fmt: skip

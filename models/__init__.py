@@ -16,6 +16,7 @@ from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
 from models.llava import build_llava
+from models.quantize import quantize_decoder
 from models.qwen_vl import build_qwen_vl
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
@@ -62,19 +63,24 @@ def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load a Hugging Face checkpoint folder or a GGUF file (or a folder holding one);
-    raise `ModelLoadError` if it cannot be served."""
+    raise `ModelLoadError` if it cannot be served. `quantization` "int8" stores the decoder
+    layers' matrices as int8 (models/quantize.py)."""
     source = Path(path).expanduser()
+    target = torch.device(device)
     gguf_file = gguf.find_gguf_file(source)
     if gguf_file is not None:
-        return _load_gguf(gguf_file, torch.device(device), dtype)
+        return _load_gguf(gguf_file, target, dtype, quantization)
     if not source.is_dir():
         raise ModelLoadError(source, "not a directory")
-    return _load_folder(source, torch.device(device), dtype)
+    return _load_folder(source, target, dtype, quantization)
 
 
-def _load_folder(folder: Path, target: torch.device, dtype: torch.dtype | str) -> LoadedModel:
+def _load_folder(
+    folder: Path, target: torch.device, dtype: torch.dtype | str, quantization: str
+) -> LoadedModel:
     architecture = checkpoint.read_architecture(folder, list(BUILDERS))
     config = checkpoint.load_config(folder)
     tokenizer = checkpoint.load_tokenizer(folder)
@@ -82,12 +88,15 @@ def _load_folder(folder: Path, target: torch.device, dtype: torch.dtype | str) -
     image_processor = checkpoint.load_image_processor(folder) if is_multimodal else None
     resolved = _checked_dtype(dtype, target)
     model = BUILDERS[architecture](config, folder, resolved, target)
+    quantize_decoder(model, quantization)
     gen_config = checkpoint.generation_config(folder)
     model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
     return _loaded(model, tokenizer, image_processor, gen_config, folder)
 
 
-def _load_gguf(path: Path, target: torch.device, dtype: torch.dtype | str) -> LoadedModel:
+def _load_gguf(
+    path: Path, target: torch.device, dtype: torch.dtype | str, quantization: str
+) -> LoadedModel:
     """Config, tokenizer and dequantised tensors through transformers' GGUF support, then the
     same strict builder as a folder; the file carries no generation config."""
     architecture, config = gguf.read_config(path)
@@ -95,6 +104,7 @@ def _load_gguf(path: Path, target: torch.device, dtype: torch.dtype | str) -> Lo
     resolved = _checked_dtype(dtype, target)
     weights = gguf.load_weights(path, config, resolved)
     model = build_llama(config, path, resolved, target, weights=weights)
+    quantize_decoder(model, quantization)
     model.info = _model_info(path, architecture, model, config, {}, tokenizer)
     return _loaded(model, tokenizer, None, {}, path)
 

@@ -70,6 +70,8 @@ class GPT2Layer:
 
 
 class GPT2LMHeadModel(PagedDecoderModel):
+    layers: list[GPT2Layer]
+
     def __init__(
         self,
         config: PretrainedConfig,

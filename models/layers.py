@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -64,6 +64,15 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
+class DecoderLayer(Protocol):
+    """A decoder layer as load-time passes see it: its weights dataclass and its product."""
+
+    product: Product
+
+    @property
+    def w(self) -> object: ...
+
+
 class PagedDecoderModel:
     """What every decoder shares: the model info slot, the cache shape, the output layer."""
 
@@ -78,6 +87,7 @@ class PagedDecoderModel:
     device: torch.device
     lm_head: torch.Tensor  # [vocab, hidden]
     product: Product  # the layers' matrix product, chosen for this model (models/linear.py)
+    layers: Sequence[DecoderLayer]  # the text decoder's layers
     image_token_id: int | None = None
     image_seq_length: int = 0
     image_size: int = 0
@@ -89,7 +99,7 @@ class PagedDecoderModel:
         self.head_dim, self.hidden_size = decoder.head_dim, decoder.hidden_size
         self.vocab_size, self.max_positions = decoder.vocab_size, decoder.max_positions
         self.dtype, self.device, self.lm_head = decoder.dtype, decoder.device, decoder.lm_head
-        self.product = decoder.product
+        self.product, self.layers = decoder.product, decoder.layers
 
     def forward(
         self,

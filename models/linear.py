@@ -164,3 +164,50 @@ def logits(
     if lm_head.device.type == "cpu" and transposed_is_faster and not row_major:
         return torch.mm(lm_head, hidden.t()).t()
     return product(hidden, lm_head, None)
+
+
+class Int8Weight:
+    """A weight [out, in] stored as int8, with one symmetric scale per output row.
+
+    `values * scales[:, None]` approximates the float weight; activations stay in the
+    model's dtype (weight-only quantisation).
+    """
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
+        self.values = values  # [out, in] int8
+        self.scales = scales  # [out], the model's dtype
+        self.shape = values.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+        """Per-output-channel symmetric: each row's largest magnitude maps to 127."""
+        row_max = weight.detach().float().abs().amax(dim=1).clamp(min=1e-12)  # [out]
+        scales = row_max / 127.0
+        values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(values, scales.to(weight.dtype))
+
+
+class Int8Product:
+    """The float product of a model, taking `Int8Weight`s too.
+
+    An int8 weight is widened to the activations' dtype, multiplied in the orientation the
+    float product chose, and scaled per output column: the method torchao's weight-only
+    int8 uses for a per-row scale, without the dependency. PyTorch's own
+    `_weight_int8pack_mm` computes one row at a time on the CPU and measured several times
+    slower from one row up (BENCHMARKS.md).
+    """
+
+    def __init__(self, float_product: Product) -> None:
+        self.float_product = float_product
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not isinstance(weight, Int8Weight):
+            return self.float_product(x, weight, bias)
+        widened = weight.values.to(x.dtype)  # [out, in]
+        scaled = self.float_product(x, widened, None) * weight.scales  # [..., out]
+        return scaled if bias is None else scaled + bias
+
+    def __repr__(self) -> str:
+        return f"Int8Product({self.float_product!r})"

@@ -138,6 +138,8 @@ def head_rms_norm(heads: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 class LlamaDecoder(PagedDecoderModel):
     """Embeddings, layers and final norm of a Llama-family text model, plus its output layer."""
 
+    layers: list[LlamaLayer]
+
     def __init__(
         self,
         config: PretrainedConfig,

@@ -343,4 +343,4 @@ def _load(config: EngineConfig) -> LoadedModel:
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(config.model, device, config.dtype)
+    return load_model(config.model, device, config.dtype, config.quantization)

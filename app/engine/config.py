@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "int8"]
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,7 @@ class EngineConfig:
     model: str  # path of a checkpoint folder in Hugging Face format
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     dtype: Dtype = "auto"
+    quantization: Quantization = "none"  # "int8": int8 decoder weights (models/quantize.py)
     block_size: int = 16
     max_num_seqs: int = 128  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens in one step (decodes + prefill chunks)

@@ -58,3 +58,15 @@ def test_greedy_by_default(tiny_gpt2: Path, capsys: pytest.CaptureFixture[str]) 
          "--new-tokens", "2", "--skip-generate"]
     )  # fmt: skip
     assert "new tokens, greedy" in capsys.readouterr().out
+
+
+def test_quantizations_run_side_by_side(
+    tiny_gpt2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine_offline.main(
+        ["--models", str(tiny_gpt2), "--batch-sizes", "1", "--prompt-len", "4",
+         "--new-tokens", "2", "--skip-generate", "--quantization", "none", "int8"]
+    )  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if "|   1 |" in line]
+    labels = [row.split("|")[1].strip() for row in rows]
+    assert labels == [f"{tiny_gpt2.name} none", f"{tiny_gpt2.name} int8"]
