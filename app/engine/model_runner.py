@@ -19,7 +19,7 @@ import torch
 from app.engine.config import EngineConfig
 from app.engine.image_cache import ImageEmbeddingCache
 from app.engine.prompt_logprobs import PromptRows, score_prompt_rows
-from app.engine.sampler import RowLogprobs, Sampler
+from app.engine.sampling import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, Sequence
 from app.engine.step_threads import StepThreads

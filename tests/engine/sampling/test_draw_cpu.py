@@ -1,6 +1,6 @@
 """The CPU's draws with top_k, top_p and min_p against the same truncation built as masks.
 
-Draws accept or refuse a token instead of masking the row first (`cdf_draw`); what they
+Draws accept or refuse a token instead of masking the row first (`draw_cpu`); what they
 draw must follow the masked distribution exactly, whether a row is accepted in a round
 or falls back to masks after MAX_ROUNDS refusals. Every test runs with the real chunk
 size and with chunks of 3 columns, so that these short rows span several chunks.
@@ -8,18 +8,20 @@ size and with chunks of 3 columns, so that these short rows span several chunks.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from app.engine import cdf_draw
-from app.engine.cdf_draw import ChunkedCdf, draw_truncated
-from app.engine.truncation import BOUNDARY_MARGIN, TOP_P_CANDIDATES, truncate
+from app.engine.sampling import draw_cpu
+from app.engine.sampling.draw_cpu import ChunkedCdf, draw_truncated, inverse_cdf
+from app.engine.sampling.truncation import BOUNDARY_MARGIN, TOP_P_CANDIDATES, truncate
 
 DRAWS = 20_000
 PROBS = [0.3, 0.22, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02]  # decreasing: no ties
 
 
-def uniforms_from(seed: int) -> cdf_draw.Uniforms:
+def uniforms_from(seed: int) -> draw_cpu.Uniforms:
     generator = torch.Generator().manual_seed(seed)
     return lambda rows: torch.rand(len(rows), dtype=torch.float64, generator=generator)
 
@@ -41,9 +43,9 @@ def draw_counts(
     return torch.bincount(tokens, minlength=logits.shape[1])
 
 
-@pytest.fixture(autouse=True, params=[cdf_draw.CHUNK, 3], ids=["chunk", "chunk3"])
+@pytest.fixture(autouse=True, params=[draw_cpu.CHUNK, 3], ids=["chunk", "chunk3"])
 def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(cdf_draw, "CHUNK", request.param)
+    monkeypatch.setattr(draw_cpu, "CHUNK", request.param)
     return int(request.param)
 
 
@@ -51,7 +53,7 @@ def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> in
 def rounds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Draw by accepting (the default rounds), or straight from the fallback's masks."""
     if request.param == "masked":
-        monkeypatch.setattr(cdf_draw, "MAX_ROUNDS", 0)
+        monkeypatch.setattr(draw_cpu, "MAX_ROUNDS", 0)
     return str(request.param)
 
 
@@ -185,12 +187,12 @@ BOUNDARY_ROWS = {
 def support(logits: torch.Tensor, top_p: float, min_p: float, max_rounds: int) -> set[int]:
     """The tokens that 2,000 draws of this row take with `max_rounds` accept/refuse rounds
     (0: straight from the fallback's masks)."""
-    original = cdf_draw.MAX_ROUNDS
-    cdf_draw.MAX_ROUNDS = max_rounds
+    original = draw_cpu.MAX_ROUNDS
+    draw_cpu.MAX_ROUNDS = max_rounds
     try:
         counts = draw_counts(logits, logits.shape[1], top_p, min_p, draws=2000)
     finally:
-        cdf_draw.MAX_ROUNDS = original
+        draw_cpu.MAX_ROUNDS = original
     return set(counts.nonzero().flatten().tolist())
 
 
@@ -220,3 +222,23 @@ def test_a_boundary_row_has_one_support_on_every_path(case: str, layout: str) ->
     assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == expected
     assert support(logits, top_p, min_p, max_rounds=64) == expected  # accepted, never masked
     assert support(logits, top_p, min_p, max_rounds=0) == expected  # masked fallback only
+
+
+def test_inverse_cdf_never_draws_a_masked_token() -> None:
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 0.0, -inf, 1.0, -inf]] * 3)
+    largest_below_one = 1.0 - 2.0**-53
+    draws = inverse_cdf(logits, torch.tensor([0.0, largest_below_one, 0.3], dtype=torch.float64))
+    # 0.3 of the weight (1 + e) falls on token 1, whose share is 1 / (1 + e) = 0.27
+    assert draws.tolist() == [1, 3, 3]
+
+
+def test_draws_over_a_large_vocabulary_follow_the_distribution() -> None:
+    """Draws land in the long tail of a real vocabulary's size as often as its share says."""
+    vocab = 50257
+    logits = torch.full((1, vocab), -8.0)
+    logits[0, 0] = 0.0  # exp(-8) * 50256 = 16.9 against 1: the tail holds 94%
+    tail_share = 1 - 1 / (1 + (vocab - 1) * math.exp(-8.0))
+    uniforms = (torch.arange(400, dtype=torch.float64) + 0.5) / 400  # evenly spread
+    draws = inverse_cdf(logits.repeat(400, 1), uniforms)
+    assert (draws != 0).double().mean().item() == pytest.approx(tail_share, abs=1 / 400)

@@ -21,13 +21,12 @@ from collections.abc import Sequence as Seq
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from app.engine.sampling.kernels import column, probabilities
 from app.engine.sequence import Sequence
 
 # top_p's first look: a trained model's nucleus at the usual top_p rarely holds more
 TOP_P_CANDIDATES = 256
-WEIGHT_FLOOR = -87.0  # exp() of less is a float32 denormal (under 1.18e-38)
 # A boundary that falls on a sum of probabilities (top_p 0.7 over 0.3 + 0.22 + 0.18, or
 # min_p 0.4 of 0.3 against 0.12) would be decided by rounding, and rounding follows the
 # CPU's summation order. Both rules compare with this margin (a share of the row's total
@@ -47,35 +46,6 @@ def min_p_ratio(min_p: float) -> float:
     """A token is in min_p's set when its probability is at least this times the row's
     largest: exactly min_p is in."""
     return max(min_p - BOUNDARY_MARGIN, 0.0)
-
-
-def exp_weights(logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """exp(logit - row max) [R, vocab], in [0, 1], each row's largest exactly 1; 0 where
-    logit - row max <= WEIGHT_FLOOR.
-
-    Below that float32 turns denormal, and on x86 denormal arithmetic is some 50 times
-    slower: low temperatures spread logits far enough to make a quarter of a row
-    denormal. The tokens dropped hold under 1e-38 of their row's largest weight each.
-    """
-    row_max = logits.amax(dim=-1, keepdim=True)
-    # at most 0; `sub(out=logits)` would go through a temporary and a copy
-    shifted = logits.sub_(row_max) if in_place else logits - row_max
-    # -inf there, whose exp is an exact 0: two passes over the row where a mask, a clamp and
-    # a fill took four. exp(-inf) is 12 times slower than a finite exp on these CPUs, which
-    # costs nothing for a few masked tokens; rows mostly masked zero weights instead
-    # (`cdf_draw._keep_top_k`)
-    return F.threshold(shifted, WEIGHT_FLOOR, float("-inf"), inplace=True).exp_()
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) [R, vocab] without denormals (see `exp_weights`)."""
-    weights = exp_weights(logits)
-    return weights.div_(weights.sum(dim=-1, keepdim=True))
-
-
-def column(values: Seq[float], device: torch.device) -> torch.Tensor:
-    """Per-row float parameters as a [R, 1] float32 column, to broadcast over [R, vocab]."""
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
 def truncation_params(

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from app.engine.topk import topk
-from app.engine.truncation import exp_weights, min_p_ratio, nucleus_floor, nucleus_limit
+from app.engine.sampling.kernels import exp_weights, topk
+from app.engine.sampling.truncation import min_p_ratio, nucleus_floor, nucleus_limit
 
 MAX_ROUNDS = 4
 # Columns per partial sum. 256 was the fastest of 256, 512 and 1024 for 32 rows of

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.topk import BLOCK, MIN_BLOCKS_PER_K, topk
+from app.engine.sampling.kernels import MIN_BLOCKS_PER_K, topk
+from app.engine.sampling.kernels import TOPK_BLOCK as BLOCK
 
 
 def assert_same_as_torch(values: torch.Tensor, k: int) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.argmax import BLOCK, max_and_argmax
+from app.engine.sampling.kernels import ARGMAX_BLOCK as BLOCK
+from app.engine.sampling.kernels import max_and_argmax
 
 
 def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
