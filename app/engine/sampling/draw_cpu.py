@@ -19,10 +19,10 @@ from them, which is a draw from the same truncated distribution.
 
 top_k zeroes the weights below each row's k-th largest before any draw (`_keep_top_k`).
 
-The running sum is kept per CHUNK columns (`ChunkedCdf`): a draw finds its chunk among
-a row's ~200 chunk sums and then its token in that one chunk's running sum. A running
+The running sum is kept per SEARCH_BLOCK columns (`BlockedCdf`): a draw finds its block among
+a row's ~200 block sums and then its token in that one block's running sum. A running
 sum over the whole row is a sequential pass that writes as much as it reads: 1.0 ms for
-32 rows of 50,257 on one core, against 0.4 ms for the chunk sums and the search.
+32 rows of 50,257 on one core, against 0.4 ms for the block sums and the search.
 """
 
 from __future__ import annotations
@@ -34,13 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from app.engine.sampling.kernels import exp_weights, topk
+from app.engine.sampling.kernels import SEARCH_BLOCK, exp_weights, topk
 from app.engine.sampling.truncation import min_p_ratio, nucleus_floor, nucleus_limit
 
 MAX_ROUNDS = 4
-# Columns per partial sum. 256 was the fastest of 256, 512 and 1024 for 32 rows of
-# 50,257 on one core and on two (0.39 and 0.27 ms a draw of every row).
-CHUNK = 256
 
 # rows (indices into the batch) -> one uniform number in [0, 1) for each, float64
 Uniforms = Callable[[list[int]], torch.Tensor]
@@ -50,7 +47,7 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One draw per row from softmax(logits) [R, vocab], given uniforms [R] in [0, 1);
     `logits` become the row's weights (a fresh multi-MB tensor costs its page faults).
     """
-    return ChunkedCdf(exp_weights(logits, in_place=True)).draw(None, uniforms)
+    return BlockedCdf(exp_weights(logits, in_place=True)).draw(None, uniforms)
 
 
 def draw_truncated(
@@ -69,7 +66,7 @@ def draw_truncated(
     weights = exp_weights(logits, in_place=True)  # [R, vocab], each row's largest is 1
     if cut_by_k:
         _keep_top_k(weights, cut_by_k, top_k)
-    cdf = ChunkedCdf(weights)
+    cdf = BlockedCdf(weights)
     totals = cdf.totals()
     tokens = torch.empty(len(totals), dtype=torch.int64, device=logits.device)
     pending = list(range(len(totals)))
@@ -133,22 +130,22 @@ def _draw_masked(
     weights.masked_fill_(probs < nucleus_floor(probs, [top_p[row] for row in rows]), 0.0)
     ratio = torch.tensor([min_p_ratio(min_p[row]) for row in rows], device=weights.device)
     weights.masked_fill_(weights < ratio.unsqueeze(1), 0.0)  # the largest weight is 1
-    return ChunkedCdf(weights).draw(None, uniforms(rows))
+    return BlockedCdf(weights).draw(None, uniforms(rows))
 
 
-class ChunkedCdf:
+class BlockedCdf:
     """The running sum of each row's weights [R, vocab] (each at least 0, and each row's
-    total positive), kept per CHUNK columns; `draw` finds a draw's token in it.
+    total positive), kept per SEARCH_BLOCK columns; `draw` finds a draw's token in it.
     """
 
     def __init__(self, weights: Tensor) -> None:
         self.weights = weights
         rows, vocab = weights.shape
-        whole = vocab - vocab % CHUNK
-        sums = weights[:, :whole].reshape(rows, -1, CHUNK).sum(dim=-1)  # [R, chunks]
+        whole = vocab - vocab % SEARCH_BLOCK
+        sums = weights[:, :whole].reshape(rows, -1, SEARCH_BLOCK).sum(dim=-1)  # [R, blocks]
         if whole < vocab:
             sums = torch.cat([sums, weights[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
-        self.running = sums.cumsum_(dim=-1)  # [R, chunks]
+        self.running = sums.cumsum_(dim=-1)  # [R, blocks]
 
     def totals(self) -> list[float]:
         return self.running[:, -1].tolist()
@@ -158,27 +155,28 @@ class ChunkedCdf:
         passes u * total, for uniforms [P] in [0, 1).
 
         A token of weight 0 (a masked one) never is, since the running sum does not grow
-        there: the chunk found holds some weight, and the search within it stops short of
-        the chunk's own total. The sums are float32: each token's share comes out within a
+        there: the block found holds some weight, and the search within it stops short of
+        the block's own total. The sums are float32: each token's share comes out within a
         few roundings of the total (6e-8 of it each), far below what any number of draws
         could show.
         """
         weights, device = self.weights, self.weights.device
         vocab = weights.shape[1]
-        running = self.running if rows is None else self.running[rows]  # [P, chunks]
+        running = self.running if rows is None else self.running[rows]  # [P, blocks]
         total = running[:, -1:]  # [P, 1]
         scaled = uniforms.to(device=device, dtype=running.dtype).unsqueeze(1) * total
         target = _under(total, scaled)  # [P, 1]
-        chunk = torch.searchsorted(running, target, right=True)  # [P, 1]
-        before = running.gather(1, (chunk - 1).clamp_min(0)).masked_fill_(chunk == 0, 0.0)
-        columns = chunk * CHUNK + torch.arange(CHUNK, device=device)  # [P, CHUNK]
+        block = torch.searchsorted(running, target, right=True)  # [P, 1]
+        before = running.gather(1, (block - 1).clamp_min(0)).masked_fill_(block == 0, 0.0)
+        offsets = torch.arange(SEARCH_BLOCK, device=device)
+        columns = block * SEARCH_BLOCK + offsets  # [P, SEARCH_BLOCK]
         if rows is None:
             row_index = torch.arange(weights.shape[0], device=device).unsqueeze(1)  # [P, 1]
         else:
             row_index = torch.tensor(rows, device=device).unsqueeze(1)
-        inside = weights[row_index, columns.clamp_max(vocab - 1)]  # [P, CHUNK]
+        inside = weights[row_index, columns.clamp_max(vocab - 1)]  # [P, SEARCH_BLOCK]
         inside = inside.masked_fill_(columns >= vocab, 0.0).cumsum_(dim=-1)
-        # the chunk's own running sum may end a rounding short of its step in `running`
+        # the block's own running sum may end a rounding short of its step in `running`
         offset = _under(inside[:, -1:], target - before)
         return (columns[:, :1] + torch.searchsorted(inside, offset, right=True)).squeeze(1)
 

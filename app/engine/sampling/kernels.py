@@ -39,12 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ARGMAX_BLOCK = 256  # columns per block: measured best among 128 / 256 / 512 at 1-64 rows
+# Columns per block of a two-pass search along a row: a reduction of every block, then a
+# look inside the one block that holds the answer (argmax; the CPU draw's running sum).
+SEARCH_BLOCK = 256
 FAST_WIDTH = 32  # see _column_block_maxima
 NUMPY_MAX_ROWS = 32  # row-major logits up to this many rows go to numpy
 MIN_ROWS = 4  # dtypes numpy lacks: below it the extra ops of two passes cost more than they save
 NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)  # numpy has no bfloat16
-TOPK_BLOCK = 64  # columns per block: k blocks of it are what the second topk reads
+TOPK_BLOCK = 64  # smaller than SEARCH_BLOCK: the block top k reads k blocks, not one
 MIN_BLOCKS_PER_K = 8  # fewer blocks than this per k, and the first pass saves too little
 WEIGHT_FLOOR = -87.0  # exp() of less is a float32 denormal (under 1.18e-38)
 
@@ -57,7 +59,7 @@ def max_and_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _torch(logits)
     if logits.dtype in NUMPY_DTYPES and not transposed and rows <= NUMPY_MAX_ROWS:
         return _numpy(logits)
-    if vocab <= ARGMAX_BLOCK or rows < MIN_ROWS:
+    if vocab <= SEARCH_BLOCK or rows < MIN_ROWS:
         return _numpy(logits) if logits.dtype in NUMPY_DTYPES else _torch(logits)
     return _two_pass(logits.t(), dim=0) if transposed else _two_pass(logits, dim=1)
 
@@ -83,24 +85,24 @@ def _two_pass(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tenso
     """Max and first argmax along `dim`, the vocabulary's dimension of a contiguous 2-D
     tensor: [N, vocab] with dim 1, or [vocab, N] with dim 0."""
     vocab = logits.shape[dim]
-    num_blocks = vocab // ARGMAX_BLOCK
-    whole = logits.narrow(dim, 0, num_blocks * ARGMAX_BLOCK).unflatten(
-        dim, (num_blocks, ARGMAX_BLOCK)
+    num_blocks = vocab // SEARCH_BLOCK
+    whole = logits.narrow(dim, 0, num_blocks * SEARCH_BLOCK).unflatten(
+        dim, (num_blocks, SEARCH_BLOCK)
     )
     maxima = whole.amax(2) if dim == 1 else _column_block_maxima(whole)  # n along dim
-    if num_blocks * ARGMAX_BLOCK < vocab:  # the last, shorter block
-        rest = logits.narrow(dim, num_blocks * ARGMAX_BLOCK, vocab - num_blocks * ARGMAX_BLOCK)
+    if num_blocks * SEARCH_BLOCK < vocab:  # the last, shorter block
+        rest = logits.narrow(dim, num_blocks * SEARCH_BLOCK, vocab - num_blocks * SEARCH_BLOCK)
         maxima = torch.cat([maxima, rest.amax(dim, keepdim=True)], dim)
     first_block = maxima.argmax(dim, keepdim=True)  # 1 along dim
     shape = [-1 if d == dim else 1 for d in range(2)]
-    offsets = torch.arange(ARGMAX_BLOCK, device=logits.device).view(shape)  # ARGMAX_BLOCK along dim
-    positions = (first_block * ARGMAX_BLOCK + offsets).clamp_(max=vocab - 1)
+    offsets = torch.arange(SEARCH_BLOCK, device=logits.device).view(shape)  # SEARCH_BLOCK along dim
+    positions = (first_block * SEARCH_BLOCK + offsets).clamp_(max=vocab - 1)
     within = logits.gather(dim, positions).argmax(dim, keepdim=True)
     return maxima.amax(dim), positions.gather(dim, within).squeeze(dim)
 
 
 def _column_block_maxima(blocks: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, ARGMAX_BLOCK, N] -> the maximum of each block's columns [num_blocks, N].
+    """[num_blocks, SEARCH_BLOCK, N] -> the maximum of each block's columns [num_blocks, N].
 
     Torch vectorises this reduction only when the contiguous width is a multiple of
     FAST_WIDTH: over [50176, w], 0.24 ms at w = 32 but 4.4 ms at 16 and 2.0 ms at 48 (one
@@ -108,7 +110,7 @@ def _column_block_maxima(blocks: torch.Tensor) -> torch.Tensor:
     and the fold partial maxima of each column are then reduced in a second, small op.
     """
     num_blocks, block, width = blocks.shape
-    fold = FAST_WIDTH // math.gcd(width, FAST_WIDTH)  # divides ARGMAX_BLOCK: both are powers of 2
+    fold = FAST_WIDTH // math.gcd(width, FAST_WIDTH)  # divides SEARCH_BLOCK: both are powers of 2
     if fold == 1:
         return blocks.amax(1)
     # a view for the output layer's own result; a copy for a view of only some of its rows

@@ -2,8 +2,8 @@
 
 Draws accept or refuse a token instead of masking the row first (`draw_cpu`); what they
 draw must follow the masked distribution exactly, whether a row is accepted in a round
-or falls back to masks after MAX_ROUNDS refusals. Every test runs with the real chunk
-size and with chunks of 3 columns, so that these short rows span several chunks.
+or falls back to masks after MAX_ROUNDS refusals. Every test runs with the real block
+size and with blocks of 3 columns, so that these short rows span several blocks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from app.engine.sampling import draw_cpu
-from app.engine.sampling.draw_cpu import ChunkedCdf, draw_truncated, inverse_cdf
+from app.engine.sampling.draw_cpu import BlockedCdf, draw_truncated, inverse_cdf
 from app.engine.sampling.truncation import BOUNDARY_MARGIN, TOP_P_CANDIDATES, truncate
 
 DRAWS = 20_000
@@ -43,9 +43,9 @@ def draw_counts(
     return torch.bincount(tokens, minlength=logits.shape[1])
 
 
-@pytest.fixture(autouse=True, params=[draw_cpu.CHUNK, 3], ids=["chunk", "chunk3"])
-def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(draw_cpu, "CHUNK", request.param)
+@pytest.fixture(autouse=True, params=[draw_cpu.SEARCH_BLOCK, 3], ids=["block", "block3"])
+def block(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(draw_cpu, "SEARCH_BLOCK", request.param)
     return int(request.param)
 
 
@@ -122,12 +122,12 @@ def test_a_nucleus_that_reaches_top_p_exactly_ends_there(rounds: str) -> None:
 
 
 @pytest.mark.parametrize("vocab", [1000, 1024, 7])
-def test_chunked_search_finds_the_token_a_whole_row_running_sum_finds(
-    chunk: int, vocab: int
+def test_blocked_search_finds_the_token_a_whole_row_running_sum_finds(
+    block: int, vocab: int
 ) -> None:
-    """Small whole weights: every sum is exact in float32, so the chunked search must land
-    on the very token that a running sum over the whole row does, zeros and chunk edges
-    included (1,024 is a whole number of chunks; 1,000 and 7 end in a shorter one)."""
+    """Small whole weights: every sum is exact in float32, so the blocked search must land
+    on the very token that a running sum over the whole row does, zeros and block edges
+    included (1,024 is a whole number of blocks; 1,000 and 7 end in a shorter one)."""
     generator = torch.Generator().manual_seed(vocab)
     weights = torch.randint(0, 4, (64, vocab), generator=generator).float()
     weights[:, 0] = 0.0  # never drawn, nor any other zero
@@ -141,33 +141,33 @@ def test_chunked_search_finds_the_token_a_whole_row_running_sum_finds(
         torch.nextafter(running[:, -1:], torch.zeros(1))
     )
     expected = torch.searchsorted(running, target, right=True).squeeze(1)
-    drawn = ChunkedCdf(weights).draw(None, uniforms)
+    drawn = BlockedCdf(weights).draw(None, uniforms)
     assert drawn.tolist() == expected.tolist()
     assert (weights[torch.arange(64), drawn] > 0).all()
     rows = [5, 63, 0]
-    assert ChunkedCdf(weights).draw(rows, uniforms[rows]).tolist() == expected[rows].tolist()
+    assert BlockedCdf(weights).draw(rows, uniforms[rows]).tolist() == expected[rows].tolist()
 
 
 @pytest.mark.parametrize("vocab", [1000, 7])
-def test_draws_that_end_exactly_on_a_chunk_edge(vocab: int) -> None:
+def test_draws_that_end_exactly_on_a_block_edge(vocab: int) -> None:
     """Ones in every third column up to a power-of-two total, so that u = j / total lands
-    exactly on every running sum, the ends of chunks among them."""
+    exactly on every running sum, the ends of blocks among them."""
     ones = 256 if vocab > 3 * 256 else 4
     weights = torch.zeros(ones, vocab)
     weights[:, torch.arange(ones) * (vocab // ones) + 1] = 1.0
     uniforms = torch.arange(ones, dtype=torch.float64) / ones
-    drawn = ChunkedCdf(weights).draw(None, uniforms)
+    drawn = BlockedCdf(weights).draw(None, uniforms)
     assert drawn.tolist() == (torch.arange(ones) * (vocab // ones) + 1).tolist()
 
 
-def test_a_chunk_sum_above_its_own_running_sum_draws_no_padding(chunk: int) -> None:
-    """A chunk's sum and the running sum inside it are computed apart and may round
+def test_a_block_sum_above_its_own_running_sum_draws_no_padding(block: int) -> None:
+    """A block's sum and the running sum inside it are computed apart and may round
     apart. Where the sum comes out above, a draw near the total must still end on the
     row's last weighted column, not in the padding past the vocabulary."""
-    vocab = 3 * chunk + chunk // 2 + 1  # 3 whole chunks, then a shorter one, padded
+    vocab = 3 * block + block // 2 + 1  # 3 whole blocks, then a shorter one, padded
     weights = torch.zeros(2, vocab)
-    weights[:, [3 * chunk, vocab - 1]] = 1.0
-    cdf = ChunkedCdf(weights)
+    weights[:, [3 * block, vocab - 1]] = 1.0
+    cdf = BlockedCdf(weights)
     cdf.running[:, -1] += 1e-3  # far more than rounding, for a clear margin
     near_the_total = torch.tensor([1.0 - 2.0**-53, 0.9999], dtype=torch.float64)
     assert cdf.draw(None, near_the_total).tolist() == [vocab - 1, vocab - 1]
