@@ -6,8 +6,8 @@ its samples gets a matcher, which the sampler asks for the tokens allowed next a
 then consumes the token drawn. The JSON is compact (no free whitespace between tokens):
 a small model left free to put whitespace anywhere tends to spend its budget on it.
 
-The tokenizer's llguidance form is built on first use (a quarter of a second for GPT-2's
-50,257 tokens) and shared by every request. Tokenizers llguidance cannot read (WordPiece,
+The tokenizer's llguidance form is built on first use, once (it reads every token of the
+vocabulary), and shared by every request. Tokenizers llguidance cannot read (WordPiece,
 for one) make structured requests a 400; everything else still serves.
 """
 

@@ -3,13 +3,13 @@ greedy rows take the argmax.
 
 A GPU draws by the exponential race (argmax of probs / Exp(1) noise) after masking the
 rows (`truncation`). The race needs a random number for every token, which on the CPU
-costs ten times the tiny test model's whole step, so the CPU inverts the cumulative
-distribution instead, applying top_p and min_p by accepting or refusing each draw
-(`draw_cpu`). The race stays on the GPU, where noise is cheap, because it is the steadier
-of the two: a bf16 GEMM there rounds differently for each batch shape, which moves a
-race's winner only on a near tie but a cumulative draw by the sum of every earlier
-token's rounding. (On the CPU a row's logits come out the same in any batch:
-`bench.gpu_check --device cpu`.)
+costs more than a small model's whole step, so the CPU inverts the cumulative
+distribution instead, with one number per row, applying top_p and min_p by accepting or
+refusing each draw (`draw_cpu`). The race stays on the GPU, where noise is cheap,
+because it is the steadier of the two: a bf16 GEMM there rounds differently for each
+batch shape, which moves a race's winner only on a near tie but a cumulative draw by the
+sum of every earlier token's rounding. (On the CPU a row's logits come out the same in
+any batch: `bench.gpu_check --device cpu`.)
 """
 
 from __future__ import annotations

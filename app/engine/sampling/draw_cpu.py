@@ -1,28 +1,17 @@
 """Draws on the CPU: one uniform number per row finds its token in the running sum of
 the row's weights (the inverse of its cumulative distribution).
 
-top_p and min_p are applied by acceptance rather than as masks. As a mask, top_p needs
-the probability of the least likely token in the nucleus, which for a flat row (a
-random model's, or a trained one's where anything may come next) means sorting the
-whole row: 17 ms for 32 rows of 50,257, where the draw itself takes 2. Instead a row
-draws from its distribution as top_k left it and keeps the token only if it is in both
-sets:
-- in top_p's nucleus when the tokens strictly more likely than it hold less than top_p
-  of the row's weight: one pass over the row (17 us at 50,257), with no sort;
-- in min_p's set when its weight is at least min_p times the largest, which is 1.
-A row whose token is not in them draws again. The tokens kept follow the distribution
-truncated to both sets exactly: a draw accepted only inside a set is a draw from that
-set, in proportion to its weights. The nucleus holds at least top_p of the weight, so
-at top_p 0.9 at most one draw in ten is refused. A row still refused after MAX_ROUNDS
-(a small top_p or a large min_p on a flat row) builds both sets as masks and draws
-from them, which is a draw from the same truncated distribution.
+top_p and min_p accept or refuse the drawn token instead of masking the row: as a mask,
+a flat row's nucleus needs the whole row sorted, many times the cost of the draw, while
+testing one token is one pass over its row. A row draws from its distribution as top_k
+left it (`_keep_top_k`) and keeps the token only if it is in both sets, as `truncation`
+defines them, else draws again: a draw accepted only inside a set is a draw from that
+set, in proportion to its weights. At top_p 0.9 at most one draw in ten is refused. A
+row still refused after MAX_ROUNDS (a small top_p or a large min_p on a flat row) builds
+both sets as masks and draws from them: the same truncated distribution.
 
-top_k zeroes the weights below each row's k-th largest before any draw (`_keep_top_k`).
-
-The running sum is kept per SEARCH_BLOCK columns (`BlockedCdf`): a draw finds its block among
-a row's ~200 block sums and then its token in that one block's running sum. A running
-sum over the whole row is a sequential pass that writes as much as it reads: 1.0 ms for
-32 rows of 50,257 on one core, against 0.4 ms for the block sums and the search.
+The running sum is kept per SEARCH_BLOCK columns (`BlockedCdf`): a running sum over the
+whole row is a sequential pass that writes as much as it reads.
 """
 
 from __future__ import annotations
@@ -90,9 +79,8 @@ def draw_truncated(
 def _keep_top_k(weights: torch.Tensor, rows: list[int], top_k: list[int]) -> None:
     """Zero, in each of `rows`, every weight below its k-th largest (ties with it stay).
 
-    Zeroed weights rather than -inf logits: exp(-inf) is 12 times slower than exp of a
-    finite number on these CPUs (6 against 0.5 ms for 32 rows of 50,257), and a row cut
-    to its top 50 is nearly all -inf.
+    Zeroed weights rather than -inf logits: exp(-inf) is far slower than exp of a finite
+    number on these CPUs, and a row cut to its top 50 is nearly all -inf.
     """
     ks = [top_k[row] for row in rows]
     cut = weights if len(rows) == weights.shape[0] else weights[rows]  # [K, vocab]

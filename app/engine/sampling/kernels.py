@@ -1,33 +1,9 @@
-"""Row-wise operations over a vocabulary, fast on the CPU: argmax, top k, softmax weights.
+"""Row-wise kernels over [rows, vocab] logits, fast on the CPU: argmax, top k, softmax weights.
 
-argmax:
-On the CPU `torch.argmax` and `torch.max(dim=...)` are not vectorised: over
-[32, 50257] float32 logits they take 1.9 ms on one core, while `amax` (values
-only) takes 0.1 ms. Two ways round it:
-- row-major logits up to `NUMPY_MAX_ROWS` rows: numpy's argmax, which is
-  vectorised. One row of 50,257 takes 3.4 us against torch's 25 us, and it needs
-  no extra torch ops, each of which costs microseconds at these sizes;
-- more rows, and the transposed layout: two passes. First the maximum of every
-  block of `BLOCK` columns (amax), then argmax over the block maxima, then argmax
-  inside the one block per row that holds the row's maximum. From 32 rows, on two
-  threads, this is as fast as numpy's single thread or faster.
-Ties and NaN resolve exactly as in `torch.argmax` either way: numpy returns the
-first maximum and the first NaN; in two passes, the first block whose maximum
-equals the row's maximum holds the first position of that maximum, and NaN
-propagates through amax as it wins in argmax.
-
-The logits may be row-major [N, vocab] or a transposed view of a [vocab, N]
-tensor (what the CPU output layer returns for large batches); each layout is
-reduced along its contiguous dimension.
-
-top k:
-`torch.topk` over [32, 50257] float32 takes 2.8 ms on one core for k = 50, against
-0.3 ms for `amax`. So on the CPU the k largest values are looked for in two passes:
-the maximum of every block of BLOCK columns, then the k blocks with the largest
-maxima, and `torch.topk` only over those blocks' columns (and the last, shorter block
-whole). Every one of a row's k largest values is in them: a value in any other block
-has k blocks whose maxima, k other values, are at least as large. Values come out
-exactly as `torch.topk`'s; among equal values the indices may be other ones.
+On the CPU `torch.argmax`, `torch.max(dim=...)` and `torch.topk` are not vectorised and
+`amax` is, an order of magnitude faster: so argmax and top k first reduce blocks of
+columns with `amax`, then look only inside the blocks that hold the answer. The timings
+behind each choice are in BENCHMARKS.md's history.
 """
 
 from __future__ import annotations
@@ -52,7 +28,14 @@ WEIGHT_FLOOR = -87.0  # exp() of less is a float32 denormal (under 1.18e-38)
 
 
 def max_and_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, vocab] -> (row maxima [N], first index of each maximum [N] int64)."""
+    """logits [N, vocab] -> (row maxima [N], first index of each maximum [N] int64).
+
+    Row-major logits up to NUMPY_MAX_ROWS rows go to numpy's argmax, which is vectorised
+    and needs no extra torch ops (each costs microseconds at these sizes); more rows, and
+    a transposed view of a [vocab, N] tensor (what the output layer returns for large
+    batches), take two passes along their contiguous dimension. Ties and NaN resolve as
+    in `torch.argmax` either way: numpy returns the first maximum and the first NaN.
+    """
     rows, vocab = logits.shape
     transposed = logits.stride(-1) != 1 and logits.stride(0) == 1  # a [vocab, N] tensor's view
     if logits.device.type != "cpu":
@@ -83,7 +66,12 @@ def _numpy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _two_pass(logits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and first argmax along `dim`, the vocabulary's dimension of a contiguous 2-D
-    tensor: [N, vocab] with dim 1, or [vocab, N] with dim 0."""
+    tensor: [N, vocab] with dim 1, or [vocab, N] with dim 0.
+
+    The maximum of every SEARCH_BLOCK columns, then argmax inside the first block whose
+    maximum is the row's: it holds the maximum's first position, and NaN propagates
+    through amax as it wins in argmax.
+    """
     vocab = logits.shape[dim]
     num_blocks = vocab // SEARCH_BLOCK
     whole = logits.narrow(dim, 0, num_blocks * SEARCH_BLOCK).unflatten(
@@ -105,9 +93,9 @@ def _column_block_maxima(blocks: torch.Tensor) -> torch.Tensor:
     """[num_blocks, SEARCH_BLOCK, N] -> the maximum of each block's columns [num_blocks, N].
 
     Torch vectorises this reduction only when the contiguous width is a multiple of
-    FAST_WIDTH: over [50176, w], 0.24 ms at w = 32 but 4.4 ms at 16 and 2.0 ms at 48 (one
-    thread). So `fold` consecutive rows are viewed as one row of fold * N columns, reduced,
-    and the fold partial maxima of each column are then reduced in a second, small op.
+    FAST_WIDTH (other widths are an order of magnitude slower). So `fold` consecutive
+    rows are viewed as one row of fold * N columns, reduced, and the fold partial maxima
+    of each column are then reduced in a second, small op.
     """
     num_blocks, block, width = blocks.shape
     fold = FAST_WIDTH // math.gcd(width, FAST_WIDTH)  # divides SEARCH_BLOCK: both are powers of 2
@@ -120,7 +108,13 @@ def _column_block_maxima(blocks: torch.Tensor) -> torch.Tensor:
 
 def topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row of `values` [R, vocab], largest first, and their
-    indices: ([R, k], [R, k] int64), as `values.topk(k, dim=-1)`."""
+    indices: ([R, k], [R, k] int64), as `values.topk(k, dim=-1)`.
+
+    On the CPU `torch.topk` reads only the k blocks of TOPK_BLOCK columns with the largest
+    maxima, and the last, shorter block: a value in any other block has k blocks whose
+    maxima, k other values, are at least as large. Values come out as `torch.topk`'s;
+    among equal values the indices may be other ones.
+    """
     rows, vocab = values.shape
     num_blocks = vocab // TOPK_BLOCK
     if values.device.type != "cpu" or not 0 < k * MIN_BLOCKS_PER_K <= num_blocks:
@@ -149,16 +143,16 @@ def exp_weights(logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """exp(logit - row max) [R, vocab], in [0, 1], each row's largest exactly 1; 0 where
     logit - row max <= WEIGHT_FLOOR.
 
-    Below that float32 turns denormal, and on x86 denormal arithmetic is some 50 times
-    slower: low temperatures spread logits far enough to make a quarter of a row
-    denormal. The tokens dropped hold under 1e-38 of their row's largest weight each.
+    Below that float32 turns denormal, and on x86 denormal arithmetic is far slower: low
+    temperatures spread logits far enough to make a quarter of a row denormal. The
+    tokens dropped hold under 1e-38 of their row's largest weight each.
     """
     row_max = logits.amax(dim=-1, keepdim=True)
     # at most 0; `sub(out=logits)` would go through a temporary and a copy
     shifted = logits.sub_(row_max) if in_place else logits - row_max
     # -inf there, whose exp is an exact 0: two passes over the row where a mask, a clamp and
-    # a fill took four. exp(-inf) is 12 times slower than a finite exp on these CPUs, which
-    # costs nothing for a few masked tokens; rows mostly masked zero weights instead
+    # a fill took four. exp(-inf) is far slower than a finite exp on these CPUs, which costs
+    # nothing for a few masked tokens; rows mostly masked zero weights instead
     # (`draw_cpu._keep_top_k`)
     return F.threshold(shifted, WEIGHT_FLOOR, float("-inf"), inplace=True).exp_()
 

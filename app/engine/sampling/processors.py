@@ -145,8 +145,8 @@ def blocked_tokens(matchers: list[Any], vocab_size: int, device: torch.device) -
     """[R, vocab_size] bool: True for the tokens each matcher does not allow next.
 
     llguidance sets one bit per allowed token, least significant first (token t is bit
-    t % 8 of byte t // 8): numpy unpacks the inverted bytes in place of a torch shift per
-    bit, 0.3 ms against 1.9 for 32 rows of GPT-2's vocabulary.
+    t % 8 of byte t // 8): numpy unpacks the inverted bytes in one pass, where a torch
+    shift and AND per bit took several times as long.
     """
     packed = np.stack([np.frombuffer(m.compute_bitmask(), dtype=np.uint8) for m in matchers])
     bits = np.unpackbits(~packed, axis=1, count=vocab_size, bitorder="little")  # [R, vocab]
