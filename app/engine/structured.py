@@ -14,7 +14,7 @@ for one) make structured requests a 400; everything else still serves.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence as Seq
+from collections.abc import Iterable
 from typing import Any
 
 # the JSON compiler's options (llguidance's JsonCompileOptions)
@@ -26,7 +26,7 @@ class GrammarError(ValueError):
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Seq[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
         self.vocab_size = vocab_size  # the model's logit width, maybe above the tokenizer's
         self._tokenizer, self._eos = tokenizer, list(eos_token_ids)
         self._ll_tokenizer: Any = None

@@ -9,7 +9,6 @@ behind each choice are in BENCHMARKS.md's history.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence as Seq
 
 import numpy as np
 import torch
@@ -163,6 +162,6 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
-def column(values: Seq[float], device: torch.device) -> torch.Tensor:
+def column(values: list[float], device: torch.device) -> torch.Tensor:
     """Per-row float parameters as a [R, 1] float32 column, to broadcast over [R, vocab]."""
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)

@@ -15,7 +15,6 @@ goes past them are sorted whole (by numpy on the CPU, far faster there than torc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence as Seq
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ def min_p_ratio(min_p: float) -> float:
 
 
 def truncation_params(
-    seqs: Seq[Sequence], vocab: int
+    seqs: list[Sequence], vocab: int
 ) -> tuple[list[int], list[float], list[float]]:
     """Each row's top_k (vocab where it keeps every token), top_p and min_p."""
     top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
@@ -84,7 +83,7 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float])
     logits.masked_fill_(probs < nucleus_floor(probs, top_p), float("-inf"))
 
 
-def nucleus_floor(probs: torch.Tensor, top_p: Seq[float]) -> torch.Tensor:
+def nucleus_floor(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """[R, 1]: the probability of the least likely token in each row's nucleus (0 for
     rows whose top_p keeps every token)."""
     limit = column([nucleus_limit(p) for p in top_p], probs.device)  # [R, 1]
