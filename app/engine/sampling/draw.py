@@ -19,7 +19,7 @@ import torch
 from app.engine.sampling.draw_cpu import draw_truncated
 from app.engine.sampling.kernels import argmax, probabilities
 from app.engine.sampling.randomness import RowRandomness
-from app.engine.sampling.truncation import truncate, truncation_params
+from app.engine.sampling.truncation import Truncation
 from app.engine.sequence import Sequence
 
 
@@ -43,9 +43,9 @@ def draw_tokens(
         sub, sub_seqs = scaled, seqs  # truncated in place: nothing reads it after
     else:
         sub, sub_seqs = scaled[rows], [seqs[i] for i in rows]  # [R, vocab]
-    top_k, top_p, min_p = truncation_params(sub_seqs, sub.shape[1])
+    truncation = Truncation.of(sub_seqs, sub.shape[1])
     if by_race:
-        truncate(sub, top_k, top_p, min_p)
+        truncation.mask_logits(sub)
         probs = probabilities(sub)  # [R, vocab]
         noise = randomness.exponential_noise(probs, sub_seqs)  # [R, vocab]
         token_ids[rows] = argmax(probs.div_(noise))
@@ -54,5 +54,5 @@ def draw_tokens(
     def uniforms(indices: list[int]) -> torch.Tensor:
         return randomness.uniforms([sub_seqs[i] for i in indices])
 
-    token_ids[rows] = draw_truncated(sub, top_k, top_p, min_p, uniforms)
+    token_ids[rows] = draw_truncated(sub, truncation, uniforms)
     return token_ids

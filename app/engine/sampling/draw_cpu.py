@@ -4,11 +4,11 @@ the row's weights (the inverse of its cumulative distribution).
 top_p and min_p accept or refuse the drawn token instead of masking the row: as a mask,
 a flat row's nucleus needs the whole row sorted, many times the cost of the draw, while
 testing one token is one pass over its row. A row draws from its distribution as top_k
-left it (`_keep_top_k`) and keeps the token only if it is in both sets, as `truncation`
-defines them, else draws again: a draw accepted only inside a set is a draw from that
-set, in proportion to its weights. At top_p 0.9 at most one draw in ten is refused. A
-row still refused after MAX_ROUNDS (a small top_p or a large min_p on a flat row) builds
-both sets as masks and draws from them: the same truncated distribution.
+left it and keeps the token only if it is in both sets (`Truncation.accepts`), else
+draws again: a draw accepted only inside a set is a draw from that set, in proportion to
+its weights. At top_p 0.9 at most one draw in ten is refused. A row still refused after
+MAX_ROUNDS (a small top_p or a large min_p on a flat row) draws from both sets built as
+masks: the same truncated distribution.
 
 The running sum is kept per SEARCH_BLOCK columns (`BlockedCdf`): a running sum over the
 whole row is a sequential pass that writes as much as it reads.
@@ -16,15 +16,13 @@ whole row is a sequential pass that writes as much as it reads.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from app.engine.sampling.kernels import SEARCH_BLOCK, exp_weights, topk
-from app.engine.sampling.truncation import min_p_ratio, nucleus_floor, nucleus_limit
+from app.engine.sampling.kernels import SEARCH_BLOCK, exp_weights
+from app.engine.sampling.truncation import Truncation
 
 MAX_ROUNDS = 4
 
@@ -39,22 +37,13 @@ def inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return BlockedCdf(exp_weights(logits, in_place=True)).draw(None, uniforms)
 
 
-def draw_truncated(
-    logits: torch.Tensor,
-    top_k: list[int],
-    top_p: list[float],
-    min_p: list[float],
-    uniforms: Uniforms,
-) -> torch.Tensor:
+def draw_truncated(logits: torch.Tensor, truncation: Truncation, uniforms: Uniforms) -> Tensor:
     """One draw per row [R] from softmax(logits) [R, vocab] cut down by each row's top_k,
-    top_p and min_p (see `truncation`); `logits` become the row's weights."""
-    vocab = logits.shape[1]
-    cut_by_k = [row for row, k in enumerate(top_k) if k < vocab]
-    if not cut_by_k and all(p >= 1.0 for p in top_p) and not any(min_p):
-        return inverse_cdf(logits, uniforms(list(range(len(top_p)))))
+    top_p and min_p; `logits` become the row's weights."""
+    if truncation.keeps_every_token(logits.shape[1]):
+        return inverse_cdf(logits, uniforms(list(range(logits.shape[0]))))
     weights = exp_weights(logits, in_place=True)  # [R, vocab], each row's largest is 1
-    if cut_by_k:
-        _keep_top_k(weights, cut_by_k, top_k)
+    truncation.zero_below_top_k(weights)
     cdf = BlockedCdf(weights)
     totals = cdf.totals()
     tokens = torch.empty(len(totals), dtype=torch.int64, device=logits.device)
@@ -65,60 +54,17 @@ def draw_truncated(
         drawn_weights = weights[pending, drawn].tolist()
         refused = []
         for row, token, weight in zip(pending, drawn, drawn_weights, strict=True):
-            if _accepts(weights[row], totals[row], weight, top_p[row], min_p[row]):
+            if truncation.accepts(row, weights[row], totals[row], weight):
                 tokens[row] = token
             else:
                 refused.append(row)
         pending = refused
         if not pending:
             return tokens
-    tokens[pending] = _draw_masked(weights[pending], top_p, min_p, pending, uniforms)
+    left = weights[pending]  # [F, vocab]: rows refused MAX_ROUNDS times draw from masks
+    truncation.of_rows(pending).zero_outside_sets(left)
+    tokens[pending] = BlockedCdf(left).draw(None, uniforms(pending))
     return tokens
-
-
-def _keep_top_k(weights: torch.Tensor, rows: list[int], top_k: list[int]) -> None:
-    """Zero, in each of `rows`, every weight below its k-th largest (ties with it stay).
-
-    Zeroed weights rather than -inf logits: exp(-inf) is far slower than exp of a finite
-    number on these CPUs, and a row cut to its top 50 is nearly all -inf.
-    """
-    ks = [top_k[row] for row in rows]
-    cut = weights if len(rows) == weights.shape[0] else weights[rows]  # [K, vocab]
-    kth = topk(cut, max(ks))[0].gather(1, torch.tensor(ks).unsqueeze(1) - 1)  # [K, 1]
-    # threshold keeps what is strictly above: just below the k-th keeps it and its ties
-    below_kth = torch.nextafter(kth, torch.zeros_like(kth)).flatten().tolist()  # [K]
-    for row, floor in zip(rows, below_kth, strict=True):
-        F.threshold(weights[row], floor, 0.0, inplace=True)
-
-
-def _accepts(
-    weights: torch.Tensor, total: float, weight: float, top_p: float, min_p: float
-) -> bool:
-    """Whether a token of this weight is in its row's min_p set and top_p nucleus (the
-    row's largest weight is 1)."""
-    if weight < min_p_ratio(min_p):
-        return False
-    limit = nucleus_limit(top_p)
-    if limit == math.inf:
-        return True
-    # threshold keeps what is strictly above `weight` and zeroes the rest, in one pass
-    more_likely = F.threshold(weights, weight, 0.0).sum().item()
-    return more_likely < limit * total
-
-
-def _draw_masked(
-    weights: torch.Tensor,
-    top_p: list[float],
-    min_p: list[float],
-    rows: list[int],
-    uniforms: Uniforms,
-) -> torch.Tensor:
-    """Draws from `weights` [F, vocab] (of `rows`) with both sets built as masks."""
-    probs = weights / weights.sum(dim=-1, keepdim=True)  # [F, vocab]
-    weights.masked_fill_(probs < nucleus_floor(probs, [top_p[row] for row in rows]), 0.0)
-    ratio = torch.tensor([min_p_ratio(min_p[row]) for row in rows], device=weights.device)
-    weights.masked_fill_(weights < ratio.unsqueeze(1), 0.0)  # the largest weight is 1
-    return BlockedCdf(weights).draw(None, uniforms(rows))
 
 
 class BlockedCdf:

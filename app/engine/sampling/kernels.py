@@ -152,7 +152,7 @@ def exp_weights(logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     # -inf there, whose exp is an exact 0: two passes over the row where a mask, a clamp and
     # a fill took four. exp(-inf) is far slower than a finite exp on these CPUs, which costs
     # nothing for a few masked tokens; rows mostly masked zero weights instead
-    # (`draw_cpu._keep_top_k`)
+    # (`Truncation.zero_below_top_k`)
     return F.threshold(shifted, WEIGHT_FLOOR, float("-inf"), inplace=True).exp_()
 
 

@@ -1,11 +1,13 @@
-"""top_k, top_p and min_p: the one definition of each set, and the masks that apply them.
+"""top_k, top_p and min_p: the one definition of each set, in every form a sampling path
+applies it.
 
 top_k keeps the k most likely tokens and every token that ties the k-th; top_p then
 keeps the smallest set of most likely tokens whose probability (within what top_k left)
 reaches top_p, and any token exactly as likely as the least likely one in it (a sort
 orders ties arbitrarily, so ties are all kept or all dropped); min_p then keeps the
-tokens at least min_p times as likely as the most likely one. Membership of both sets
-is decided by `nucleus_limit` and `min_p_ratio`, which every sampling path uses.
+tokens at least min_p times as likely as the most likely one. `nucleus_limit` and
+`min_p_ratio` decide membership of both sets, for the masks over logits (a GPU's draws)
+and for the CPU's accept/refuse draws alike (`Truncation`).
 
 top_p's cut is a probability floor, so no token order needs to be kept: it is looked
 for among the TOP_P_CANDIDATES most likely tokens first, and only rows whose nucleus
@@ -15,11 +17,13 @@ goes past them are sorted whole (by numpy on the CPU, far faster there than torc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from app.engine.sampling.kernels import column, probabilities
+from app.engine.sampling.kernels import column, probabilities, topk
 from app.engine.sequence import Sequence
 
 # top_p's first look: a trained model's nucleus at the usual top_p rarely holds more
@@ -45,25 +49,84 @@ def min_p_ratio(min_p: float) -> float:
     return max(min_p - BOUNDARY_MARGIN, 0.0)
 
 
-def truncation_params(
-    seqs: list[Sequence], vocab: int
-) -> tuple[list[int], list[float], list[float]]:
-    """Each row's top_k (vocab where it keeps every token), top_p and min_p."""
-    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
-    return top_k, [s.params.top_p for s in seqs], [s.params.min_p for s in seqs]
+@dataclass(frozen=True)
+class Truncation:
+    """Each row's top_k (vocab where it keeps every token), top_p and min_p, applied in the
+    form a sampling path needs: masks over logits (`mask_logits`), or, for the CPU's
+    draws, weights zeroed below top_k (`zero_below_top_k`), a test of one drawn token
+    (`accepts`) and weights zeroed outside the top_p and min_p sets (`zero_outside_sets`).
+    """
 
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
 
-def truncate(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]
-) -> None:
-    """top_k, then top_p, then min_p, in place, on rows that ask for them."""
-    vocab = logits.shape[1]
-    if any(p < 1.0 for p in top_p):
-        mask_top_k_top_p(logits, top_k, top_p)
-    elif any(k < vocab for k in top_k):
-        mask_top_k(logits, top_k)
-    if any(p > 0.0 for p in min_p):
-        mask_min_p(logits, min_p)
+    @classmethod
+    def of(cls, seqs: list[Sequence], vocab: int) -> Truncation:
+        top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
+        return cls(top_k, [s.params.top_p for s in seqs], [s.params.min_p for s in seqs])
+
+    def of_rows(self, rows: list[int]) -> Truncation:
+        return Truncation(
+            [self.top_k[row] for row in rows],
+            [self.top_p[row] for row in rows],
+            [self.min_p[row] for row in rows],
+        )
+
+    def keeps_every_token(self, vocab: int) -> bool:
+        return (
+            all(k >= vocab for k in self.top_k)
+            and all(p >= 1.0 for p in self.top_p)
+            and not any(self.min_p)
+        )
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """top_k, then top_p, then min_p, in place, on rows that ask for them."""
+        vocab = logits.shape[1]
+        if any(p < 1.0 for p in self.top_p):
+            mask_top_k_top_p(logits, self.top_k, self.top_p)
+        elif any(k < vocab for k in self.top_k):
+            mask_top_k(logits, self.top_k)
+        if any(p > 0.0 for p in self.min_p):
+            mask_min_p(logits, self.min_p)
+
+    def zero_below_top_k(self, weights: torch.Tensor) -> None:
+        """Zero, in each row top_k cuts, every weight [R, vocab] below its k-th largest
+        (ties with it stay).
+
+        Zeroed weights rather than -inf logits: exp(-inf) is far slower than exp of a
+        finite number on these CPUs, and a row cut to its top 50 is nearly all -inf.
+        """
+        rows = [row for row, k in enumerate(self.top_k) if k < weights.shape[1]]
+        if not rows:
+            return
+        ks = [self.top_k[row] for row in rows]
+        cut = weights if len(rows) == weights.shape[0] else weights[rows]  # [K, vocab]
+        kth = topk(cut, max(ks))[0].gather(1, torch.tensor(ks).unsqueeze(1) - 1)  # [K, 1]
+        # threshold keeps what is strictly above: just below the k-th keeps it and its ties
+        below_kth = torch.nextafter(kth, torch.zeros_like(kth)).flatten().tolist()  # [K]
+        for row, floor in zip(rows, below_kth, strict=True):
+            F.threshold(weights[row], floor, 0.0, inplace=True)
+
+    def accepts(self, row: int, weights: torch.Tensor, total: float, weight: float) -> bool:
+        """Whether a token of this weight is in row `row`'s min_p set and top_p nucleus,
+        given the row's weights [vocab] (its largest is 1) and their total."""
+        if weight < min_p_ratio(self.min_p[row]):
+            return False
+        limit = nucleus_limit(self.top_p[row])
+        if limit == math.inf:
+            return True
+        # threshold keeps what is strictly above `weight` and zeroes the rest, in one pass
+        more_likely = F.threshold(weights, weight, 0.0).sum().item()
+        return more_likely < limit * total
+
+    def zero_outside_sets(self, weights: torch.Tensor) -> None:
+        """Zero the weights [R, vocab] (each row's largest is 1) outside each row's top_p
+        nucleus and min_p set."""
+        probs = weights / weights.sum(dim=-1, keepdim=True)  # [R, vocab]
+        weights.masked_fill_(probs < nucleus_floor(probs, self.top_p), 0.0)
+        ratio = torch.tensor([min_p_ratio(m) for m in self.min_p], device=weights.device)
+        weights.masked_fill_(weights < ratio.unsqueeze(1), 0.0)  # [R, vocab]
 
 
 def mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:

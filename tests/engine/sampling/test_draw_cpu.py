@@ -15,7 +15,7 @@ import torch
 
 from app.engine.sampling import draw_cpu
 from app.engine.sampling.draw_cpu import BlockedCdf, draw_truncated, inverse_cdf
-from app.engine.sampling.truncation import BOUNDARY_MARGIN, TOP_P_CANDIDATES, truncate
+from app.engine.sampling.truncation import BOUNDARY_MARGIN, TOP_P_CANDIDATES, Truncation
 
 DRAWS = 20_000
 PROBS = [0.3, 0.22, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02]  # decreasing: no ties
@@ -29,7 +29,7 @@ def uniforms_from(seed: int) -> draw_cpu.Uniforms:
 def masked_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
     """The reference: the row masked by `truncation` and renormalised."""
     masked = logits.clone()
-    truncate(masked, [top_k], [top_p], [min_p])
+    Truncation([top_k], [top_p], [min_p]).mask_logits(masked)
     return masked.softmax(dim=-1)[0]
 
 
@@ -37,9 +37,8 @@ def draw_counts(
     logits: torch.Tensor, top_k: int, top_p: float, min_p: float, draws: int = DRAWS
 ) -> torch.Tensor:
     rows = logits.repeat(draws, 1)
-    tokens = draw_truncated(
-        rows, [top_k] * draws, [top_p] * draws, [min_p] * draws, uniforms_from(0)
-    )
+    truncation = Truncation([top_k] * draws, [top_p] * draws, [min_p] * draws)
+    tokens = draw_truncated(rows, truncation, uniforms_from(0))
     return torch.bincount(tokens, minlength=logits.shape[1])
 
 
@@ -104,9 +103,8 @@ def test_draws_over_a_large_flat_vocabulary_stay_in_the_nucleus(rounds: str) -> 
 def test_rows_keep_their_own_parameters() -> None:
     logits = torch.tensor([PROBS]).log().repeat(3 * DRAWS, 1)
     top_k, top_p, min_p = [8, 2, 8], [0.5, 1.0, 1.0], [0.0, 0.0, 0.65]
-    tokens = draw_truncated(
-        logits, top_k * DRAWS, top_p * DRAWS, min_p * DRAWS, uniforms_from(1)
-    ).view(DRAWS, 3)
+    truncation = Truncation(top_k * DRAWS, top_p * DRAWS, min_p * DRAWS)
+    tokens = draw_truncated(logits, truncation, uniforms_from(1)).view(DRAWS, 3)
     drawn = [set(tokens[:, row].tolist()) for row in range(3)]
     assert drawn == [{0, 1}, {0, 1}, {0, 1}]
     # min_p 0.65 keeps 0.3 and 0.22 (>= 0.195); top_k 2 the same pair; top_p 0.5 also
@@ -218,7 +216,7 @@ def test_a_boundary_row_has_one_support_on_every_path(case: str, layout: str) ->
     logits = (row / row.sum()).log().float().unsqueeze(0)  # [1, vocab]
     expected = {columns[token] for token in kept}
     masked = logits.clone()
-    truncate(masked, [logits.shape[1]], [top_p], [min_p])
+    Truncation([logits.shape[1]], [top_p], [min_p]).mask_logits(masked)
     assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == expected
     assert support(logits, top_p, min_p, max_rounds=64) == expected  # accepted, never masked
     assert support(logits, top_p, min_p, max_rounds=0) == expected  # masked fallback only
