@@ -101,6 +101,7 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     entries = [
         (row, token, bias)
         for row, seq in enumerate(seqs)
+        if seq.params.logit_bias
         for token, bias in seq.params.logit_bias.items()
     ]
     if not entries:
