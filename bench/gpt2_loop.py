@@ -6,7 +6,7 @@ step runs a hand-written forward over the checkpoint's own weights. Only the
 last position's logits are computed, and sampling is greedy. The products and
 the argmax are the engine's fastest CPU forms (each product in the orientation
 measured faster for this model on this machine, the engine's argmax: see
-models/linear.py and app/engine/argmax.py), so that the loop stays a limit rather
+models/linear.py and app/engine/sampling/kernels.py), so that the loop stays a limit rather
 than a baseline the engine could pass.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from app.engine.argmax import argmax
+from app.engine.sampling.kernels import argmax
 from models.layers import product_for
 from models.linear import Product, logits
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from app.engine.argmax import argmax
+from app.engine.sampling.kernels import argmax
 from models.layers import product_for, rms_norm
 from models.linear import Product, logits
 from models.rope import RotaryEmbedding

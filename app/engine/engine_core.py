@@ -18,7 +18,7 @@ from app.engine.detokenizer import Detokenizer, SequenceText
 from app.engine.kv_cache import max_model_len, num_kv_blocks
 from app.engine.model_runner import ModelRunner, StepResult
 from app.engine.request import Delivery, Request
-from app.engine.sampler import RowLogprobs
+from app.engine.sampling import RowLogprobs
 from app.engine.scheduler import ScheduledBatch, Scheduler
 from app.engine.sequence import (
     ImageSpan,

@@ -26,7 +26,7 @@ from app.engine.decode_mirror import DecodeMirror
 from app.engine.image_cache import ImageEmbeddingCache
 from app.engine.kv_cache import cache_slots
 from app.engine.prompt_logprobs import PromptRows, score_prompt_rows
-from app.engine.sampler import RowLogprobs, Sampler
+from app.engine.sampling import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import ImageInput, ImageSpan, RopePositions, Sequence
 from app.engine.step_threads import StepThreads

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.sampler import RowLogprobs
+from app.engine.sampling import RowLogprobs
+from app.engine.sampling.kernels import topk
 from app.engine.sequence import Sequence
-from app.engine.topk import topk
 
 ROWS_PER_PASS = 64  # [64, 50257] float32 logits: 13 MB
 

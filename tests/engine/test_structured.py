@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from app.engine.sampling.processors import blocked_tokens
 from app.engine.sequence import SamplingParams
-from app.engine.structured import GrammarError, StructuredOutputs, blocked_tokens
+from app.engine.structured import GrammarError, StructuredOutputs
 from models.base import LoadedModel
 from tests.engine.drive import Job, make_core, run_jobs
 

@@ -19,7 +19,7 @@ import torch
 from app import metrics
 from app.engine.async_engine import AsyncEngine, RequestStream
 from app.engine.config import EngineConfig
-from app.engine.sampler import Sampler
+from app.engine.sampling import Sampler
 from app.engine.sequence import RequestOutput, SamplingParams, Sequence
 from app.schemas import LOGPROB_FLOOR
 from models import LoadedModel

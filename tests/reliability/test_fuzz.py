@@ -74,7 +74,9 @@ def bound(case: Case) -> None:
         body["max_tokens"] = MAX_TOKENS  # chat and uploads default to the rest of the context
     if _is_int(body.get("n")) and 1 <= body["n"] <= 128:
         body["n"] = min(body["n"], MAX_N)
-    if "image" in body:  # multipart: an empty list is sent as nothing at all, so say so
+    # an upload (a fuzzed JSON body may hold an "image" key too, which stays as it is):
+    # multipart sends an empty list as nothing at all, so say so
+    if case.media_type == "multipart/form-data" and "image" in body:
         for name in [name for name, value in body.items() if value == []]:
             del body[name]
         if CALLS[case.operation.label] % 2:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.topk import BLOCK, MIN_BLOCKS_PER_K, topk
+from app.engine.sampling.kernels import MIN_BLOCKS_PER_K, TOPK_BLOCK, topk
 
 
 def assert_same_as_torch(values: torch.Tensor, k: int) -> None:
@@ -17,7 +17,8 @@ def assert_same_as_torch(values: torch.Tensor, k: int) -> None:
 
 
 @pytest.mark.parametrize("k", [1, 5, 20, 50])
-@pytest.mark.parametrize("vocab", [50257, 64 * BLOCK, 8 * BLOCK + 3])  # with and without a tail
+# with and without a tail
+@pytest.mark.parametrize("vocab", [50257, 64 * TOPK_BLOCK, 8 * TOPK_BLOCK + 3])
 def test_the_k_largest_of_random_rows(k: int, vocab: int) -> None:
     generator = torch.Generator().manual_seed(k * vocab)
     assert_same_as_torch(torch.randn(7, vocab, generator=generator), k)
@@ -28,14 +29,14 @@ def test_a_rows_largest_values_bunched_in_one_block_or_in_the_tail() -> None:
     maxima alone would rank as one block among many."""
     vocab, k = 50257, 20
     rows = torch.rand(3, vocab, generator=torch.Generator().manual_seed(0))
-    rows[0, 640 : 640 + BLOCK] += 10.0  # one block holds all k
-    rows[1, -(vocab % BLOCK) :] += 10.0  # the tail holds them
-    rows[2, ::BLOCK] += 10.0  # one in every block
+    rows[0, 640 : 640 + TOPK_BLOCK] += 10.0  # one block holds all k
+    rows[1, -(vocab % TOPK_BLOCK) :] += 10.0  # the tail holds them
+    rows[2, ::TOPK_BLOCK] += 10.0  # one in every block
     assert_same_as_torch(rows, k)
 
 
 def test_ties_and_masked_values() -> None:
-    vocab, k = 64 * BLOCK + 5, 8
+    vocab, k = 64 * TOPK_BLOCK + 5, 8
     rows = torch.zeros(3, vocab)  # row 0: all tied
     rows[1] = float("-inf")  # row 1: three finite values among -inf
     rows[1, [3, 700, vocab - 1]] = torch.tensor([1.0, 2.0, 3.0])
@@ -44,7 +45,7 @@ def test_ties_and_masked_values() -> None:
 
 
 def test_too_few_blocks_for_k_takes_torch_topk() -> None:
-    vocab = MIN_BLOCKS_PER_K * BLOCK * 3
+    vocab = MIN_BLOCKS_PER_K * TOPK_BLOCK * 3
     values = torch.randn(2, vocab)
     assert_same_as_torch(values, 4)  # the block path
     assert_same_as_torch(values, 4 * 3)  # torch's: too few blocks

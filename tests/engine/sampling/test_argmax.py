@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.argmax import BLOCK, max_and_argmax
+from app.engine.sampling.kernels import SEARCH_BLOCK, max_and_argmax
 
 
 def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -20,7 +20,9 @@ def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("vocab", [BLOCK - 1, BLOCK, BLOCK + 1, 5 * BLOCK, 50257])
+@pytest.mark.parametrize(
+    "vocab", [SEARCH_BLOCK - 1, SEARCH_BLOCK, SEARCH_BLOCK + 1, 5 * SEARCH_BLOCK, 50257]
+)
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 17, 32, 33, 40])
 @pytest.mark.parametrize("layout", ["rows", "transposed"])
 def test_matches_torch(vocab: int, rows: int, layout: str) -> None:
@@ -37,11 +39,13 @@ def test_matches_torch(vocab: int, rows: int, layout: str) -> None:
 @pytest.mark.parametrize("rows", [8, 24, 48])
 @pytest.mark.parametrize("layout", ["rows", "transposed"])
 def test_a_maximum_in_a_later_block_is_found(rows: int, layout: str) -> None:
-    logits = torch.zeros(rows, 3 * BLOCK)
+    logits = torch.zeros(rows, 3 * SEARCH_BLOCK)
     for row in range(rows):
-        logits[row, row * 97 % (3 * BLOCK)] = 1.0 + row
+        logits[row, row * 97 % (3 * SEARCH_BLOCK)] = 1.0 + row
     view = logits if layout == "rows" else logits.t().contiguous().t()
-    assert max_and_argmax(view)[1].tolist() == [row * 97 % (3 * BLOCK) for row in range(rows)]
+    assert max_and_argmax(view)[1].tolist() == [
+        row * 97 % (3 * SEARCH_BLOCK) for row in range(rows)
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
