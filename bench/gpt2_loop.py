@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from app.engine.sampling.kernels import argmax
+from bench import bare_loop
 from models.layers import product_for
 from models.linear import Product, logits
 
@@ -93,15 +93,11 @@ def load_gpt2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gpt2Wei
     )
 
 
-class StaticKVCache:
-    """Keys and values of every layer: [layers, batch, heads, max_len, head_dim], allocated once."""
-
+class StaticKVCache(bare_loop.StaticKVCache):
     def __init__(self, weights: Gpt2Weights, batch_size: int, max_len: int) -> None:
-        head_dim = weights.hidden_size // weights.num_heads
-        shape = (len(weights.layers), batch_size, weights.num_heads, max_len, head_dim)
-        dtype = weights.token_embedding.dtype
-        self.keys = torch.empty(shape, dtype=dtype)
-        self.values = torch.empty(shape, dtype=dtype)
+        heads = weights.num_heads
+        head_dim, dtype = weights.hidden_size // heads, weights.token_embedding.dtype
+        super().__init__(len(weights.layers), batch_size, heads, max_len, head_dim, dtype)
 
 
 def _layer_norm(
@@ -124,12 +120,7 @@ def _attention(
     qkv = product(x.reshape(batch * steps, hidden), *layer.qkv)  # [B*T, 3*hidden]
     qkv = qkv.view(batch, steps, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
     query, key, value = qkv[0], qkv[1], qkv[2]  # [B, heads, T, head_dim]
-    end = start + steps
-    cache.keys[index, :, :, start:end] = key
-    cache.values[index, :, :, start:end] = value
-    keys, values = cache.keys[index, :, :, :end], cache.values[index, :, :, :end]
-    # A prefill starts at 0 (plain causal mask); a decode step sees the whole cache.
-    out = F.scaled_dot_product_attention(query, keys, values, is_causal=steps > 1)
+    out = cache.attend(index, start, query, key, value)
     out = out.transpose(1, 2).reshape(batch * steps, hidden)  # [B*T, hidden]
     return product(out, *layer.attn_out).view(batch, steps, hidden)
 
@@ -154,7 +145,6 @@ def forward(
     )  # [B, vocab], perhaps a transposed view
 
 
-@torch.inference_mode()
 def greedy_decode(
     weights: Gpt2Weights,
     prompt_ids: torch.Tensor,
@@ -164,9 +154,6 @@ def greedy_decode(
     """prompt_ids [B, P] -> the next `new_tokens` greedy tokens of every row [B, new_tokens]."""
     batch, prompt_len = prompt_ids.shape
     cache = cache or StaticKVCache(weights, batch, prompt_len + new_tokens)
-    tokens = torch.empty(batch, new_tokens, dtype=torch.long)
-    tokens[:, 0] = argmax(forward(weights, cache, prompt_ids, 0))
-    for step in range(1, new_tokens):
-        logits = forward(weights, cache, tokens[:, step - 1 : step], prompt_len + step - 1)
-        tokens[:, step] = argmax(logits)
-    return tokens
+    return bare_loop.greedy_decode(
+        lambda input_ids, start: forward(weights, cache, input_ids, start), prompt_ids, new_tokens
+    )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from app.engine.sampling.kernels import argmax
+from bench import bare_loop
 from models.layers import product_for, rms_norm
 from models.linear import Product, logits
 from models.rope import RotaryEmbedding
@@ -92,14 +92,14 @@ def _layer(tensors: dict[str, torch.Tensor], prefix: str) -> LlamaLayer:
     )
 
 
-class StaticKVCache:
-    """Keys and values of every layer: [layers, batch, kv_heads, max_len, head_dim], once."""
-
+class StaticKVCache(bare_loop.StaticKVCache):
     def __init__(self, weights: LlamaWeights, batch_size: int, max_len: int) -> None:
-        shape = (len(weights.layers), batch_size, weights.num_kv_heads, max_len, weights.head_dim)
-        dtype = weights.token_embedding.dtype
-        self.keys = torch.empty(shape, dtype=dtype)
-        self.values = torch.empty(shape, dtype=dtype)
+        kv_heads, head_dim, dtype = (
+            weights.num_kv_heads,
+            weights.head_dim,
+            weights.token_embedding.dtype,
+        )
+        super().__init__(len(weights.layers), batch_size, kv_heads, max_len, head_dim, dtype)
 
 
 def _attention(
@@ -119,13 +119,7 @@ def _attention(
     query = q_and_k[:, :heads].view(batch, steps, heads, head_dim).transpose(1, 2)
     key = q_and_k[:, heads:].view(batch, steps, kv_heads, head_dim).transpose(1, 2)
     value = qkv[:, heads + kv_heads :].view(batch, steps, kv_heads, head_dim).transpose(1, 2)
-    end = start + steps
-    cache.keys[index, :, :, start:end] = key
-    cache.values[index, :, :, start:end] = value
-    keys, values = cache.keys[index, :, :, :end], cache.values[index, :, :, :end]
-    out = F.scaled_dot_product_attention(
-        query, keys, values, is_causal=steps > 1, enable_gqa=heads != kv_heads
-    )  # [B, H, T, D]
+    out = cache.attend(index, start, query, key, value)  # [B, H, T, D]
     out = out.transpose(1, 2).reshape(batch * steps, heads * head_dim)
     return weights.product(out, layer.attn_out, None)
 
@@ -151,7 +145,6 @@ def forward(
     return logits(last, weights.lm_head, weights.product)  # [B, vocab], perhaps transposed
 
 
-@torch.inference_mode()
 def greedy_decode(
     weights: LlamaWeights,
     prompt_ids: torch.Tensor,
@@ -161,9 +154,6 @@ def greedy_decode(
     """prompt_ids [B, P] -> the next `new_tokens` greedy tokens of every row [B, new_tokens]."""
     batch, prompt_len = prompt_ids.shape
     cache = cache or StaticKVCache(weights, batch, prompt_len + new_tokens)
-    tokens = torch.empty(batch, new_tokens, dtype=torch.long)
-    tokens[:, 0] = argmax(forward(weights, cache, prompt_ids, 0))
-    for step in range(1, new_tokens):
-        step_logits = forward(weights, cache, tokens[:, step - 1 : step], prompt_len + step - 1)
-        tokens[:, step] = argmax(step_logits)
-    return tokens
+    return bare_loop.greedy_decode(
+        lambda input_ids, start: forward(weights, cache, input_ids, start), prompt_ids, new_tokens
+    )
