@@ -36,6 +36,7 @@ class StreamTimer:
         self.start = start
         self.token_times: list[float] = []
         self.text_chunks = 0
+        self.texts: list[str] = []
         self.usage_tokens: int | None = None
         self.prompt_tokens: int | None = None
         self.finished = False  # a finish_reason or [DONE] arrived
@@ -50,9 +51,11 @@ class StreamTimer:
             self.usage_tokens = usage.get("completion_tokens")
             self.prompt_tokens = usage.get("prompt_tokens")
         choices = event.get("choices") or []
-        if any(chunk_text(choice) for choice in choices):
+        texts = [text for choice in choices if (text := chunk_text(choice))]
+        if texts:
             self.token_times.append(now)
             self.text_chunks += 1
+            self.texts.extend(texts)
         if any(choice.get("finish_reason") for choice in choices):
             self.finished = True
 
@@ -68,6 +71,7 @@ class StreamTimer:
             itl=_gaps(self.token_times),
             output_tokens=output_tokens,
             prompt_tokens=self.prompt_tokens,
+            text="".join(self.texts),
         )
 
 

@@ -36,12 +36,13 @@ from bench.peers.contenders import (
     LaunchSettings,
     command_line,
     ensure_hub_cache,
+    image_placeholder_ids,
     server_env,
 )
 from bench.peers.process import ServerProcess, ServerStartError, free_port
 from bench.serve import BenchReport, add_workload_args, load_config, run_benchmark, workload_spec
-from bench.stats import BenchSummary
-from bench.workloads import WORKLOADS
+from bench.stats import RequestResult
+from bench.workloads import WORKLOADS, WorkloadSpec
 
 
 @dataclass
@@ -72,13 +73,25 @@ def run_workloads(
     for name in args.workloads:
         if name not in contender.workloads:
             continue
-        spec = workload_spec(args, name)
-        if not contender.accepts_ignore_eos:
-            spec = dataclasses.replace(spec, ignore_eos=False)
+        spec = stopping_rules(contender, workload_spec(args, name), args)
         # the checkpoint folder, for a server that lists no model for it
         load = dataclasses.replace(load_config(args, base_url, None), unlisted_model=args.model)
         reports[name] = run_async(run_benchmark(load, spec, contender.name))
     return reports
+
+
+def stopping_rules(
+    contender: Contender, spec: WorkloadSpec, args: argparse.Namespace
+) -> WorkloadSpec:
+    """`--ban-eos` in the contender's own request fields; else `--ignore-eos` where it is
+    accepted."""
+    if args.ban_eos:
+        assert contender.ban_eos_fields is not None  # parse_args refuses such contenders
+        fields = contender.ban_eos_fields(spec.output_len, image_placeholder_ids(args.model))
+        return dataclasses.replace(spec, ignore_eos=False, extra_body=spec.extra_body | fields)
+    if not contender.accepts_ignore_eos:
+        return dataclasses.replace(spec, ignore_eos=False)
+    return spec
 
 
 def run_contender(contender: Contender, args: argparse.Namespace) -> ContenderRun:
@@ -106,33 +119,43 @@ def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}"
 
 
-def _row(workload: str, name: str, summary: BenchSummary, base: BenchSummary | None) -> str:
-    tput = _ratio(base.output_throughput, summary.output_throughput) if base else "-"
-    ttft = _ratio(summary.ttft.p50, base.ttft.p50) if base else "-"
+def same_outputs(base: Sequence[RequestResult], other: Sequence[RequestResult]) -> str:
+    """How many requests, of those both answered, have the same output text: "k/n"."""
+    pairs = [(b.text, o.text) for b, o in zip(base, other, strict=True) if b.ok and o.ok]
+    return f"{sum(b == o for b, o in pairs)}/{len(pairs)}"
+
+
+def _row(workload: str, name: str, report: BenchReport, base: BenchReport | None) -> str:
+    summary = report.summary
+    tput = _ratio(base.summary.output_throughput, summary.output_throughput) if base else "-"
+    ttft = _ratio(summary.ttft.p50, base.summary.ttft.p50) if base else "-"
+    same = same_outputs(base.results, report.results) if base and base is not report else "-"
     return (
-        f"{workload:<11}{name:<14}{summary.completed:>5}/{summary.errors:<4}"
+        f"{workload:<17}{name:<14}{summary.completed:>5}/{summary.errors:<4}"
         f"{summary.request_throughput:>8.2f}{summary.output_throughput:>11.1f}{tput:>8}"
         f"{summary.ttft.p50:>10.1f}{ttft:>8}{summary.tpot.p50:>10.2f}{summary.e2e.p50:>10.1f}"
-        f"{summary.mean_output_tokens:>9.1f}"
+        f"{summary.mean_output_tokens:>9.1f}{same:>8}"
     )
 
 
 def format_comparison(runs: Sequence[ContenderRun], workloads: Sequence[str]) -> str:
     header = (
-        f"{'workload':<11}{'contender':<14}{'ok/err':<10}{'req/s':>8}{'tok/s':>11}{'x tok/s':>8}"
-        f"{'TTFT p50':>10}{'x TTFT':>8}{'TPOT p50':>10}{'E2E p50':>10}{'out/req':>9}"
+        f"{'workload':<17}{'contender':<14}{'ok/err':<10}{'req/s':>8}{'tok/s':>11}{'x tok/s':>8}"
+        f"{'TTFT p50':>10}{'x TTFT':>8}{'TPOT p50':>10}{'E2E p50':>10}{'out/req':>9}{'same':>8}"
     )
     lines = [header, "-" * len(header)]
     mmgpt = next((run for run in runs if run.name == "mmgpt"), None)
     for workload in workloads:
-        base_report = mmgpt.reports.get(workload) if mmgpt else None
-        base = base_report.summary if base_report else None
+        base = mmgpt.reports.get(workload) if mmgpt else None
         for run in runs:
             if workload in run.reports:
-                lines.append(_row(workload, run.name, run.reports[workload].summary, base))
+                lines.append(_row(workload, run.name, run.reports[workload], base))
             else:
-                lines.append(f"{workload:<11}{run.name:<14}{run.failure[:60] or 'not served'}")
-    lines.append("times in ms; x = mmgpt's advantage (tok/s: mmgpt / peer; TTFT: peer / mmgpt)")
+                lines.append(f"{workload:<17}{run.name:<14}{run.failure[:60] or 'not served'}")
+    lines.append(
+        "times in ms; x = mmgpt's advantage (tok/s: mmgpt / peer; TTFT: peer / mmgpt); "
+        "same = output text equal to mmgpt's"
+    )
     return "\n".join(lines)
 
 
@@ -171,6 +194,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ceiling-batch-sizes", type=ceiling.int_list, default=[1, 8, 32, 64])
     for name in CONTENDERS:
         parser.add_argument(f"--{name}-args", default="", help=f"extra flags for {name}")
+    parser.add_argument(
+        "--ban-eos",
+        action="store_true",
+        help="EOS and image placeholders unsamplable before --output-len, by each one's own "
+        "request fields (see bench.peers.contenders): equal lengths, comparable outputs",
+    )
     add_workload_args(parser)
     parser.set_defaults(num_warmups=2)
     args = parser.parse_args(argv)
@@ -179,6 +208,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.contenders if name not in CONTENDERS]
     if unknown:
         parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
+    unable = [name for name in args.contenders if CONTENDERS[name].ban_eos_fields is None]
+    if args.ban_eos and unable:
+        parser.error(f"--ban-eos: {', '.join(unable)} cannot be told to ban EOS")
     return args
 
 

@@ -2,13 +2,16 @@
 
 `scenes` draws from the shipped model's synthetic world (models.scenes, imported
 only when used); `synthetic` draws simple shapes with PIL, for checkpoints that
-were not trained on scenes and for machines without the scenes recipe.
+were not trained on scenes and for machines without the scenes recipe; `mixed`
+draws the same shapes on images of eight sizes and aspect ratios, for models that
+read images at their native resolution.
 """
 
 from __future__ import annotations
 
 import io
 import random
+from collections.abc import Sequence
 from typing import Protocol
 
 from PIL import Image, ImageDraw
@@ -17,6 +20,18 @@ CAPTION_PROMPT = "Describe the image."
 _COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220)}
 _SHAPES = ("circle", "square")
 _QUESTIONS = ("What colour is the shape?", "What shape is in the image?", "Where is the shape?")
+# (width, height): square, landscape and portrait, multiples of 28 (a Qwen-VL token is 28x28
+# pixels), from 64 to 256 Qwen-VL tokens
+MIXED_SIZES = (
+    (224, 224),
+    (448, 336),
+    (336, 448),
+    (392, 224),
+    (224, 392),
+    (448, 448),
+    (280, 280),
+    (504, 280),
+)
 
 
 class ImageSource(Protocol):
@@ -32,17 +47,19 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 class SyntheticImages:
-    """One coloured shape on a grey background per index; deterministic in (seed, index)."""
+    """One coloured shape on a grey background per index; deterministic in (seed, index).
+    Image `index` has the size `sizes[index % len(sizes)]` (width, height)."""
 
-    def __init__(self, seed: int = 0, size: int = 64) -> None:
+    def __init__(self, seed: int = 0, sizes: Sequence[tuple[int, int]] = ((64, 64),)) -> None:
         self.seed = seed
-        self.size = size
+        self.sizes = tuple(sizes)
 
     def image_png(self, index: int) -> bytes:
         rng = random.Random(self.seed * 1_000_003 + index)
-        image = Image.new("RGB", (self.size, self.size), (128, 128, 128))
-        side = rng.randint(self.size // 5, self.size // 2)
-        left, top = rng.randint(0, self.size - side), rng.randint(0, self.size - side)
+        width, height = self.sizes[index % len(self.sizes)]
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        side = rng.randint(min(width, height) // 5, min(width, height) // 2)
+        left, top = rng.randint(0, width - side), rng.randint(0, height - side)
         box = (left, top, left + side, top + side)
         colour = _COLOURS[rng.choice(sorted(_COLOURS))]
         draw = ImageDraw.Draw(image)
@@ -79,4 +96,6 @@ def image_source(name: str, seed: int) -> ImageSource:
         return SceneImages(seed)
     if name == "synthetic":
         return SyntheticImages(seed)
-    raise ValueError(f"unknown image source {name!r} (scenes or synthetic)")
+    if name == "mixed":
+        return SyntheticImages(seed, MIXED_SIZES)
+    raise ValueError(f"unknown image source {name!r} (scenes, synthetic or mixed)")

@@ -86,6 +86,7 @@ def _request_row(result: RequestResult) -> dict[str, Any]:
         "e2e": result.e2e,
         "output_tokens": result.output_tokens,
         "error": result.error,
+        "text": result.text,
     }
 
 

@@ -27,6 +27,7 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     error: str = ""
+    text: str = ""  # the output text, to compare contenders' outputs
 
     @property
     def tpot(self) -> float | None:

@@ -1,5 +1,9 @@
 """The request sets a benchmark sends: random text, scene captions, scene QA, image chat.
 
+`chat-image-mixed` is image chat for native-resolution models: images of eight sizes
+and aspect ratios (bench.images.MIXED_SIZES, whatever `--image-source` says), one per
+request and two in every fourth.
+
 Every workload is deterministic in its seed, so each contender of a comparison
 receives exactly the same requests.
 """
@@ -15,7 +19,9 @@ from typing import Any, Literal
 from bench.images import CAPTION_PROMPT, ImageSource, image_source
 
 Api = Literal["completions", "chat", "caption", "qa"]
-WORKLOADS = ("text", "caption", "qa", "chat-image")
+WORKLOADS = ("text", "caption", "qa", "chat-image", "chat-image-mixed")
+TWO_IMAGES_EVERY = 4  # chat-image-mixed: requests 3, 7, 11, ... carry two images
+TWO_IMAGE_PROMPT = "What differs between the two images?"
 
 # Plain ASCII words: a prefix of their tokens decodes back to the same text.
 _WORD_TEXT = (
@@ -56,6 +62,8 @@ def build_requests(spec: WorkloadSpec) -> list[BenchRequest]:
         return _text_requests(spec)
     if spec.name not in WORKLOADS:
         raise ValueError(f"unknown workload {spec.name!r}; choose from {', '.join(WORKLOADS)}")
+    if spec.name == "chat-image-mixed":
+        return _chat_image_mixed(spec, image_source("mixed", spec.seed))
     images = image_source(spec.image_source, spec.seed)
     builder = {"caption": _caption, "qa": _qa, "chat-image": _chat_image}[spec.name]
     return [builder(spec, images, index) for index in range(spec.num_prompts)]
@@ -104,10 +112,36 @@ def _chat_image(spec: WorkloadSpec, images: ImageSource, index: int) -> BenchReq
     """Alternates captioning and questions, both as OpenAI chat with a data-URL image part."""
     image, variant = divmod(index, spec.repeat_image)
     text = CAPTION_PROMPT if index % 2 == 0 else images.question(image, variant)
-    url = "data:image/png;base64," + base64.b64encode(images.image_png(image)).decode("ascii")
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+    return _chat(spec, [images.image_png(image)], text)
+
+
+def _chat_image_mixed(spec: WorkloadSpec, images: ImageSource) -> list[BenchRequest]:
+    """Request i shows image i, and in every TWO_IMAGES_EVERY-th also image num_prompts + i,
+    so that the first images run through the sizes in order."""
+    requests = []
+    for index in range(spec.num_prompts):
+        pngs = [images.image_png(index)]
+        if index % TWO_IMAGES_EVERY == TWO_IMAGES_EVERY - 1:
+            pngs.append(images.image_png(spec.num_prompts + index))
+            text = TWO_IMAGE_PROMPT
+        else:
+            text = CAPTION_PROMPT if index % 2 == 0 else images.question(index)
+        requests.append(_chat(spec, pngs, text))
+    return requests
+
+
+def _chat(spec: WorkloadSpec, pngs: list[bytes], text: str) -> BenchRequest:
+    """One user turn: the images as base64 PNG data URLs, then the text."""
+    content: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": _data_url(png)}} for png in pngs
+    ]
+    content.append({"type": "text", "text": text})
     messages = [{"role": "user", "content": content}]
     return BenchRequest("chat", _json_fields(spec) | {"messages": messages})
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 class TokenCounter:

@@ -4,20 +4,28 @@ Every contender runs on loopback with the same environment: OMP_NUM_THREADS and
 MKL_NUM_THREADS set to `threads` (torch sizes its intra-op pool from them),
 TOKENIZERS_PARALLELISM=false, and the Hugging Face hub switched off. Servers
 that take a thread flag get it as well (mmgpt --num-threads, naive --threads).
+
+`transformers serve` starts through bench.peers.transformers_images, which runs
+transformers' own command line after registering image-only processors for the
+families whose video processors need torchvision (nothing else changes).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.workloads import WORKLOADS
 
-TEXT_AND_CHAT = frozenset({"text", "chat-image"})
+TEXT_AND_CHAT = frozenset({"text", "chat-image", "chat-image-mixed"})
+# (max_tokens, the checkpoint's image placeholder ids) -> request fields; see Contender
+BanEos = Callable[[int, Sequence[int]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,10 @@ class Contender:
     ready_path: str
     workloads: frozenset[str]  # the workloads its API can serve
     accepts_ignore_eos: bool = True  # the vLLM extension; without it outputs may end at EOS
+    # The fields that keep EOS and the image placeholders from being sampled before
+    # max_tokens (`--ban-eos`): every contender then generates by the same rule, so that
+    # greedy outputs can be compared token for token. None: it has no way to say so.
+    ban_eos_fields: BanEos | None = None
 
 
 def _optional(flag: str, value: str | None) -> list[str]:
@@ -56,7 +68,7 @@ def _mmgpt(settings: LaunchSettings) -> list[str]:
 
 def _transformers(settings: LaunchSettings) -> list[str]:
     return [
-        *(sys.executable, "-m", "transformers.cli.transformers", "serve", settings.model),
+        *(sys.executable, "-m", "bench.peers.transformers_images", "serve", settings.model),
         "--continuous-batching",
         *("--host", settings.host, "--port", str(settings.port)),
         *_optional("--dtype", settings.dtype),
@@ -74,15 +86,41 @@ def _naive(settings: LaunchSettings) -> list[str]:
     ]
 
 
+def _mmgpt_ban_eos(max_tokens: int, placeholders: Sequence[int]) -> dict[str, Any]:
+    """min_tokens bans EOS until then; mmgpt's sampler never samples an image placeholder."""
+    return {"min_tokens": max_tokens}
+
+
+def _transformers_ban_eos(max_tokens: int, placeholders: Sequence[int]) -> dict[str, Any]:
+    """Its `generation_config` request field: generate()'s own min_new_tokens and
+    suppress_tokens (the logits processors that set those logits to -inf)."""
+    rules = {"min_new_tokens": max_tokens, "suppress_tokens": list(placeholders)}
+    return {"generation_config": json.dumps(rules)}
+
+
 CONTENDERS = {
-    "mmgpt": Contender("mmgpt", _mmgpt, "/ready", frozenset(WORKLOADS)),
+    "mmgpt": Contender(
+        "mmgpt", _mmgpt, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
+    ),
     # `transformers serve` has no readiness route; /health answers once the preloaded model is in.
     # It answers 422 to `ignore_eos` (for models it serves without continuous batching).
     "transformers": Contender(
-        "transformers", _transformers, "/health", TEXT_AND_CHAT, accepts_ignore_eos=False
+        "transformers",
+        _transformers,
+        "/health",
+        TEXT_AND_CHAT,
+        accepts_ignore_eos=False,
+        ban_eos_fields=_transformers_ban_eos,
     ),
     "naive": Contender("naive", _naive, "/ready", TEXT_AND_CHAT),
 }
+
+
+def image_placeholder_ids(model: str) -> list[int]:
+    """The image token id a checkpoint's config.json names (Qwen-VL, SmolVLM, LLaVA), if any."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    ids = (config.get(key) for key in ("image_token_id", "image_token_index"))
+    return [value for value in ids if isinstance(value, int)][:1]
 
 
 def command_line(contender: Contender, settings: LaunchSettings) -> list[str]:
