@@ -8,14 +8,15 @@ wheels are built against the CUDA torch and do not load against the CPU torch th
 mmgpt pins. This launcher registers, for those configs, the family's own processor
 class less its video half (the image processor, tokenizer, chat template and
 prompt expansion are unchanged), then runs transformers' own command line: the
-serving, model loading and generation are transformers' code. Registration runs at
-import, so the model process that `transformers serve` spawns, which imports this
-module again as its main, gets it too.
+serving, model loading and generation are transformers' code. Registration runs when
+this module is the process's main, which includes the model process that
+`transformers serve` spawns (it imports the parent's main module as `__mp_main__`).
 """
 
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import (
@@ -66,6 +67,8 @@ class SmolVLMProcessorImageOnly(SmolVLMProcessor):
         **kwargs: Any,
     ) -> None:
         super().__init__(image_processor, tokenizer, None, image_seq_len, chat_template, **kwargs)
+        # its apply_chat_template reads the video sampling defaults even without a video
+        self.video_processor = SimpleNamespace(num_frames=None, fps=None)
 
 
 IMAGE_ONLY_PROCESSORS: dict[type[PretrainedConfig], type[ProcessorMixin]] = {
@@ -80,7 +83,8 @@ def register_image_only_processors() -> None:
         AutoProcessor.register(config_class, processor_class, exist_ok=True)
 
 
-register_image_only_processors()
+if __name__ in ("__main__", "__mp_main__"):
+    register_image_only_processors()
 
 
 def main(argv: list[str] | None = None) -> None:

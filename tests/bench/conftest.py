@@ -17,3 +17,17 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def bench_qwen_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bench.qwen_vl_checkpoint import make_qwen_vl
+
+    return make_qwen_vl(tmp_path_factory.mktemp("qwen-vl"), size="tiny")
+
+
+@pytest.fixture(scope="session")
+def bench_smolvlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bench.smolvlm_checkpoint import make_smolvlm
+
+    return make_smolvlm(tmp_path_factory.mktemp("smolvlm"), size="tiny")

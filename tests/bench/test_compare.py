@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from bench import compare
-from bench.compare import ContenderRun, format_comparison, parse_args, run_workloads
+from bench.compare import (
+    ContenderRun,
+    format_comparison,
+    parse_args,
+    run_workloads,
+    same_outputs,
+    stopping_rules,
+)
 from bench.compare import main as compare_main
 from bench.peers.contenders import CONTENDERS
 from bench.peers.process import ServerProcess, ServerStartError, free_port, group_members
@@ -130,3 +137,68 @@ def test_ignore_eos_goes_only_to_contenders_that_accept_it(tiny_gpt2: Path, acce
         reports = run_workloads(contender, args, server.base_url)
     assert reports["text"].summary.completed == 2
     assert all(("ignore_eos" in body) == accepts for body in scripted.bodies)
+
+
+def test_ban_eos_speaks_each_contenders_own_fields(tiny_llava: Path) -> None:
+    argv = ["--model", str(tiny_llava), "--contenders", "mmgpt,transformers", "--ban-eos"]
+    args = parse_args([*argv, "--output-len", "6", "--ignore-eos"])
+    spec = WorkloadSpec("chat-image", output_len=6, ignore_eos=True)
+    mmgpt = stopping_rules(CONTENDERS["mmgpt"], spec, args)
+    assert mmgpt.extra_body == {"min_tokens": 6} and not mmgpt.ignore_eos
+    peer = stopping_rules(CONTENDERS["transformers"], spec, args)
+    image_token = json.loads((tiny_llava / "config.json").read_text())["image_token_index"]
+    rules = json.loads(peer.extra_body["generation_config"])
+    assert rules == {"min_new_tokens": 6, "suppress_tokens": [image_token]}
+    assert not peer.ignore_eos
+
+
+def test_ban_eos_refuses_a_contender_that_cannot_be_told(tiny_gpt2: Path) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--model", str(tiny_gpt2), "--contenders", "mmgpt,naive", "--ban-eos"])
+
+
+def test_same_outputs_counts_equal_texts_of_requests_both_answered() -> None:
+    def result(text: str, ok: bool = True) -> RequestResult:
+        return RequestResult(ok=ok, text=text)
+
+    base = [result("a b"), result("c"), result("d"), result("e", ok=False)]
+    other = [result("a b"), result("x"), result("", ok=False), result("e")]
+    assert same_outputs(base, other) == "1/2"
+
+
+def test_the_table_says_how_many_outputs_equal_mmgpts() -> None:
+    def report(texts: list[str]) -> BenchReport:
+        results = [
+            RequestResult(ok=True, ttft=0.1, e2e=1.0, output_tokens=2, text=t) for t in texts
+        ]
+        summary = summarize(results, 1.0)
+        return BenchReport("r", "m", WorkloadSpec(), LoadConfig("http://x"), summary, [], results)
+
+    runs = [
+        ContenderRun("mmgpt", [], {"text": report(["a", "b", "c"])}),
+        ContenderRun("transformers", [], {"text": report(["a", "b", "x"])}),
+    ]
+    lines = format_comparison(runs, ["text"]).splitlines()
+    assert lines[0].split()[-1] == "same"
+    assert next(line for line in lines if " mmgpt " in line).split()[-1] == "-"
+    assert next(line for line in lines if "transformers" in line).split()[-1] == "2/3"
+
+
+def test_mmgpt_and_transformers_serve_give_the_same_image_chat_outputs(
+    bench_qwen_vl: Path, tmp_path: Path
+) -> None:
+    """Both servers on the tiny Qwen2.5-VL, images of mixed sizes (two in the fourth
+    request), EOS banned: every request gets its max_tokens, and the same text."""
+    out = tmp_path / "compare.json"
+    argv = ["--model", str(bench_qwen_vl), "--contenders", "mmgpt,transformers", "--threads", "1"]
+    argv += ["--workloads", "chat-image-mixed", "--num-prompts", "4", "--max-concurrency", "2"]
+    argv += ["--output-len", "6", "--ban-eos", "--num-warmups", "0", "--json", str(out)]
+    argv += ["--log-dir", str(tmp_path / "logs")]
+    assert compare_main(argv) == 0
+    contenders = json.loads(out.read_text())["contenders"]
+    texts = []
+    for contender in contenders:
+        requests = contender["results"]["chat-image-mixed"]["requests"]
+        assert [r["output_tokens"] for r in requests] == [6] * 4, contender["name"]
+        texts.append([r["text"] for r in requests])
+    assert texts[0] == texts[1] and all(texts[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-from bench.images import SceneImages, SyntheticImages
-from bench.workloads import WorkloadSpec, build_requests
+from bench.images import MIXED_SIZES, SceneImages, SyntheticImages
+from bench.workloads import BenchRequest, WorkloadSpec, build_requests
 
 
 def test_the_same_seed_gives_the_same_requests() -> None:
@@ -67,3 +68,24 @@ def test_repeat_image_asks_different_questions_about_one_image() -> None:
     first, second, third, _ = build_requests(spec)
     assert first.image_png == second.image_png != third.image_png
     assert first.fields["question"] != second.fields["question"]
+
+
+def _image_sizes(request: BenchRequest) -> list[tuple[int, int]]:
+    parts = request.fields["messages"][0]["content"]
+    urls = [part["image_url"]["url"] for part in parts if part["type"] == "image_url"]
+    return [Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size for url in urls]
+
+
+def test_mixed_image_chat_varies_sizes_and_sends_two_images_in_every_fourth() -> None:
+    spec = WorkloadSpec("chat-image-mixed", num_prompts=8, output_len=5, ignore_eos=True)
+    requests = build_requests(spec)
+    assert requests == build_requests(spec)
+    sizes = [_image_sizes(request) for request in requests]
+    assert [len(each) for each in sizes] == [1, 1, 1, 2, 1, 1, 1, 2]
+    firsts = [each[0] for each in sizes]
+    assert firsts == list(MIXED_SIZES)  # the first images run through the sizes in order
+    assert any(w > h for w, h in firsts) and any(w < h for w, h in firsts)
+    for request in requests:
+        assert request.api == "chat" and request.fields["max_tokens"] == 5
+        assert request.fields["ignore_eos"] is True
+        assert request.fields["messages"][0]["content"][-1]["type"] == "text"
