@@ -133,14 +133,15 @@ def smolvlm_config(shape: SmolVLMShape, token_ids: dict[str, int]) -> SmolVLMCon
         pad_token_id=token_ids[END_OF_TEXT],
         bos_token_id=token_ids["<|im_start|>"],
     )
-    return SmolVLMConfig(
+    parts: dict[str, Any] = dict(
         text_config=text,
         vision_config=vision,
         image_token_id=token_ids[IMAGE_TOKEN],
         scale_factor=SCALE_FACTOR,
         tie_word_embeddings=False,
-        pad_token_id=token_ids[END_OF_TEXT],
+        pad_token_id=token_ids[END_OF_TEXT],  # read from the keyword arguments, untyped
     )
+    return SmolVLMConfig(**parts)
 
 
 def make_smolvlm(out_dir: str | Path, size: str = "256m", seed: int = 0) -> Path:
