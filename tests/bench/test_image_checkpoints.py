@@ -8,6 +8,7 @@ placeholders as the image processor's grid says, with the same pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
     AutoProcessor,
@@ -26,7 +28,10 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from bench.images import MIXED_SIZES, SyntheticImages
 from bench.peers.transformers_images import register_image_only_processors
-from bench.qwen_vl_checkpoint import SHAPES, SPECIAL_TOKENS, build_qwen_tokenizer
+from bench.qwen_vl_checkpoint import SHAPES as QWEN_SHAPES
+from bench.qwen_vl_checkpoint import SPECIAL_TOKENS, QwenVLShape, build_qwen_tokenizer, make_qwen_vl
+from bench.smolvlm_checkpoint import IMAGE_TOKENS, SCALE_FACTOR, SmolVLMShape
+from bench.smolvlm_checkpoint import SHAPES as SMOLVLM_SHAPES
 from models import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -54,11 +59,11 @@ def _mixed(count: int) -> list[Image.Image]:
 
 def test_qwen_special_tokens_follow_the_regular_vocabulary() -> None:
     """With Qwen's 151,643 regular tokens, <|endoftext|> .. <|video_pad|> get Qwen's ids."""
-    regular = SHAPES["tiny"].regular_tokens
+    regular = QWEN_SHAPES["tiny"].regular_tokens
     tokenizer = build_qwen_tokenizer(regular)
     ids = [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS]
     assert ids == list(range(regular, regular + len(SPECIAL_TOKENS)))
-    assert SHAPES["scaled"].regular_tokens == 151_643
+    assert QWEN_SHAPES["scaled"].regular_tokens == 151_643
 
 
 def test_mmgpt_loads_the_qwen_vl_checkpoint(bench_qwen_vl: Path) -> None:
@@ -116,3 +121,33 @@ def test_the_peer_processor_tiles_smolvlm_images(bench_smolvlm: Path) -> None:
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("shape", QWEN_SHAPES.values(), ids=QWEN_SHAPES.keys())
+def test_qwen_shapes_are_consistent(shape: QwenVLShape) -> None:
+    """M-RoPE sections cover half of each head; full-attention blocks exist."""
+    assert 2 * sum(shape.mrope_section) == shape.text_width // shape.text_heads
+    assert shape.text_width % shape.text_heads == 0 and shape.vision_width % shape.vision_heads == 0
+    assert all(block < shape.vision_depth for block in shape.full_attention_blocks)
+    assert shape.embedding_rows >= shape.regular_tokens + len(SPECIAL_TOKENS)
+
+
+@pytest.mark.parametrize("shape", SMOLVLM_SHAPES.values(), ids=SMOLVLM_SHAPES.keys())
+def test_smolvlm_tiles_shuffle_into_whole_tokens(shape: SmolVLMShape) -> None:
+    assert shape.tile % (shape.patch * SCALE_FACTOR) == 0
+    assert shape.embedding_rows >= shape.regular_tokens + 1 + len(IMAGE_TOKENS)
+
+
+def test_a_bfloat16_shape_is_built_and_saved_in_bfloat16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the 2b shape is, for GPUs; the process's default dtype is left as it was."""
+    monkeypatch.setitem(
+        QWEN_SHAPES, "tiny-bf16", dataclasses.replace(QWEN_SHAPES["tiny"], dtype=torch.bfloat16)
+    )
+    folder = make_qwen_vl(tmp_path, size="tiny-bf16")
+    assert torch.get_default_dtype() == torch.float32
+    weights = load_file(folder / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    loaded = load_model(folder, device="cpu", dtype="bfloat16")
+    assert loaded.info.dtype == torch.bfloat16
