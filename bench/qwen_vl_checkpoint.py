@@ -26,7 +26,6 @@ generation config stops at `<|im_end|>` or `<|endoftext|>`, as Qwen2.5-VL-Instru
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,19 @@ from typing import Any
 import torch
 from transformers import (
     GenerationConfig,
-    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from bench.checkpoints import END_OF_TEXT, build_gpt2_tokenizer
+from bench.checkpoints import (
+    END_OF_TEXT,
+    build_gpt2_tokenizer,
+    save_multimodal,
+    sized_main,
+    spread_weights,
+)
 
 # Qwen2's special tokens in their order after the regular vocabulary (151,643 of them)
 SPECIAL_TOKENS = (
@@ -192,16 +196,6 @@ def qwen_vl_config(shape: QwenVLShape, token_ids: dict[str, int]) -> Qwen2_5_VLC
     )
 
 
-def spread_weights(model: PreTrainedModel, seed: int, scale: float = 0.08) -> None:
-    """Every weight drawn from N(0, scale), norm weights from N(1, 0.1), in name order."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator).to(param.dtype)
-            is_norm = "norm" in name.lower() and name.endswith("weight")
-            param.copy_(1.0 + 0.1 * noise if is_norm else scale * noise)
-
-
 def make_qwen_vl(out_dir: str | Path, size: str = "scaled", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     shape = SHAPES[size]
@@ -215,26 +209,17 @@ def make_qwen_vl(out_dir: str | Path, size: str = "scaled", seed: int = 0) -> Pa
     finally:
         torch.set_default_dtype(default_dtype)
     end_of_text = token_ids[END_OF_TEXT]
-    model.generation_config = GenerationConfig(
+    generation = GenerationConfig(
         bos_token_id=end_of_text,
         eos_token_id=[token_ids["<|im_end|>"], end_of_text],
         pad_token_id=end_of_text,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor().save_pretrained(out)
-    return out
+    return save_multimodal(model, tokenizer, image_processor(), generation, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a random Qwen2.5-VL-shaped checkpoint.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=sorted(SHAPES), default="scaled")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(make_qwen_vl(args.out_dir, args.size, args.seed))
+    description = "Write a random Qwen2.5-VL-shaped checkpoint."
+    sized_main(description, list(SHAPES), "scaled", make_qwen_vl, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Weights are spread as in bench.qwen_vl_checkpoint, for the same reason.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,8 +33,13 @@ from transformers import (
 )
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from bench.checkpoints import END_OF_TEXT, build_gpt2_tokenizer
-from bench.qwen_vl_checkpoint import spread_weights
+from bench.checkpoints import (
+    END_OF_TEXT,
+    build_gpt2_tokenizer,
+    save_multimodal,
+    sized_main,
+    spread_weights,
+)
 
 GRID = 6  # row/column tokens for up to 6x6 tiles
 IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = (
@@ -152,16 +156,12 @@ def make_smolvlm(out_dir: str | Path, size: str = "256m", seed: int = 0) -> Path
     token_ids = {name: int(tokenizer.convert_tokens_to_ids(name)) for name in names}  # type: ignore[arg-type]
     model = SmolVLMForConditionalGeneration(smolvlm_config(shape, token_ids)).eval()
     spread_weights(model, seed)
-    model.generation_config = GenerationConfig(
+    generation = GenerationConfig(
         bos_token_id=token_ids["<|im_start|>"],
         eos_token_id=token_ids[END_OF_UTTERANCE],
         pad_token_id=token_ids[END_OF_TEXT],
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor(shape).save_pretrained(out)
+    out = save_multimodal(model, tokenizer, image_processor(shape), generation, out_dir)
     # the processor's own setting (SmolVLMProcessor.save_pretrained would need its video
     # processor, so torchvision); no processor_class: AutoProcessor picks it by config
     processor = {"image_seq_len": shape.tokens_per_tile}
@@ -170,12 +170,8 @@ def make_smolvlm(out_dir: str | Path, size: str = "256m", seed: int = 0) -> Path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a random SmolVLM-256M-shaped checkpoint.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=sorted(SHAPES), default="256m")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(make_smolvlm(args.out_dir, args.size, args.seed))
+    description = "Write a random SmolVLM-256M-shaped checkpoint."
+    sized_main(description, list(SHAPES), "256m", make_smolvlm, argv)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from transformers import (
 )
 
 
-class Qwen2VLProcessorImageOnly(Qwen2VLProcessor):
+class NoVideoProcessor:
     """transformers loads the sub-processors that `__init__` names, and the keyword
-    arguments its code names: the family's own, less `video_processor`."""
+    arguments its code names: Qwen-VL's own, less `video_processor`."""
 
     def __init__(
         self,
@@ -43,18 +43,15 @@ class Qwen2VLProcessorImageOnly(Qwen2VLProcessor):
         chat_template: Any = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)  # type: ignore[call-arg]
 
 
-class Qwen2_5_VLProcessorImageOnly(Qwen2_5_VLProcessor):
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+class Qwen2VLProcessorImageOnly(NoVideoProcessor, Qwen2VLProcessor):
+    pass
+
+
+class Qwen2_5_VLProcessorImageOnly(NoVideoProcessor, Qwen2_5_VLProcessor):
+    pass
 
 
 class SmolVLMProcessorImageOnly(SmolVLMProcessor):
