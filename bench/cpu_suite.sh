@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU table of BENCHMARKS.md in one run, on a quiet machine (about 15 minutes on
+# Every CPU table of BENCHMARKS.md in one run, on a quiet machine (about 20 minutes on
 # 2 cores): the machine, its ceilings, and each side-by-side comparison. Reports (JSON)
 # and server logs go to $OUT (default bench-results/); each table is printed as it ends.
 #
@@ -22,6 +22,8 @@ done
 [ -f "$CKPT/gpt2-tiny-top-p/config.json" ] ||
     "$PY" -m bench.checkpoints "$CKPT/gpt2-tiny-top-p" --size tiny --top-p 0.9
 [ -f "$CKPT/llava-base/config.json" ] || "$PY" -m bench.llava_checkpoint "$CKPT/llava-base"
+[ -f "$CKPT/qwen2.5-vl/config.json" ] ||
+    "$PY" -m bench.qwen_vl_checkpoint "$CKPT/qwen2.5-vl" --size scaled
 
 compare() {  # name, then bench.compare flags
     local name=$1
@@ -48,6 +50,11 @@ compare repeat-image --model "$SCENES" --contenders mmgpt --workloads qa --repea
 # The same on a ViT-B/16 tower, where encoding and prefilling the image is the real cost.
 compare repeat-image-llava --model "$CKPT/llava-base" --contenders mmgpt --workloads qa \
     --repeat-image 2 --num-prompts 16 --max-concurrency 1 --output-len 16 --image-source synthetic
+
+# Native-resolution images of eight sizes, two in every fourth request; both sides ban EOS
+# by the same rule, so that every output must equal mmgpt's (the "same" column).
+compare qwen2.5-vl-chat-image-mixed --model "$CKPT/qwen2.5-vl" --contenders mmgpt,transformers \
+    --workloads chat-image-mixed --num-prompts 16 --max-concurrency 8 --output-len 32 --ban-eos
 
 compare tiny-c32 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 128 \
     --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
