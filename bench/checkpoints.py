@@ -25,7 +25,7 @@ import itertools
 import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -171,6 +171,35 @@ def spread_weights(model: PreTrainedModel, seed: int, scale: float = 0.08) -> No
             noise = torch.randn(param.shape, generator=generator).to(param.dtype)
             is_norm = "norm" in name.lower() and name.endswith("weight")
             param.copy_(1.0 + 0.1 * noise if is_norm else scale * noise)
+
+
+class DecoderShape(Protocol):
+    """The text decoder's sizes of a multimodal shape (a frozen dataclass: read-only)."""
+
+    @property
+    def text_width(self) -> int: ...
+    @property
+    def text_layers(self) -> int: ...
+    @property
+    def text_heads(self) -> int: ...
+    @property
+    def text_kv_heads(self) -> int: ...
+    @property
+    def text_mlp(self) -> int: ...
+    @property
+    def embedding_rows(self) -> int: ...
+
+
+def decoder_sizes(shape: DecoderShape) -> dict[str, Any]:
+    """A multimodal shape's text decoder, in transformers' config names."""
+    return dict(
+        vocab_size=shape.embedding_rows,
+        hidden_size=shape.text_width,
+        intermediate_size=shape.text_mlp,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads,
+    )
 
 
 def save_multimodal(

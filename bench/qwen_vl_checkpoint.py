@@ -43,6 +43,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from bench.checkpoints import (
     END_OF_TEXT,
     build_gpt2_tokenizer,
+    decoder_sizes,
     save_multimodal,
     sized_main,
     spread_weights,
@@ -169,13 +170,7 @@ def qwen_vl_config(shape: QwenVLShape, token_ids: dict[str, int]) -> Qwen2_5_VLC
         "rope_theta": 1_000_000.0,
         "mrope_section": list(shape.mrope_section),
     }
-    text: dict[str, Any] = dict(
-        vocab_size=shape.embedding_rows,
-        hidden_size=shape.text_width,
-        intermediate_size=shape.text_mlp,
-        num_hidden_layers=shape.text_layers,
-        num_attention_heads=shape.text_heads,
-        num_key_value_heads=shape.text_kv_heads,
+    text: dict[str, Any] = decoder_sizes(shape) | dict(
         max_position_embeddings=32_768,
         rms_norm_eps=1e-6,
         rope_parameters=rope,

@@ -36,6 +36,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 from bench.checkpoints import (
     END_OF_TEXT,
     build_gpt2_tokenizer,
+    decoder_sizes,
     save_multimodal,
     sized_main,
     spread_weights,
@@ -121,14 +122,8 @@ def smolvlm_config(shape: SmolVLMShape, token_ids: dict[str, int]) -> SmolVLMCon
         image_size=shape.tile,
         patch_size=shape.patch,
     )
-    text: dict[str, Any] = dict(
+    text: dict[str, Any] = decoder_sizes(shape) | dict(
         model_type="llama",
-        vocab_size=shape.embedding_rows,
-        hidden_size=shape.text_width,
-        intermediate_size=shape.text_mlp,
-        num_hidden_layers=shape.text_layers,
-        num_attention_heads=shape.text_heads,
-        num_key_value_heads=shape.text_kv_heads,
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
