@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 from models import checkpoint, gguf
 from models.base import LoadedModel, ModelInfo
 from models.errors import ModelLoadError
+from models.gemma3 import build_gemma3_text
 from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
@@ -26,6 +27,7 @@ BUILDERS: dict[str, Builder] = {
     "LlamaForCausalLM": build_llama,
     "Qwen2ForCausalLM": build_llama,
     "Qwen3ForCausalLM": build_llama,
+    "Gemma3ForCausalLM": build_gemma3_text,
     "GPT2LMHeadModel": build_gpt2,
     "Qwen2VLForConditionalGeneration": build_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
@@ -168,6 +170,7 @@ def _model_info(
         image_seq_length=model.image_seq_length,
         image_size=model.image_size,
         position_sections=model.position_sections,
+        sliding_window=model.sliding_window,
         caption_prompt=_caption_prompt(source),
     )
 

@@ -9,6 +9,12 @@ on a handful of tensor ops (models/attention.py):
   keeps them contiguous (`MirroredDecodes`), in place;
 - prefill chunks run one SDPA each, causal over the new tokens; a chunk after cached
   context reads that context back through its block table.
+
+A model with sliding-window layers (Gemma 3) gets a second mask per group and chunk,
+`window_mask`, where each query sees only its own key and the `window - 1` before it
+(transformers' `sliding_window_overlay`); its local layers attend with it. It is
+planned only where some query reaches past the window, so a model without one, or a
+step whose sequences are all shorter, pays nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class DecodeGroup:
     mask: torch.Tensor  # [num_seqs, 1, 1, span] bool, True = attend
     num_seqs: int
     mirror: MirroredDecodes | None = None  # read K/V in place instead of gathering
+    window_mask: torch.Tensor | None = None  # like mask, for sliding-window layers
     # NOTE: every layer gathers into the same two buffers: a fresh multi-MB tensor per
     # layer costs page faults (BENCHMARKS.md, history)
     gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -56,6 +63,9 @@ class DecodeGroup:
             self.gather_buffers = buffers
         return buffers
 
+    def mask_for(self, sliding: bool) -> torch.Tensor:
+        return self.window_mask if sliding and self.window_mask is not None else self.mask
+
 
 @dataclass
 class PrefillChunk:
@@ -66,6 +76,10 @@ class PrefillChunk:
     seq_len: int
     block_ids: torch.Tensor | None  # None: no cached context, attend to the new keys only
     mask: torch.Tensor | None  # [query_len, seq_len] bool when there is cached context
+    window_mask: torch.Tensor | None = None  # [query_len, seq_len] for sliding-window layers
+
+    def mask_for(self, sliding: bool) -> torch.Tensor | None:
+        return self.window_mask if sliding and self.window_mask is not None else self.mask
 
 
 @dataclass
@@ -90,10 +104,12 @@ def plan_attention(
     block_size: int,
     padding_block: int,
     mirrored: MirroredDecodes | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionInputs:
     """The step's attention inputs. `block_tables[i]` holds sequence i's blocks; shorter
     tables are padded with `padding_block`, whose K/V must stay finite (attention reads
-    them, masked, and a masked NaN still turns a row NaN)."""
+    them, masked, and a masked NaN still turns a row NaN). `sliding_window`: the model's
+    local layers' window, None for a model without one."""
     layout = _Layout(
         query_lens, context_lens, block_tables, block_size, padding_block, slot_mapping.device
     )
@@ -104,6 +120,8 @@ def plan_attention(
     else:
         groups = [layout.decode_group(m) for m in _group_by_length(decodes, layout)]
     prefills = [layout.prefill_chunk(i) for i, q in enumerate(query_lens) if q > 1]
+    if sliding_window is not None:
+        _add_window_masks(groups, prefills, sliding_window, slot_mapping.device)
     return AttentionInputs(
         slot_mapping=slot_mapping,
         query_lens=query_lens,
@@ -171,6 +189,28 @@ class _Layout:
         mask = key_positions[None, :] <= query_positions[:, None]
         chunk.mask = mask.to(self.device, non_blocking=True)
         return chunk
+
+
+def _add_window_masks(
+    groups: list[DecodeGroup], prefills: list[PrefillChunk], window: int, device: torch.device
+) -> None:
+    """Window masks where some query sees more than `window` keys; elsewhere the plain
+    mask already is the window's."""
+    for group in groups:
+        seq_lens = group.mask.sum(dim=-1, keepdim=True)  # [n, 1, 1, 1]: masks are prefixes
+        if int(seq_lens.max()) > window:
+            key_positions = torch.arange(group.mask.shape[-1], device=group.mask.device)
+            group.window_mask = group.mask & (key_positions >= seq_lens - window)
+    for chunk in prefills:
+        if chunk.seq_len > window:
+            chunk.window_mask = _window_mask(chunk, window).to(device, non_blocking=True)
+
+
+def _window_mask(chunk: PrefillChunk, window: int) -> torch.Tensor:
+    """[query_len, seq_len]: causal, and no key `window` or more positions back."""
+    query_positions = torch.arange(chunk.seq_len - (chunk.end - chunk.start), chunk.seq_len)
+    distance = query_positions[:, None] - torch.arange(chunk.seq_len)[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 def _mirror_group(layout: _Layout, mirrored: MirroredDecodes) -> DecodeGroup:

@@ -39,6 +39,7 @@ class ModelInfo:
     image_size: int = 0  # square side the image processor resizes to
     caption_prompt: str = "Describe the image."
     position_sections: int = 1  # rotary position sections per token: 3 for M-RoPE
+    sliding_window: int | None = None  # the local layers' window, planned into attention
 
     @property
     def is_multimodal(self) -> bool:

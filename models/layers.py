@@ -92,6 +92,7 @@ class PagedDecoderModel:
     image_seq_length: int = 0
     image_size: int = 0
     position_sections = 1  # 3 for multimodal rotary positions (M-RoPE)
+    sliding_window: int | None = None  # the local layers' window (Gemma 3); None: no window
 
     def adopt_dims(self, decoder: PagedDecoderModel) -> None:
         """Take the cache and output dimensions of the text decoder this model wraps."""

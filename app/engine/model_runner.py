@@ -227,6 +227,7 @@ class ModelRunner:
             self.block_size,
             self.padding_block,
             self._mirrored_decodes(batch, context_lens, tables),
+            self.info.sliding_window,
         )
 
     def _mirrored_decodes(
