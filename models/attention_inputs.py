@@ -15,11 +15,17 @@ A model with sliding-window layers (Gemma 3) gets a second mask per group and ch
 (transformers' `sliding_window_overlay`); its local layers attend with it. It is
 planned only where some query reaches past the window, so a model without one, or a
 step whose sequences are all shorter, pays nothing.
+
+A model whose image tokens attend to each other both ways (Gemma 3) turns a step's
+inputs into `with_bidirectional_spans(...)`: the prefill chunks holding image tokens
+get masks where those tokens also see the later tokens of their own image. A chunk
+must then hold the rest of every image it starts (the scheduler's rule for such a
+model); the image's earlier tokens may sit in the cache, as after a prefix-cache hit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -94,6 +100,7 @@ class AttentionInputs:
     prefills: list[PrefillChunk]
     # the whole batch is one decode group in batch order: no row gather or scatter
     is_one_decode_group: bool
+    sliding_window: int | None = None  # the window the window masks were planned for
 
 
 def plan_attention(
@@ -129,6 +136,7 @@ def plan_attention(
         decode_groups=groups,
         prefills=prefills,
         is_one_decode_group=not prefills and len(groups) == 1 and layout.is_whole(groups[0]),
+        sliding_window=sliding_window,
     )
 
 
@@ -241,3 +249,39 @@ def _group_by_length(seqs: list[int], layout: _Layout) -> list[list[int]]:
             groups.append([])
         groups[-1].append(seq)
     return groups
+
+
+def with_bidirectional_spans(inputs: AttentionInputs, is_span: torch.Tensor) -> AttentionInputs:
+    """The step's inputs where each run of consecutive `is_span` rows ([T] bool) of a
+    prefill chunk also attends to its own later rows (transformers' `blockwise_overlay`:
+    causal OR same span; and, in sliding-window layers, within the window)."""
+    prefills = [_with_spans(chunk, is_span, inputs.sliding_window) for chunk in inputs.prefills]
+    return replace(inputs, prefills=prefills)
+
+
+def _with_spans(chunk: PrefillChunk, is_span: torch.Tensor, window: int | None) -> PrefillChunk:
+    in_span = is_span[chunk.start : chunk.end]  # [query_len]
+    if not bool(in_span.any()):
+        return chunk
+    query_len = chunk.end - chunk.start
+    starts = in_span & ~_previous(in_span)
+    span_ids = torch.where(in_span, starts.cumsum(0), 0)  # [query_len], 0: not in a span
+    key_span_ids = _after_zeros(span_ids, chunk.seq_len - query_len)  # [seq_len]
+    same_span = (span_ids[:, None] == key_span_ids[None, :]) & in_span[:, None]
+    query_positions = torch.arange(chunk.seq_len - query_len, chunk.seq_len, device=is_span.device)
+    distance = query_positions[:, None] - torch.arange(chunk.seq_len, device=is_span.device)
+    mask = (distance >= 0) | same_span  # [query_len, seq_len]
+    window_mask = (
+        None if chunk.window_mask is None or window is None else mask & (distance < window)
+    )
+    return replace(chunk, mask=mask, window_mask=window_mask)
+
+
+def _previous(flags: torch.Tensor) -> torch.Tensor:
+    """Each row's predecessor's flag (False for the first)."""
+    return torch.cat([flags.new_zeros(1), flags[:-1]])
+
+
+def _after_zeros(values: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` zeros, then `values`."""
+    return torch.cat([values.new_zeros(count), values])

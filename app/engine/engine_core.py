@@ -58,7 +58,10 @@ class EngineCore:
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            loaded.info.image_spans_in_one_chunk,
         )
         self.runner = ModelRunner(loaded, config, num_blocks)
         self.detokenizer = Detokenizer(loaded.tokenizer)
