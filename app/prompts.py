@@ -92,6 +92,9 @@ class PromptBuilder:
         count). The engine checks that the image tokens match the request's images (an
         image token typed in the text does not)."""
         text = self._render(messages, param, tools)
+        if self.info.image_prompt is not None:  # the processor's text around each image
+            marker, image_text = self.info.image_prompt
+            text = text.replace(marker, image_text)
         check_unicode(text, param)
         token_ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._expand_images(token_ids, image_tokens)

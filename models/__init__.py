@@ -13,6 +13,7 @@ from models import checkpoint, gguf
 from models.base import LoadedModel, ModelInfo
 from models.errors import ModelLoadError
 from models.gemma3 import build_gemma3_text
+from models.gemma3_vl import build_gemma3_vl
 from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
@@ -28,6 +29,7 @@ BUILDERS: dict[str, Builder] = {
     "Qwen2ForCausalLM": build_llama,
     "Qwen3ForCausalLM": build_llama,
     "Gemma3ForCausalLM": build_gemma3_text,
+    "Gemma3ForConditionalGeneration": build_gemma3_vl,
     "GPT2LMHeadModel": build_gpt2,
     "Qwen2VLForConditionalGeneration": build_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
@@ -37,6 +39,7 @@ MULTIMODAL_ARCHITECTURES = frozenset(
         "LlavaForConditionalGeneration",
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",
+        "Gemma3ForConditionalGeneration",
     }
 )
 logger = logging.getLogger(__name__)
@@ -171,6 +174,8 @@ def _model_info(
         image_size=model.image_size,
         position_sections=model.position_sections,
         sliding_window=model.sliding_window,
+        image_spans_in_one_chunk=model.image_spans_in_one_chunk,
+        image_prompt=model.image_prompt(tokenizer),
         caption_prompt=_caption_prompt(source),
     )
 

@@ -40,6 +40,9 @@ class ModelInfo:
     caption_prompt: str = "Describe the image."
     position_sections: int = 1  # rotary position sections per token: 3 for M-RoPE
     sliding_window: int | None = None  # the local layers' window, planned into attention
+    # a prefill chunk must hold the rest of any image it starts (attention both ways inside)
+    image_spans_in_one_chunk: bool = False
+    image_prompt: tuple[str, str] | None = None  # the template's image marker -> the prompt's text
 
     @property
     def is_multimodal(self) -> bool:

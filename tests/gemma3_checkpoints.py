@@ -4,7 +4,10 @@ The text model has four layers, local ones with an 8-token window around a globa
 one (`sliding_window_pattern` 3: local, local, global, local), so that prompts of a
 few dozen tokens already attend differently in the two kinds; the global layers'
 rotary embedding is linearly scaled and the local ones keep their own base, as in the
-released checkpoints.
+released checkpoints. The multimodal one adds a SigLIP tower over 32x32 images in 4-pixel
+patches (an 8x8 grid) pooled to 16 tokens, a tokenizer with Gemma's image and turn tokens,
+a Gemma-style chat template that writes <start_of_image> for an image, and the PIL image
+processor and processor settings, so that transformers' Gemma3Processor runs on it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
 
-from tests.checkpoints import _randomise, _save, build_tokenizer
+from tests.checkpoints import VOCAB_SIZE, _randomise, _save, _training_lines, build_tokenizer
 
 SLIDING_WINDOW = 8
+IMAGE_SIZE, PATCH_SIZE, IMAGE_TOKENS = 32, 4, 16
+BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+BEGIN_IMAGE, END_IMAGE, IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+SPECIALS = [PAD, BOS, EOS, "<start_of_turn>", "<end_of_turn>", BEGIN_IMAGE, END_IMAGE, IMAGE]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 ROPE_PARAMETERS = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
@@ -54,3 +83,66 @@ def make_tiny_gemma3_text(out_dir: str | Path, *, seed: int = 0, **overrides: An
     model = Gemma3ForCausalLM(gemma3_text_config(tokenizer, **overrides))
     _randomise(model, seed)
     return _save(model, tokenizer, Path(out_dir))
+
+
+def build_gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with Gemma 3's special tokens under their names. It adds no BOS
+    of its own: the chat template writes it, and the reference processor tokenises the
+    rendered template with the tokenizer's defaults."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_training_lines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={
+            "image_token": IMAGE,
+            "boi_token": BEGIN_IMAGE,
+            "eoi_token": END_IMAGE,
+        },
+    )
+
+
+def make_tiny_gemma3_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Gemma3ForConditionalGeneration: SigLIP (8x8 patches pooled to 16 tokens) + the
+    4-layer text model above, with its processor."""
+    torch.manual_seed(seed)
+    tokenizer = build_gemma_tokenizer()
+    ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIALS}  # type: ignore[arg-type]
+    vision = SiglipVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = Gemma3Config(
+        text_config=gemma3_text_config(tokenizer),
+        vision_config=vision,
+        mm_tokens_per_image=IMAGE_TOKENS,
+        boi_token_index=ids[BEGIN_IMAGE],
+        eoi_token_index=ids[END_IMAGE],
+        image_token_index=ids[IMAGE],
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    _randomise(model, seed)
+    out = _save(model, tokenizer, Path(out_dir))
+    image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=IMAGE_TOKENS,
+    ).save_pretrained(out)
+    return out
