@@ -4,6 +4,7 @@ a text prompt, in one step and in chunks that keep each image whole; loading is 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,9 @@ def image_prompt(loaded: LoadedModel) -> tuple[list[int], torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_logits(folder: Path, ids: list[int], pixels: torch.Tensor | None, image_id: int):  # type: ignore[no-untyped-def]
+def reference_logits(
+    folder: Path, ids: list[int], pixels: torch.Tensor | None, image_id: int
+) -> torch.Tensor:
     reference = AutoModelForImageTextToText.from_pretrained(folder).eval()
     input_ids = torch.tensor([ids])
     if pixels is None:
@@ -53,9 +56,7 @@ def reference_logits(folder: Path, ids: list[int], pixels: torch.Tensor | None, 
 
 
 @pytest.mark.parametrize("cuts", [[], [4, 22, 42]])  # one step; chunks between the images
-def test_logits_equal_transformers(
-    folder: Path, loaded: LoadedModel, cuts: list[int]
-) -> None:
+def test_logits_equal_transformers(folder: Path, loaded: LoadedModel, cuts: list[int]) -> None:
     model, image_id = loaded.model, loaded.info.image_token_id
     ids, pixels = image_prompt(loaded)
     text = [1, *range(40, 40 + 3 * SLIDING_WINDOW)]
@@ -64,7 +65,7 @@ def test_logits_equal_transformers(
     embeds = torch.cat(list(model.encode_images(pixels)))  # [2 * image tokens, hidden]
     session, used = PagedSession(model), 0
     bounds = [0, *cuts, len(ids)]
-    for step, (start, end) in enumerate(zip(bounds, bounds[1:])):
+    for step, (start, end) in enumerate(itertools.pairwise(bounds)):
         chunk = ids[start:end]
         rows = chunk.count(image_id)
         work = [(0, chunk), (1, text)] if step == 0 else [(0, chunk)]
