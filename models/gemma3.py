@@ -16,7 +16,7 @@ a model of global layers only, with no saving from the window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -155,6 +155,8 @@ class Gemma3Decoder(PagedDecoderModel):
         self.embed_scale = torch.tensor(dims.hidden_size**0.5).to(dtype)
         weights_of_layers = [reader.layer(i) for i in range(dims.num_layers)]
         norms = [_layer_norms(reader, i, w) for i, w in enumerate(weights_of_layers)]
+        # the QK-norm lives in `norms` now: no 2-D tensor left for int8 to take for a matrix
+        weights_of_layers = [replace(w, qk_norm=None) for w in weights_of_layers]
         self.norm = _norm_scale(reader.take("norm.weight", dims.hidden_size))
         self.lm_head = _output_layer(
             weights, "lm_head.weight", self.embed_tokens, tied, dtype, device
