@@ -108,7 +108,8 @@ def _load_gguf(
     tokenizer = gguf.load_tokenizer(path)
     resolved = _checked_dtype(dtype, target)
     weights = gguf.load_weights(path, config, resolved)
-    model = build_llama(config, path, resolved, target, weights=weights)
+    build = build_gemma3_text if architecture == "Gemma3ForCausalLM" else build_llama
+    model = build(config, path, resolved, target, weights=weights)
     quantize_decoder(model, quantization)
     model.info = _model_info(path, architecture, model, config, {}, tokenizer)
     return _loaded(model, tokenizer, None, {}, path)

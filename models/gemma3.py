@@ -256,10 +256,15 @@ class Gemma3ForCausalLM(PagedDecoderModel):
 
 
 def build_gemma3_text(
-    config: PretrainedConfig, folder: Path, dtype: torch.dtype, device: torch.device
+    config: PretrainedConfig,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: CheckpointWeights | None = None,
 ) -> Gemma3ForCausalLM:
-    check_text_config(config, folder / "config.json")
-    weights = CheckpointWeights(folder)
+    """`weights` default to the folder's safetensors (a GGUF file's are given)."""
+    check_text_config(config, folder / "config.json" if weights is None else folder)
+    weights = weights or CheckpointWeights(folder)
     decoder = Gemma3Decoder(
         config,
         weights,

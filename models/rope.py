@@ -33,7 +33,18 @@ def inverse_frequencies(
     config: PretrainedConfig, head_dim: int, layer_type: str | None = None
 ) -> tuple[torch.Tensor, float]:
     """[head_dim // 2] float32 inverse frequencies and the cos/sin scaling factor; the
-    parameters of `layer_type` where the config keeps one set per layer type."""
+    parameters of `layer_type` where the config keeps one set per layer type. A GGUF's
+    per-frequency factors (`rope_freq_factors`, models/gguf.py) divide the frequencies."""
+    inv_freq, scaling = _scaled_frequencies(config, head_dim, layer_type)
+    factors = getattr(config, "rope_freq_factors", None)
+    if factors is not None:
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
+    return inv_freq, scaling
+
+
+def _scaled_frequencies(
+    config: PretrainedConfig, head_dim: int, layer_type: str | None
+) -> tuple[torch.Tensor, float]:
     params = _rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in STATIC_ROPE_TYPES:

@@ -24,6 +24,7 @@ from transformers import (
     Gemma3ImageProcessorPil,
     Gemma3Processor,
     Gemma3TextConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     SiglipVisionConfig,
 )
@@ -51,6 +52,17 @@ ROPE_PARAMETERS = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
 }
+
+
+def _randomise_gemma(model: PreTrainedModel, seed: int) -> None:
+    """Seeded weights; Gemma's RMSNorm weights are offsets from 1 (it scales by 1 + weight),
+    so they are drawn around 0 as trained checkpoints hold them, not around 1."""
+    _randomise(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight") and "vision_tower" not in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
 
 
 def gemma3_text_config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> Gemma3TextConfig:
@@ -81,7 +93,7 @@ def make_tiny_gemma3_text(out_dir: str | Path, *, seed: int = 0, **overrides: An
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(with_image_token=False)
     model = Gemma3ForCausalLM(gemma3_text_config(tokenizer, **overrides))
-    _randomise(model, seed)
+    _randomise_gemma(model, seed)
     return _save(model, tokenizer, Path(out_dir))
 
 
@@ -136,7 +148,7 @@ def make_tiny_gemma3_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
         image_token_index=ids[IMAGE],
     )
     model = Gemma3ForConditionalGeneration(config)
-    _randomise(model, seed)
+    _randomise_gemma(model, seed)
     out = _save(model, tokenizer, Path(out_dir))
     image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     Gemma3Processor(
