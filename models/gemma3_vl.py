@@ -28,7 +28,7 @@ from models.checkpoint import CONFIG_FILE
 from models.errors import ModelLoadError
 from models.gemma3 import Gemma3Decoder, check_text_config, gemma_rms_norm
 from models.layers import PagedDecoderModel
-from models.llava import canonical_llava_name, load_vision_tower
+from models.llava import canonical_llava_name, embed_with_images, load_vision_tower
 from models.weights import CheckpointWeights
 
 
@@ -80,7 +80,6 @@ class Gemma3ForConditionalGeneration(PagedDecoderModel):
         self.image_seq_length = int(config.mm_tokens_per_image)
         self.image_size = int(config.vision_config.image_size)
         self.begin_image_id, self.end_image_id = int(config.boi_token_id), int(config.eoi_token_id)
-        self._masks_out_of_vocab_id = self._image_token >= decoder.vocab_size
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -108,21 +107,9 @@ class Gemma3ForConditionalGeneration(PagedDecoderModel):
         if image_embeds is None:
             hidden = self.decoder.embed(input_ids)
         else:
-            is_image = input_ids.eq(self._image_token)  # [T]
-            hidden = self._embed_with_images(input_ids, is_image, image_embeds)
-            attn_inputs = with_bidirectional_spans(attn_inputs, is_image)
+            hidden = embed_with_images(self.decoder, input_ids, self._image_token, image_embeds)
+            attn_inputs = with_bidirectional_spans(attn_inputs, input_ids.eq(self._image_token))
         return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
-
-    def _embed_with_images(
-        self, input_ids: torch.Tensor, is_image: torch.Tensor, image_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        if self._masks_out_of_vocab_id:
-            input_ids = input_ids.masked_fill(is_image, 0)
-        hidden = self.decoder.embed(input_ids)  # [T, hidden]
-        count = int(is_image.sum())
-        if image_embeds.shape[0] != count:
-            raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} image embeddings")
-        return hidden.masked_scatter(is_image[:, None], image_embeds.to(hidden.dtype))
 
 
 def _check_config(folder: Path, config: PretrainedConfig) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma3Config,
     Gemma3ForCausalLM,
@@ -29,7 +28,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from tests.checkpoints import VOCAB_SIZE, _randomise, _save, _training_lines, build_tokenizer
+from tests.checkpoints import _randomise, _save, build_tokenizer, byte_level_bpe
 
 SLIDING_WINDOW = 8
 IMAGE_SIZE, PATCH_SIZE, IMAGE_TOKENS = 32, 4, 16
@@ -101,16 +100,7 @@ def build_gemma_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE with Gemma 3's special tokens under their names. It adds no BOS
     of its own: the chat template writes it, and the reference processor tokenises the
     rendered template with the tokenizer's defaults."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_training_lines(), trainer=trainer)
+    bpe = byte_level_bpe(SPECIALS)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS,

@@ -5,6 +5,7 @@ a text prompt, in one step and in chunks that keep each image whole; loading is 
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,12 +108,8 @@ def test_pan_and_scan_settings_still_give_one_whole_image(loaded: LoadedModel) -
 
 
 def test_a_vision_tensor_too_many_is_refused(folder: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for item in folder.iterdir():
-        (copy / item.name).write_bytes(item.read_bytes())
-    weights = load_file(copy / "model.safetensors")
-    weights["vision_tower.vision_model.extra.weight"] = torch.zeros(2)
-    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match="unexpected"):
-        load_model(copy)
+    weights_file = Path(shutil.copytree(folder, tmp_path / "copy")) / "model.safetensors"
+    extra = load_file(weights_file) | {"vision_tower.vision_model.extra.weight": torch.zeros(2)}
+    save_file(extra, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="unexpected vision tower tensors"):
+        load_model(weights_file.parent)
