@@ -117,8 +117,9 @@ def plan_attention(
     tables are padded with `padding_block`, whose K/V must stay finite (attention reads
     them, masked, and a masked NaN still turns a row NaN). `sliding_window`: the model's
     local layers' window, None for a model without one."""
+    device = slot_mapping.device
     layout = _Layout(
-        query_lens, context_lens, block_tables, block_size, padding_block, slot_mapping.device
+        query_lens, context_lens, block_tables, block_size, padding_block, device, sliding_window
     )
     decodes = [i for i, query_len in enumerate(query_lens) if query_len == 1]
     if mirrored is not None:
@@ -127,8 +128,6 @@ def plan_attention(
     else:
         groups = [layout.decode_group(m) for m in _group_by_length(decodes, layout)]
     prefills = [layout.prefill_chunk(i) for i, q in enumerate(query_lens) if q > 1]
-    if sliding_window is not None:
-        _add_window_masks(groups, prefills, sliding_window, slot_mapping.device)
     return AttentionInputs(
         slot_mapping=slot_mapping,
         query_lens=query_lens,
@@ -151,9 +150,11 @@ class _Layout:
         block_size: int,
         padding_block: int,
         device: torch.device,
+        window: int | None,  # the local layers' window, when the model has one
     ) -> None:
         self.context_lens, self.block_tables = context_lens, block_tables
         self.block_size, self.padding_block, self.device = block_size, padding_block, device
+        self.window = window
         self.starts = [0]
         for query_len in query_lens:
             self.starts.append(self.starts[-1] + query_len)
@@ -184,11 +185,14 @@ class _Layout:
             block_ids=self._blocks(padded),
             mask=mask[:, None, None, :].to(self.device, non_blocking=True),
             num_seqs=len(members),
+            window_mask=self.window_mask(lens, mask.shape[-1]),
         )
 
     def prefill_chunk(self, seq: int) -> PrefillChunk:
         context_len, seq_len = self.context_lens[seq], self.seq_lens[seq]
         chunk = PrefillChunk(self.starts[seq], self.starts[seq + 1], seq_len, None, None)
+        if self.window is not None and seq_len > self.window:
+            chunk.window_mask = _window_mask(chunk, self.window).to(self.device, non_blocking=True)
         if context_len == 0:
             return chunk
         chunk.block_ids = self._blocks(self.block_tables[seq][: -(-seq_len // self.block_size)])
@@ -198,20 +202,15 @@ class _Layout:
         chunk.mask = mask.to(self.device, non_blocking=True)
         return chunk
 
-
-def _add_window_masks(
-    groups: list[DecodeGroup], prefills: list[PrefillChunk], window: int, device: torch.device
-) -> None:
-    """Window masks where some query sees more than `window` keys; elsewhere the plain
-    mask already is the window's."""
-    for group in groups:
-        seq_lens = group.mask.sum(dim=-1, keepdim=True)  # [n, 1, 1, 1]: masks are prefixes
-        if int(seq_lens.max()) > window:
-            key_positions = torch.arange(group.mask.shape[-1], device=group.mask.device)
-            group.window_mask = group.mask & (key_positions >= seq_lens - window)
-    for chunk in prefills:
-        if chunk.seq_len > window:
-            chunk.window_mask = _window_mask(chunk, window).to(device, non_blocking=True)
+    def window_mask(self, lens: list[int], span: int) -> torch.Tensor | None:
+        """[n, 1, 1, span] decode mask of each sequence's last `window` positions, from the
+        host's lengths; None where none is longer than the window (the plain mask is it)."""
+        if self.window is None or max(lens) <= self.window:
+            return None
+        positions = torch.arange(span)[None, :]  # [1, span]
+        seq_lens = torch.tensor(lens)[:, None]  # [n, 1]
+        mask = (positions < seq_lens) & (positions >= seq_lens - self.window)
+        return mask[:, None, None, :].to(self.device, non_blocking=True)
 
 
 def _window_mask(chunk: PrefillChunk, window: int) -> torch.Tensor:
@@ -223,7 +222,10 @@ def _window_mask(chunk: PrefillChunk, window: int) -> torch.Tensor:
 
 def _mirror_group(layout: _Layout, mirrored: MirroredDecodes) -> DecodeGroup:
     rows = layout.rows_of(mirrored.seqs)
-    return DecodeGroup(rows, None, mirrored.mask, len(mirrored.seqs), mirror=mirrored)
+    window_mask = layout.window_mask([layout.seq_lens[i] for i in mirrored.seqs], mirrored.span)
+    return DecodeGroup(
+        rows, None, mirrored.mask, len(mirrored.seqs), mirror=mirrored, window_mask=window_mask
+    )
 
 
 def _group_by_length(seqs: list[int], layout: _Layout) -> list[list[int]]:
