@@ -72,13 +72,8 @@ class Gemma3Layer:
         config: PretrainedConfig,
         product: Product,
     ) -> None:
-        self.index, self.dims, self.w, self.norms, self.product = (
-            index,
-            dims,
-            weights,
-            norms,
-            product,
-        )
+        self.index, self.dims, self.product = index, dims, product
+        self.w, self.norms = weights, norms
         self.act = activation(config.hidden_activation)
         self.layer_type = config.layer_types[index]
         self.sliding = self.layer_type == "sliding_attention"
