@@ -1,6 +1,6 @@
 """A real `mmgpt serve` of a tiny Gemma 3 with images, driven by the openai package: a chat
 with an image answers what transformers' generate() does on the processor's inputs, plain
-and streamed alike, and a caption upload works."""
+and streamed alike; caption and question uploads answer."""
 
 from __future__ import annotations
 
@@ -58,9 +58,11 @@ def test_chat_with_an_image_answers_as_generate(folder: Path, server: ServerProc
     assert plain.usage is not None and plain.usage.prompt_tokens == len(request.prompt)
 
 
-def test_caption_upload(server: ServerProcess) -> None:
+def test_caption_and_question_uploads(server: ServerProcess) -> None:
     upload = {"image": ("scene.png", scene_png(32, 24), "image/png")}
+    asks = {"/v1/caption": {"prompt": "describe it"}, "/v1/qa": {"question": "which colour"}}
     with httpx.Client(base_url=server.url, timeout=120.0) as http:
-        caption = http.post("/v1/caption", files=upload, data={"max_tokens": "4"})
-    assert caption.status_code == 200, caption.text
-    assert caption.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        for path, fields in asks.items():
+            answer = http.post(path, files=upload, data={**fields, "max_tokens": "4"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["finish_reason"] in ("stop", "length")
