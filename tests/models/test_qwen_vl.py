@@ -1,6 +1,7 @@
-"""Qwen-VL at the model level: logits of our paged model equal transformers' (1e-4, float32)
-for two images of different shapes in one prompt, in one step and chunked through an
-image; M-RoPE positions equal transformers' get_rope_index; loading is strict."""
+"""Qwen-VL (2, 2.5 and 3) at the model level: logits of our paged model equal
+transformers' (1e-4, float32) for two images of different shapes in one prompt, in one
+step and chunked through an image; M-RoPE positions equal transformers' get_rope_index;
+loading is strict."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from models.base import LoadedModel
 from models.processors import image_features
 from tests.engine.qwen_vl_reference import picture
 from tests.models.paged import PagedSession, relative_error
-from tests.qwen_vl_checkpoints import IMAGE_PAD, VISION_END, VISION_START, make_tiny_qwen_vl
+from tests.qwen_vl_checkpoints import (
+    FAMILIES,
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    make_tiny_qwen_vl,
+)
 
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_qwen_vl(tmp_path_factory.mktemp(request.param), family=request.param)
 
