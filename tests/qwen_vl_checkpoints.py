@@ -77,7 +77,9 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 def image_processor(family: Family = "qwen2_vl") -> Qwen2VLImageProcessorPil:
     # Qwen3-VL's processor normalises with mean and std 0.5, the others with CLIP's
-    normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if family == "qwen3_vl" else {}
+    normalise: dict[str, Any] = {}
+    if family == "qwen3_vl":
+        normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return Qwen2VLImageProcessorPil(
         patch_size=PATCH,
         merge_size=MERGE,
