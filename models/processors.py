@@ -48,6 +48,18 @@ def is_native_resolution(image_processor: Any) -> bool:
     return "image_grid_thw" in getattr(image_processor, "model_input_names", ())
 
 
+def image_tokens_for_size(image_processor: Any, width: int, height: int, detail: str) -> int:
+    """The tokens an image of this size becomes, from its size alone (its header, before
+    any pixel is decoded), as the processor's own resize rule counts them; 0 for a
+    fixed-size processor (the model's fixed count)."""
+    bounds = pixel_bounds(image_processor, detail)
+    if not is_native_resolution(image_processor):
+        return 0
+    kwargs: dict[str, Any] = {} if bounds is None else {"size": bounds}
+    patches = image_processor.get_number_of_image_patches(height, width, kwargs)
+    return int(patches) // int(image_processor.merge_size) ** 2
+
+
 def image_features(image: Any, image_processor: Any, detail: str = "auto") -> ImageFeatures:
     """A PIL RGB image -> the arrays its family's vision tower takes and its token count."""
     bounds = pixel_bounds(image_processor, detail)
