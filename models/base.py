@@ -79,7 +79,8 @@ class PagedModel(Protocol):
         self, images: Sequence[Mapping[str, torch.Tensor]]
     ) -> list[torch.Tensor]:
         """The step's new images, each its processor's tensors by name (any shapes), in one
-        packed tower call; per image its projected embeddings [its tokens, hidden]."""
+        packed tower call; per image its projected embeddings [its tokens, hidden], or wider
+        rows that `forward` reads back (Qwen3-VL: [its tokens, hidden * (1 + levels)])."""
         ...
 
     def image_tokens(self, tensors: Mapping[str, Any]) -> int:
