@@ -1,9 +1,9 @@
 """Image intake: caps before decoding, decode, EXIF orientation, RGB, preprocess.
 
 The one image decoder of the service. Sizes are checked before any pixel is
-decoded (bytes first, then the pixel count from the header, then the request's
-image tokens, which the processor's resize rule counts from the header's size), so
-a small file that declares a huge image costs nothing. Decoding and preprocessing run in a
+decoded (bytes first, then the pixel count from the header, then the request's image
+tokens, which the processor's resize rule counts from the header's size), so a small
+file that declares a huge image costs nothing. Decoding and preprocessing run in a
 thread pool with bounded concurrency, never on the event loop, never with torch.
 """
 
