@@ -147,7 +147,9 @@ def _vision_config(family: str) -> dict[str, Any]:
     )
 
 
-def make_tiny_qwen_vl(out_dir: str | Path, *, family: Family = "qwen2_vl", seed: int = 0) -> Path:
+def make_tiny_qwen_vl(
+    out_dir: str | Path, *, family: Family = "qwen2_vl", seed: int = 0, tied: bool = False
+) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_qwen_tokenizer()
     ids = {name: int(tokenizer.convert_tokens_to_ids(name)) for name in SPECIALS}  # type: ignore[arg-type]
@@ -158,7 +160,7 @@ def make_tiny_qwen_vl(out_dir: str | Path, *, family: Family = "qwen2_vl", seed:
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     config_class, model_class = MODEL_CLASSES[family]
     model = model_class(config_class(**parts))

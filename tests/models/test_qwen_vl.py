@@ -67,6 +67,18 @@ def reference_logits(folder: Path, ids: list[int], tensors: list[dict], pad: int
 
 @pytest.mark.parametrize("chunks", [[1.0], [0.3, 0.7]])
 def test_logits_equal_transformers(folder: Path, chunks: list[float]) -> None:
+    assert_logits_equal_transformers(folder, chunks)
+
+
+def test_a_tied_qwen3_vl_equals_transformers(tmp_path: Path) -> None:
+    """Qwen3-VL-2B and -4B tie the output layer to the embeddings."""
+    folder = make_tiny_qwen_vl(tmp_path, family="qwen3_vl", tied=True)
+    decoder = load_model(folder).model.decoder  # type: ignore[attr-defined]
+    assert decoder.lm_head is decoder.embed_tokens
+    assert_logits_equal_transformers(folder, [1.0])
+
+
+def assert_logits_equal_transformers(folder: Path, chunks: list[float]) -> None:
     loaded = load_model(folder)
     model = loaded.model
     ids, starts, tensors = two_image_prompt(loaded)
