@@ -52,7 +52,7 @@ def image_tokens_for_size(image_processor: Any, width: int, height: int, detail:
     """The tokens an image of this size becomes, from its size alone (its header, before
     any pixel is decoded), as the processor's own resize rule counts them; 0 for a
     fixed-size processor (the model's fixed count)."""
-    bounds = pixel_bounds(image_processor, detail)
+    bounds = pixel_bounds(image_processor, detail)  # first: refuses an unknown detail for all
     if not is_native_resolution(image_processor):
         return 0
     kwargs: dict[str, Any] = {} if bounds is None else {"size": bounds}
