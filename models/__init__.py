@@ -19,6 +19,7 @@ from models.layers import PagedDecoderModel
 from models.llama import build_llama
 from models.llava import build_llava
 from models.quantize import quantize_decoder
+from models.qwen3_vl import build_qwen3_vl
 from models.qwen_vl import build_qwen_vl
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
@@ -33,12 +34,14 @@ BUILDERS: dict[str, Builder] = {
     "GPT2LMHeadModel": build_gpt2,
     "Qwen2VLForConditionalGeneration": build_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
+    "Qwen3VLForConditionalGeneration": build_qwen3_vl,
 }
 MULTIMODAL_ARCHITECTURES = frozenset(
     {
         "LlavaForConditionalGeneration",
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
         "Gemma3ForConditionalGeneration",
     }
 )

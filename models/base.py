@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from models.attention_inputs import AttentionInputs
+from models.processors import ImageFeatures, warm_up_features
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ class PagedModel(Protocol):
         self, images: Sequence[Mapping[str, torch.Tensor]]
     ) -> list[torch.Tensor]:
         """The step's new images, each its processor's tensors by name (any shapes), in one
-        packed tower call; per image its projected embeddings [its tokens, hidden]."""
+        packed tower call; per image its projected embeddings [its tokens, hidden], or wider
+        rows that `forward` reads back (Qwen3-VL: [its tokens, hidden * (1 + levels)])."""
         ...
 
     def image_tokens(self, tensors: Mapping[str, Any]) -> int:
@@ -115,3 +117,10 @@ class LoadedModel:
     chat_template: str | None
     generation_defaults: dict[str, Any]  # from generation_config.json (temperature, top_p, ...)
     path: str  # the checkpoint folder, for a config or a reference model built beside this one
+
+    def warm_up_image(self) -> ImageFeatures | None:
+        """A small image through the checkpoint's own processor for a native-resolution
+        model's start-up warm-up; None for fixed-size and text-only models."""
+        if self.image_processor is None:
+            return None
+        return warm_up_features(self.image_processor)

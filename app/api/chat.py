@@ -157,9 +157,11 @@ def _template_call(call: ToolCallSpec) -> dict[str, Any]:
 async def _load_images(runtime: Runtime, image_urls: list[ImageRef]) -> list[ImageInput]:
     if not image_urls:
         return []
-    image_intake(runtime, image_urls[0].param)
+    budget = image_intake(runtime, image_urls[0].param).token_budget()
     check_image_count(runtime, len(image_urls), "messages")
-    return [await load_image_url(runtime, ref.url, ref.param, ref.detail) for ref in image_urls]
+    return [
+        await load_image_url(runtime, ref.url, budget, ref.param, ref.detail) for ref in image_urls
+    ]
 
 
 class ChatRenderer:

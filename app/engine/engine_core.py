@@ -21,6 +21,7 @@ from app.engine.request import Delivery, Request
 from app.engine.sampling import RowLogprobs
 from app.engine.scheduler import ScheduledBatch, Scheduler
 from app.engine.sequence import (
+    ImageInput,
     ImageSpan,
     RequestMetrics,
     RequestOutput,
@@ -74,12 +75,17 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._on_stats = on_stats
         self._finished: list[FinishedRequestStats] = []  # since the last stats update
+        self._warm_up_image = _warm_up_image(loaded)
 
     def warm_up(self) -> int:
         """One full-size made-up step before any request; the number of tokens it ran."""
         config = self.config
         return warm_up(
-            self.runner, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len
+            self.runner,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_model_len,
+            self._warm_up_image,
         )
 
     @property
@@ -320,3 +326,11 @@ class EngineCore:
             num_steps=self.num_steps,
             last_step_end=self.last_step_end,
         )
+
+
+def _warm_up_image(loaded: LoadedModel) -> ImageInput | None:
+    """A native-resolution model's warm-up image, made by its own processor."""
+    features = loaded.warm_up_image()
+    if features is None:
+        return None
+    return ImageInput(features.pixel_values, "warm-up", features.num_tokens, features.extra)

@@ -147,7 +147,11 @@ def image_spans(
 
 def validate_image_tokens(spans: Sequence[ImageSpan], max_image_tokens: int) -> None:
     """The server's cap on a request's image tokens (0: none), before any work is done."""
-    total = sum(span.length for span in spans)
+    check_image_token_cap(sum(span.length for span in spans), max_image_tokens)
+
+
+def check_image_token_cap(total: int, max_image_tokens: int) -> None:
+    """Refuses `total` image tokens over the cap (0: none); also checked from image headers."""
     if max_image_tokens and total > max_image_tokens:
         raise InvalidRequestError(
             f"The request's images take {total} tokens; the server allows at most "
