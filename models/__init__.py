@@ -18,6 +18,8 @@ from models.llama import build_llama
 from models.llava import build_llava
 from models.quantize import quantize_decoder
 from models.qwen_vl import build_qwen_vl
+from models.smolvlm import build_smolvlm
+from models.tile_processor import tiled_image_processor
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
 
@@ -29,13 +31,20 @@ BUILDERS: dict[str, Builder] = {
     "GPT2LMHeadModel": build_gpt2,
     "Qwen2VLForConditionalGeneration": build_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
+    "SmolVLMForConditionalGeneration": build_smolvlm,
+    "Idefics3ForConditionalGeneration": build_smolvlm,
 }
 MULTIMODAL_ARCHITECTURES = frozenset(
     {
         "LlavaForConditionalGeneration",
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",
+        "SmolVLMForConditionalGeneration",
+        "Idefics3ForConditionalGeneration",
     }
+)
+TILED_ARCHITECTURES = frozenset(
+    {"SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"}
 )
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,6 +98,10 @@ def _load_folder(
     resolved = _checked_dtype(dtype, target)
     model = BUILDERS[architecture](config, folder, resolved, target)
     quantize_decoder(model, quantization)
+    if architecture in TILED_ARCHITECTURES:  # the prompt text of the tiles needs the model's
+        image_processor = tiled_image_processor(
+            image_processor, folder, tokenizer, model.image_seq_length, model.image_token_id
+        )
     gen_config = checkpoint.generation_config(folder)
     model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
     return _loaded(model, tokenizer, image_processor, gen_config, folder)
