@@ -53,7 +53,7 @@ def image_features(image: Any, image_processor: Any, detail: str = "auto") -> Im
     """A PIL RGB image -> the arrays its family's vision tower takes and its token count."""
     bounds = pixel_bounds(image_processor, detail)
     if hasattr(image_processor, "features_of"):  # a family that tiles (tile_processor.py)
-        return image_processor.features_of(image, detail)  # type: ignore[no-any-return]
+        return image_processor.features_of(image, detail)
     kwargs: dict[str, Any] = {} if bounds is None else {"size": bounds}
     batch = image_processor(images=[image], return_tensors="np", **kwargs)
     pixels = np.ascontiguousarray(np.asarray(batch["pixel_values"], dtype=np.float32))

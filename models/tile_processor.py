@@ -70,7 +70,11 @@ def _padding(batch: Any) -> dict[str, np.ndarray]:
 
 
 def tiled_image_processor(
-    image_processor: Any, folder: Path, tokenizer: Any, tokens_per_tile: int, image_token_id: int
+    image_processor: Any,
+    folder: Path,
+    tokenizer: Any,
+    tokens_per_tile: int,
+    image_token_id: int | None,
 ) -> TiledImageProcessor:
     """The family's processor for a loaded checkpoint; refuses one whose processor settings or
     tokenizer disagree with the model."""

@@ -46,10 +46,11 @@ class Request:
 
 
 class QwenVLReference:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, processor: Any = None) -> None:
+        """`processor`: transformers' processor of the family; Qwen2-VL's by default."""
         self.loaded = loaded
         tokenizer = loaded.tokenizer
-        self.processor = ImageOnlyProcessor(
+        self.processor = processor or ImageOnlyProcessor(
             image_processor=loaded.image_processor,
             tokenizer=tokenizer,
             chat_template=loaded.chat_template,
@@ -60,7 +61,7 @@ class QwenVLReference:
     def request(self, text: str, pictures: list[Image.Image], detail: str = "auto") -> Request:
         messages = user_message(text, len(pictures))
         images = [preprocess(p, self.loaded.image_processor, detail) for p in pictures]
-        prompt = self.prompts.chat(messages, image_tokens=[image.num_tokens for image in images])
+        prompt = self.prompts.chat(messages, image_tokens=[image.placeholder for image in images])
         rendered = self.prompts._render(messages, "messages")
         inputs: dict[str, Any] = {"text": [rendered], "return_tensors": "pt"}
         if pictures:

@@ -41,9 +41,11 @@ def two_image_prompt(folder: Path) -> tuple[list[int], torch.Tensor, list[np.nda
     ]
     text = f"hi{features[0].prompt_text}and{features[1].prompt_text}there"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids, torch.from_numpy(np.concatenate([f.pixel_values for f in features])), [
-        f.pixel_values for f in features
-    ]
+    return (
+        ids,
+        torch.from_numpy(np.concatenate([f.pixel_values for f in features])),
+        [f.pixel_values for f in features],
+    )
 
 
 @pytest.mark.parametrize("chunks", [[1.0], [0.3, 0.7]])
@@ -99,5 +101,5 @@ def test_a_connector_tensor_too_many_is_refused(folder: Path, tmp_path: Path) ->
     weights = load_file(copy / "model.safetensors")
     weights["model.connector.modality_projection.proj.bias"] = torch.zeros(2)
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match="not used|unexpected|unused"):
+    with pytest.raises(ModelLoadError, match="modality_projection"):
         load_model(copy)
