@@ -5,6 +5,7 @@ loading is strict."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,12 @@ def test_logits_equal_transformers(folder: Path, chunks: list[float]) -> None:
     assert used == ids.count(image_token) == (7 + 4) * TOKENS_PER_TILE
 
 
-def test_pixel_shuffle_equals_the_reference_connector() -> None:
-    features = torch.randn(3, 16, 5)  # 3 tiles of 4x4 patches
-    reference = SmolVLMConnector.pixel_shuffle(None, features, scale_factor=2)  # type: ignore[arg-type]
-    torch.testing.assert_close(pixel_shuffle(features, 2), reference, rtol=0, atol=0)
+@pytest.mark.parametrize("side, scale", [(4, 2), (32, 4), (6, 3)])  # SmolVLM-256M: 32, 4
+def test_pixel_shuffle_equals_the_reference_connector(side: int, scale: int) -> None:
+    features = torch.randn(3, side * side, 5)  # 3 tiles of side x side patches
+    connector = SmolVLMConnector.pixel_shuffle
+    reference = connector(None, features, scale_factor=scale)  # type: ignore[arg-type]
+    torch.testing.assert_close(pixel_shuffle(features, scale), reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rows, cols", [(0, 0), (1, 3), (3, 2)])
@@ -93,11 +96,25 @@ def test_prompt_text_equals_the_reference(folder: Path, rows: int, cols: int) ->
     assert processor.prompt_text(rows, cols) == expected
 
 
-def test_a_connector_tensor_too_many_is_refused(folder: Path, tmp_path: Path) -> None:
+def copied(folder: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     copy.mkdir()
     for item in folder.iterdir():
         (copy / item.name).write_bytes(item.read_bytes())
+    return copy
+
+
+def test_a_processor_of_another_tile_size_is_refused(folder: Path, tmp_path: Path) -> None:
+    copy = copied(folder, tmp_path)
+    settings = json.loads((copy / "processor_config.json").read_text())
+    settings["image_seq_len"] = TOKENS_PER_TILE + 1
+    (copy / "processor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ModelLoadError, match=f"image_seq_len is {TOKENS_PER_TILE + 1}"):
+        load_model(copy)
+
+
+def test_a_connector_tensor_too_many_is_refused(folder: Path, tmp_path: Path) -> None:
+    copy = copied(folder, tmp_path)
     weights = load_file(copy / "model.safetensors")
     weights["model.connector.modality_projection.proj.bias"] = torch.zeros(2)
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
