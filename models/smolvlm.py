@@ -94,28 +94,12 @@ class SmolVLMForConditionalGeneration(PagedDecoderModel):
         """Every tile of every image in one tower call; per image [tiles * tile tokens, hidden]."""
         tiles = [_tiles(image["pixel_values"]) for image in images]
         pixels = torch.cat(tiles).to(device=self.device, dtype=self.dtype)  # [tiles, 3, S, S]
-        features = self.tower(
-            pixel_values=pixels, patch_attention_mask=self._patch_mask(images, tiles)
-        ).last_hidden_state  # [tiles, patches, vision hidden]
+        # NOTE: no patch mask: one image's tiles all have the tile's size, never padding (the
+        # reference masks only the padding of batches of images with different tile counts)
+        features = self.tower(pixel_values=pixels).last_hidden_state  # [tiles, patches, C]
         tokens = F.linear(pixel_shuffle(features, self.scale), self.projection)
         per_image = tokens.split([len(t) for t in tiles])  # each [its tiles, tile tokens, hidden]
         return [embeds.reshape(-1, embeds.shape[-1]) for embeds in per_image]
-
-    def _patch_mask(
-        self, images: Sequence[Mapping[str, torch.Tensor]], tiles: list[torch.Tensor]
-    ) -> torch.Tensor | None:
-        """Which patches hold pixels, where a processor padded a tile (None: all do); a patch
-        with any real pixel counts, as in the reference."""
-        if all("pixel_attention_mask" not in image for image in images):
-            return None
-        masks = [
-            image.get("pixel_attention_mask", torch.ones(t.shape[0], *t.shape[2:])).bool()
-            for image, t in zip(images, tiles, strict=True)
-        ]
-        mask = torch.cat([m.reshape(-1, *m.shape[-2:]) for m in masks]).to(self.device)
-        size = self.patch_size
-        patches = mask.unfold(1, size, size).unfold(2, size, size)  # [tiles, h, w, P, P]
-        return patches.sum(dim=(-1, -2)) > 0
 
     @torch.inference_mode()
     def forward(

@@ -5,7 +5,9 @@ side is the processor's `size`, rounds both sides up to whole tiles, cuts the ti
 row by row and appends the whole image squeezed into one tile. The family's processor
 then writes, for the k-th image of a prompt, the tiles' tokens between their row/column
 tags (`<fake_token_around_image><row_1_col_1><image>...`), a newline after each row and
-the global image last (`<global-img>`); `prompt_text` writes exactly that.
+the global image last (`<global-img>`); `prompt_text` writes exactly that. The
+processor's pixel mask is left out: one image's tiles all have the tile's size, so it
+masks nothing (it pads only batches of images with different tile counts).
 
 `detail`: "low" reads the image as one tile (the processor without splitting: the
 global image alone, one tile's tokens); "auto" and "high" split as the processor does.
@@ -45,7 +47,7 @@ class TiledImageProcessor:
         tiles = np.ascontiguousarray(np.asarray(batch["pixel_values"][0], dtype=np.float32))
         rows, cols = int(batch["rows"][0][0]), int(batch["cols"][0][0])
         text = self.prompt_text(rows, cols)
-        return ImageFeatures(tiles, len(tiles) * self.tokens_per_tile, _padding(batch), text)
+        return ImageFeatures(tiles, len(tiles) * self.tokens_per_tile, prompt_text=text)
 
     def prompt_text(self, rows: int, cols: int) -> str:
         """What the image's placeholder becomes: rows x cols tiles, then the global image."""
@@ -58,15 +60,6 @@ class TiledImageProcessor:
             for r in range(1, rows + 1)
         ]
         return "".join(line + "\n" for line in lines) + "\n" + global_image
-
-
-def _padding(batch: Any) -> dict[str, np.ndarray]:
-    """The pixel mask [tiles, S, S] where the processor padded a tile; none when every pixel
-    is real (always, for one image: its tiles share one size)."""
-    mask = batch.get("pixel_attention_mask")
-    if mask is None or np.asarray(mask).all():
-        return {}
-    return {"pixel_attention_mask": np.asarray(mask[0], dtype=bool)}
 
 
 def tiled_image_processor(

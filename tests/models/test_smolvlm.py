@@ -80,6 +80,15 @@ def test_logits_equal_transformers(folder: Path, chunks: list[float]) -> None:
 
 
 @pytest.mark.parametrize("side, scale", [(4, 2), (32, 4), (6, 3)])  # SmolVLM-256M: 32, 4
+def test_an_images_tokens_follow_its_tiles(folder: Path) -> None:
+    loaded = load_model(folder)
+    for detail, tiles in (("auto", 7), ("low", 1)):
+        features = image_features(picture(30, 50, 0), loaded.image_processor, detail)
+        assert features.pixel_values.shape == (tiles, 3, 32, 32)
+        count = loaded.model.image_tokens({"pixel_values": features.pixel_values})
+        assert count == features.num_tokens == tiles * TOKENS_PER_TILE
+
+
 def test_pixel_shuffle_equals_the_reference_connector(side: int, scale: int) -> None:
     features = torch.randn(3, side * side, 5)  # 3 tiles of side x side patches
     connector = SmolVLMConnector.pixel_shuffle
