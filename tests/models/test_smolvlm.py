@@ -79,7 +79,6 @@ def test_logits_equal_transformers(folder: Path, chunks: list[float]) -> None:
     assert used == ids.count(image_token) == (7 + 4) * TOKENS_PER_TILE
 
 
-@pytest.mark.parametrize("side, scale", [(4, 2), (32, 4), (6, 3)])  # SmolVLM-256M: 32, 4
 def test_an_images_tokens_follow_its_tiles(folder: Path) -> None:
     loaded = load_model(folder)
     for detail, tiles in (("auto", 7), ("low", 1)):
@@ -89,6 +88,7 @@ def test_an_images_tokens_follow_its_tiles(folder: Path) -> None:
         assert count == features.num_tokens == tiles * TOKENS_PER_TILE
 
 
+@pytest.mark.parametrize("side, scale", [(4, 2), (32, 4), (6, 3)])  # SmolVLM-256M: 32, 4
 def test_pixel_shuffle_equals_the_reference_connector(side: int, scale: int) -> None:
     features = torch.randn(3, side * side, 5)  # 3 tiles of side x side patches
     connector = SmolVLMConnector.pixel_shuffle
