@@ -136,8 +136,10 @@ def _loaded(
     gen_config: dict,
     source: Path,
 ) -> LoadedModel:
-    chat_template = getattr(tokenizer, "chat_template", None) or getattr(
-        image_processor, "chat_template", None
+    chat_template = (
+        getattr(tokenizer, "chat_template", None)
+        or getattr(image_processor, "chat_template", None)
+        or (checkpoint.processor_chat_template(source) if source.is_dir() else None)
     )
     return LoadedModel(
         model=model,

@@ -129,3 +129,13 @@ def test_a_connector_tensor_too_many_is_refused(folder: Path, tmp_path: Path) ->
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="modality_projection"):
         load_model(copy)
+
+
+def test_a_chat_template_only_the_processor_saved_is_read(folder: Path, tmp_path: Path) -> None:
+    """Folders saved by older transformers keep it in chat_template.json, which the
+    tokenizer does not read (SmolVLM's and Qwen2-VL's published ones)."""
+    copy = copied(folder, tmp_path)
+    template = (copy / "chat_template.jinja").read_text()
+    (copy / "chat_template.jinja").unlink()
+    (copy / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert load_model(copy).chat_template == template
