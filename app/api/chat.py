@@ -62,6 +62,7 @@ async def create_chat_completion(
     images = await _load_images(runtime, image_urls)
     builder = runtime.prompts
     num_chars = sum(len(str(message["content"])) for message in messages)
+    num_chars += sum(len(image.prompt_text) for image in images)  # tokenised too
     plan, shown_tools = _tools(body)
     image_tokens = [image.placeholder for image in images]
     prompt_ids = await builder.run(
