@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
@@ -93,10 +94,13 @@ def image_processor(family: Family) -> Any:
 
 
 def reference_processor(folder: Path, family: Family) -> Any:
-    """transformers' own processor of the saved folder."""
+    """transformers' own processor of the saved folder: AutoProcessor's for Idefics3; SmolVLM's
+    AutoProcessor would also build a video processor, which needs torchvision."""
     if family == "smolvlm":
         return ImageOnlySmolVLMProcessor.from_pretrained(folder)
-    return Idefics3Processor.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    assert isinstance(processor, Idefics3Processor)
+    return processor
 
 
 def _config(family: Family, tokenizer: PreTrainedTokenizerFast) -> Any:
