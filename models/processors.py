@@ -56,6 +56,8 @@ def image_tokens_for_size(image_processor: Any, width: int, height: int, detail:
     any pixel is decoded), as the processor's own resize rule counts them; 0 for a
     fixed-size processor (the model's fixed count)."""
     bounds = pixel_bounds(image_processor, detail)  # first: refuses an unknown detail for all
+    if hasattr(image_processor, "tokens_for_size"):  # a family that tiles (tile_processor.py)
+        return int(image_processor.tokens_for_size(width, height, detail))
     if not is_native_resolution(image_processor):
         return 0
     kwargs: dict[str, Any] = {} if bounds is None else {"size": bounds}

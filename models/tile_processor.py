@@ -15,11 +15,13 @@ global image alone, one tile's tokens); "auto" and "high" split as the processor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers.models.smolvlm.image_processing_pil_smolvlm import get_resize_output_image_size
 
 from models.checkpoint import PROCESSOR_CONFIG_FILE, read_json
 from models.errors import ModelLoadError
@@ -49,6 +51,19 @@ class TiledImageProcessor:
         text = self.prompt_text(rows, cols)
         return ImageFeatures(tiles, len(tiles) * self.tokens_per_tile, prompt_text=text)
 
+    def tokens_for_size(self, width: int, height: int, detail: str) -> int:
+        """The tokens `features_of` gives an image of this size, from its size alone (the
+        processor's resize, round-up-to-tiles and split steps, on sizes instead of pixels)."""
+        if not (self.image_processor.do_image_splitting and detail != "low"):
+            return self.tokens_per_tile
+        tile = int(self.image_processor.max_image_size["longest_edge"])
+        longest = int(self.image_processor.size["longest_edge"])
+        blank = np.empty((0, height, width))  # the resize rule reads only the shape
+        height, width = get_resize_output_image_size(blank, resolution_max_side=longest)
+        rows, cols = _tile_grid(height, width, tile)
+        tiles = 1 if rows == cols == 0 else rows * cols + 1
+        return tiles * self.tokens_per_tile
+
     def prompt_text(self, rows: int, cols: int) -> str:
         """What the image's placeholder becomes: rows x cols tiles, then the global image."""
         tile_tokens = self.image_token * self.tokens_per_tile
@@ -60,6 +75,22 @@ class TiledImageProcessor:
             for r in range(1, rows + 1)
         ]
         return "".join(line + "\n" for line in lines) + "\n" + global_image
+
+
+def _tile_grid(height: int, width: int, tile: int) -> tuple[int, int]:
+    """Rows and columns of tiles after the processor rounds both sides up to whole tiles
+    (keeping the aspect ratio on the way, as its resize_for_vision_encoder does); 0 x 0 when
+    the image fits one tile and is not split."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect_ratio) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect_ratio) / tile) * tile
+    if height > tile or width > tile:
+        return height // tile, width // tile
+    return 0, 0
 
 
 def tiled_image_processor(

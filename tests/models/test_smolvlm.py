@@ -17,7 +17,7 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
 from models import ModelLoadError, load_model
-from models.processors import image_features
+from models.processors import image_features, image_tokens_for_size
 from models.smolvlm import pixel_shuffle
 from tests.engine.qwen_vl_reference import picture
 from tests.models.paged import PagedSession, relative_error
@@ -86,6 +86,16 @@ def test_an_images_tokens_follow_its_tiles(folder: Path) -> None:
         assert features.pixel_values.shape == (tiles, 3, 32, 32)
         count = loaded.model.image_tokens({"pixel_values": features.pixel_values})
         assert count == features.num_tokens == tiles * TOKENS_PER_TILE
+
+
+@pytest.mark.parametrize("detail", ["auto", "low", "high"])
+def test_the_count_from_the_size_alone_equals_the_tiled_images(folder: Path, detail: str) -> None:
+    """What the image-token cap reads from a header equals what the processed image becomes,
+    over sizes that fit one tile, wide, tall, square and odd aspect ratios."""
+    processor = load_model(folder).image_processor
+    for height, width in [(20, 20), (30, 50), (50, 30), (64, 64), (33, 97), (97, 33), (7, 200)]:
+        expected = image_features(picture(height, width, seed=2), processor, detail)
+        assert image_tokens_for_size(processor, width, height, detail) == expected.num_tokens
 
 
 @pytest.mark.parametrize("side, scale", [(4, 2), (32, 4), (6, 3)])  # SmolVLM-256M: 32, 4
