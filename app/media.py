@@ -161,7 +161,9 @@ def preprocess(image: Image.Image, image_processor: Any, detail: str = "auto") -
     features = image_features(image, image_processor, detail)
     # the same pixels read at another detail are another input to the tower
     key = content_hash(image) if detail == "auto" else f"{content_hash(image)}:{detail}"
-    return ImageInput(features.pixel_values, key, features.num_tokens, features.extra)
+    return ImageInput(
+        features.pixel_values, key, features.num_tokens, features.extra, features.prompt_text
+    )
 
 
 def decode_data_url(url: str, limits: ImageLimits, param: str) -> bytes:

@@ -21,6 +21,8 @@ from models.llava import build_llava
 from models.quantize import quantize_decoder
 from models.qwen3_vl import build_qwen3_vl
 from models.qwen_vl import build_qwen_vl
+from models.smolvlm import build_smolvlm
+from models.tile_processor import tiled_image_processor
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
 
@@ -35,6 +37,8 @@ BUILDERS: dict[str, Builder] = {
     "Qwen2VLForConditionalGeneration": build_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
     "Qwen3VLForConditionalGeneration": build_qwen3_vl,
+    "SmolVLMForConditionalGeneration": build_smolvlm,
+    "Idefics3ForConditionalGeneration": build_smolvlm,
 }
 MULTIMODAL_ARCHITECTURES = frozenset(
     {
@@ -42,8 +46,13 @@ MULTIMODAL_ARCHITECTURES = frozenset(
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen3VLForConditionalGeneration",
+        "SmolVLMForConditionalGeneration",
+        "Idefics3ForConditionalGeneration",
         "Gemma3ForConditionalGeneration",
     }
+)
+TILED_ARCHITECTURES = frozenset(
+    {"SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"}
 )
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,6 +106,10 @@ def _load_folder(
     resolved = _checked_dtype(dtype, target)
     model = BUILDERS[architecture](config, folder, resolved, target)
     quantize_decoder(model, quantization)
+    if architecture in TILED_ARCHITECTURES:  # the prompt text of the tiles needs the model's
+        image_processor = tiled_image_processor(
+            image_processor, folder, tokenizer, model.image_seq_length, model.image_token_id
+        )
     gen_config = checkpoint.generation_config(folder)
     model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
     return _loaded(model, tokenizer, image_processor, gen_config, folder)
@@ -132,8 +145,10 @@ def _loaded(
     gen_config: dict,
     source: Path,
 ) -> LoadedModel:
-    chat_template = getattr(tokenizer, "chat_template", None) or getattr(
-        image_processor, "chat_template", None
+    chat_template = (
+        getattr(tokenizer, "chat_template", None)
+        or getattr(image_processor, "chat_template", None)
+        or (checkpoint.processor_chat_template(source) if source.is_dir() else None)
     )
     return LoadedModel(
         model=model,

@@ -31,6 +31,9 @@ class ImageFeatures:
     pixel_values: np.ndarray  # float32 [3, H, W], or [patches, C*T*P*P]
     num_tokens: int  # 0: the model's fixed image_seq_length
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. image_grid_thw [3]
+    # the text the image's placeholder becomes where its family writes more than image tokens
+    # (SmolVLM's tile tags, models/tile_processor.py); "": num_tokens image tokens
+    prompt_text: str = ""
 
 
 def pixel_bounds(image_processor: Any, detail: str) -> dict[str, int] | None:
@@ -53,6 +56,8 @@ def image_tokens_for_size(image_processor: Any, width: int, height: int, detail:
     any pixel is decoded), as the processor's own resize rule counts them; 0 for a
     fixed-size processor (the model's fixed count)."""
     bounds = pixel_bounds(image_processor, detail)  # first: refuses an unknown detail for all
+    if hasattr(image_processor, "tokens_for_size"):  # a family that tiles (tile_processor.py)
+        return int(image_processor.tokens_for_size(width, height, detail))
     if not is_native_resolution(image_processor):
         return 0
     kwargs: dict[str, Any] = {} if bounds is None else {"size": bounds}
@@ -63,6 +68,8 @@ def image_tokens_for_size(image_processor: Any, width: int, height: int, detail:
 def image_features(image: Any, image_processor: Any, detail: str = "auto") -> ImageFeatures:
     """A PIL RGB image -> the arrays its family's vision tower takes and its token count."""
     bounds = pixel_bounds(image_processor, detail)
+    if hasattr(image_processor, "features_of"):  # a family that tiles (tile_processor.py)
+        return image_processor.features_of(image, detail)
     kwargs: dict[str, Any] = {} if bounds is None else {"size": bounds}
     batch = image_processor(images=[image], return_tensors="np", **kwargs)
     pixels = np.ascontiguousarray(np.asarray(batch["pixel_values"], dtype=np.float32))

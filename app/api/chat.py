@@ -62,8 +62,9 @@ async def create_chat_completion(
     images = await _load_images(runtime, image_urls)
     builder = runtime.prompts
     num_chars = sum(len(str(message["content"])) for message in messages)
+    num_chars += sum(len(image.prompt_text) for image in images)  # tokenised too
     plan, shown_tools = _tools(body)
-    image_tokens = [image.num_tokens for image in images]
+    image_tokens = [image.placeholder for image in images]
     prompt_ids = await builder.run(
         num_chars, builder.chat, messages, "messages", shown_tools, image_tokens
     )

@@ -35,7 +35,10 @@ async def caption(
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
     prompt_ids = await builder.run(
-        len(form.prompt or ""), builder.caption, form.prompt, image.num_tokens
+        len(form.prompt or "") + len(image.prompt_text),
+        builder.caption,
+        form.prompt,
+        image.placeholder,
     )
     job = _job(runtime, form, "caption", prompt_ids, image, prompt_param="prompt")
     return await _describe(request, runtime, form, job)
@@ -56,7 +59,10 @@ async def answer(
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
     prompt_ids = await builder.run(
-        len(form.question), builder.question, form.question, image.num_tokens
+        len(form.question) + len(image.prompt_text),
+        builder.question,
+        form.question,
+        image.placeholder,
     )
     job = _job(runtime, form, "qa", prompt_ids, image, prompt_param="question")
     return await _describe(request, runtime, form, job)

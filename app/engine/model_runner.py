@@ -249,7 +249,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             for span in seq.images_in(start, end):
                 lo, hi = max(start, span.start) - span.start, min(end, span.end) - span.start
-                pieces.append((span.image, lo, hi))
+                pieces.append((span.image, *span.rows(lo, hi)))
         if not pieces:
             return None
         embeddings = self._embeddings_for(pieces)

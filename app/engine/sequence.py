@@ -43,8 +43,16 @@ class ImageInput:
     # numpy float32: [3, H, W] for a fixed-size tower, [patches, C*T*P*P] for Qwen-VL
     pixel_values: Any
     content_hash: str  # hash of the decoded pixels; keys the image and prefix caches
-    num_tokens: int = 0  # placeholder tokens in the prompt; 0: the model's fixed count
+    num_tokens: int = 0  # image tokens in the prompt; 0: the model's fixed count
     extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. image_grid_thw [3]
+    # the text its placeholder becomes where the family writes tags between its image tokens
+    # (SmolVLM's tiles); "": num_tokens image tokens in a row
+    prompt_text: str = ""
+
+    @property
+    def placeholder(self) -> int | str:
+        """What the prompt builder expands the image's placeholder into."""
+        return self.prompt_text or self.num_tokens
 
     def tensors(self) -> dict[str, Any]:
         """Every tensor the processor made, by its name, as the model's tower takes them."""
@@ -134,12 +142,21 @@ class ImageSpan:
     """Where one image's tokens sit in a prompt."""
 
     start: int  # position of the image's first token
-    length: int  # the image's placeholder tokens
+    length: int  # the prompt tokens from its first image token to its last, tags included
     image: ImageInput
+    # where tags sit between its image tokens: the image tokens before each offset of the
+    # span (length + 1 entries); None: every token of the span is an image token
+    rows_before: tuple[int, ...] | None = None
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    def rows(self, lo: int, hi: int) -> tuple[int, int]:
+        """The embedding rows of the image tokens at offsets lo..hi-1 of the span."""
+        if self.rows_before is None:
+            return lo, hi
+        return self.rows_before[lo], self.rows_before[hi]
 
 
 class Sequence:

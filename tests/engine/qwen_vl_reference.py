@@ -66,16 +66,17 @@ class Request:
 
 
 class QwenVLReference:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, processor: Any = None) -> None:
+        """`processor`: transformers' processor of the family; the Qwen-VL one by default."""
         self.loaded = loaded
-        self.processor = reference_processor(loaded)
+        self.processor = processor or reference_processor(loaded)
         self.prompts = PromptBuilder(loaded.tokenizer, loaded.info, loaded.chat_template)
         self.model = AutoModelForImageTextToText.from_pretrained(loaded.path).eval()
 
     def request(self, text: str, pictures: list[Image.Image], detail: str = "auto") -> Request:
         messages = user_message(text, len(pictures))
         images = [preprocess(p, self.loaded.image_processor, detail) for p in pictures]
-        prompt = self.prompts.chat(messages, image_tokens=[image.num_tokens for image in images])
+        prompt = self.prompts.chat(messages, image_tokens=[image.placeholder for image in images])
         rendered = self.prompts._render(messages, "messages")
         inputs: dict[str, Any] = {"text": [rendered], "return_tensors": "pt"}
         if pictures:
