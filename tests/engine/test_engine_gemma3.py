@@ -63,11 +63,16 @@ def assert_as_reference(
         assert samples[0].token_ids == reference(job), len(job.prompt)
 
 
+@pytest.mark.parametrize("block_size", [4, 16])  # blocks smaller than the window, and larger
 def test_batched_greedy_matches_generate(
-    gemma3: LoadedModel, reference: Callable[[Job], list[int]], decode_path: str
+    gemma3: LoadedModel,
+    reference: Callable[[Job], list[int]],
+    decode_path: str,
+    block_size: int,
 ) -> None:
     jobs = greedy_jobs(6, seed=1)
-    assert_as_reference(jobs, run_jobs(make_core(gemma3, block_size=4), jobs), reference)
+    core = make_core(gemma3, block_size=block_size)
+    assert_as_reference(jobs, run_jobs(core, jobs), reference)
 
 
 @pytest.mark.parametrize("budget", [5, 11])  # chunks inside the window, and across it
