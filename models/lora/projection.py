@@ -1,0 +1,98 @@
+"""The per-row LoRA delta: stacked A/B matrices per slot and the product that applies them.
+
+A fused weight (q/k/v, gate/up) is one projection of several parts. Each slot holds, per
+part, A [rank, in] and B [width, rank] padded with zeros to `max_rank`, stacked so that
+one shrink and one expand product serve every part: A [parts * R, in] and a block-diagonal
+B [out, parts * R]. The scaling (alpha / r) is folded into B when the adapter is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from models.linear import Product
+
+# (slot, row indices of the flat batch, or None for every row)
+LoraGroup = tuple[int, torch.Tensor | None]
+
+
+class LoraStep:
+    """Which rows each adapter slot adapts in the current call; set before it, read by every
+    projection. Rows of the base model belong to no group."""
+
+    def __init__(self) -> None:
+        self.groups: list[LoraGroup] = []
+
+
+class LoraProjection:
+    """Every slot's A and B for one weight of `part_widths` output rows per part."""
+
+    def __init__(
+        self,
+        in_features: int,
+        part_widths: Sequence[int],
+        max_loras: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.in_features, self.max_rank = in_features, max_rank
+        self.part_widths = tuple(part_widths)
+        self.part_offsets = [sum(self.part_widths[:i]) for i in range(len(self.part_widths))]
+        stacked_rank = len(self.part_widths) * max_rank
+        out_features = sum(self.part_widths)
+        self.lora_a = torch.zeros(max_loras, stacked_rank, in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(max_loras, out_features, stacked_rank, dtype=dtype, device=device)
+
+    def write(self, slot: int, part: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Put one part's A [r, in] and scaled B [width, r] into `slot`."""
+        rank, first = lora_a.shape[0], part * self.max_rank
+        rows = slice(self.part_offsets[part], self.part_offsets[part] + self.part_widths[part])
+        self.lora_a[slot, first : first + rank] = lora_a.to(self.lora_a.dtype)
+        self.lora_b[slot, rows, first : first + rank] = lora_b.to(self.lora_b.dtype)
+
+    def clear(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+
+    def add(self, x: torch.Tensor, out: torch.Tensor, groups: list[LoraGroup]) -> torch.Tensor:
+        """out [..., out] += each group's (x[rows] @ A.T) @ B.T at its rows."""
+        flat_x = x.reshape(-1, self.in_features)  # [N, in]
+        flat_out = out if out.is_contiguous() else out.contiguous()
+        rows_out = flat_out.view(-1, flat_out.shape[-1])  # [N, out]
+        for slot, rows in groups:
+            lora_a, lora_b = self.lora_a[slot], self.lora_b[slot]
+            if rows is None:
+                rows_out += (flat_x @ lora_a.t()) @ lora_b.t()
+            else:
+                shrunk = flat_x.index_select(0, rows) @ lora_a.t()  # [n, parts * R]
+                rows_out.index_add_(0, rows, shrunk @ lora_b.t())  # [n, out]
+        return flat_out
+
+
+class LoraProduct:
+    """A layer's product plus the LoRA delta of the weights that have a projection.
+
+    Weights are recognised by identity, so a decoder keeps calling
+    `product(x, weight, bias)` unchanged and any family whose layers go through their
+    `product` can be adapted without knowing of LoRA.
+    """
+
+    def __init__(
+        self, base: Product, projections: dict[int, LoraProjection], step: LoraStep
+    ) -> None:
+        self.base, self.projections, self.step = base, projections, step
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = self.base(x, weight, bias)
+        if not self.step.groups:
+            return out
+        projection = self.projections.get(id(weight))
+        return out if projection is None else projection.add(x, out, self.step.groups)
+
+    def __repr__(self) -> str:
+        return f"LoraProduct({self.base!r}, {len(self.projections)} projections)"
