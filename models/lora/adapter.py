@@ -23,7 +23,9 @@ from models.errors import ModelLoadError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TENSOR_NAME = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.\w+)?\.weight")
+TENSOR_NAME = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.\w+)?\.weight"
+)
 # Module names of older transformers -> the names the sites use (transformers 5's).
 MODULE_ALIASES = (
     ("language_model.model.", "model.language_model."),
@@ -101,9 +103,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def plan_writes(
-    folder: Path, config: AdapterConfig, sites: dict[str, LoraSite]
-) -> list[SiteWrite]:
+def plan_writes(folder: Path, config: AdapterConfig, sites: dict[str, LoraSite]) -> list[SiteWrite]:
     """Every (site, A, scaled B) of the adapter, checked; raises before any write."""
     _check_targets(folder / CONFIG_FILE, config.target_modules, sites)
     pairs = _read_pairs(folder / WEIGHTS_FILE)

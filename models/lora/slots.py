@@ -99,6 +99,8 @@ class LoraSlots:
 
 def enable_lora(model: Any, max_loras: int, max_rank: int) -> LoraSlots:
     """Give `model` an adapter registry (`model.lora`); call after any quantisation."""
+    if getattr(model, "lora", None) is not None:
+        raise ValueError("this model already has LoRA adapter slots")
     slots = LoraSlots(model, max_loras, max_rank)
     model.lora = slots
     return slots

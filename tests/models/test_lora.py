@@ -131,7 +131,8 @@ def test_module_the_base_lacks(llama: Path, tmp_path: Path) -> None:
     tensors_of_other = make_tiny_llama(tmp_path / "deeper", num_kv_heads=2, num_hidden_layers=4)
     adapter = make_adapter(tensors_of_other, tmp_path / "a", rank=2, targets=["q_proj"], seed=4)
     _, slots = _loaded(llama)
-    with pytest.raises(LoraLoadError, match=r"adapts model\.layers\.2\.self_attn\.q_proj, which this base"):
+    lacking = r"adapts model\.layers\.2\.self_attn\.q_proj, which this base"
+    with pytest.raises(LoraLoadError, match=lacking):
         slots.load(adapter)
 
 
