@@ -33,7 +33,10 @@ class AdapterTable:
 
     def load(self, name: str, path: str) -> AdapterRef:
         if self._slots is None:
-            raise AdapterLoadError("LoRA adapters are off: start the server with max_loras > 0")
+            raise AdapterLoadError(
+                "LoRA adapters are off: start the server with --lora-modules or with "
+                "runtime adapter loading allowed"
+            )
         if name in self._active:
             raise AdapterLoadError(f"an adapter named {name!r} is already loaded")
         try:

@@ -364,7 +364,7 @@ class EngineCore:
 
 
 def _lora_slots(loaded: LoadedModel, config: EngineConfig) -> LoraSlots | None:
-    if config.max_loras <= 0:
+    if not config.enable_lora:
         return None
     return enable_lora(loaded.model, config.max_loras, config.max_lora_rank)
 
