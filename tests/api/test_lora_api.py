@@ -111,8 +111,8 @@ async def test_unloading_lets_a_running_request_finish(
 ) -> None:
     settings = {"allow_runtime_lora": True, "lora_dirs": [str(adapter_root)]}
     async with serving(llava, lora_modules=[f"tuned={adapter_root / 'tuned'}"], **settings) as c:
-        expected = (await complete(c, "tuned", max_tokens=40)).json()["choices"][0]["text"]
-        body = {"prompt": "the red circle", **GREEDY, "max_tokens": 40, "model": "tuned"}
+        expected = (await complete(c, "tuned", max_tokens=300)).json()["choices"][0]["text"]
+        body = {"prompt": "the red circle", **GREEDY, "max_tokens": 300, "model": "tuned"}
         text = []
         async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
             lines = stream.aiter_lines()
