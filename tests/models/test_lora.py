@@ -12,9 +12,11 @@ import torch
 
 from models import LoadedModel, load_model
 from models.lora import LoraLoadError, LoraSlots, enable_lora
-from tests.checkpoints import make_tiny_llama, make_tiny_llava
+from models.lora.slots import BASE_SLOT
+from tests.checkpoints import make_tiny_llama, make_tiny_llava, make_tiny_qwen2, make_tiny_qwen3
 from tests.lora_adapters import LLAVA_DECODER, PROJECTOR, make_adapter, peft_reference
 from tests.models.paged import PagedSession, relative_error
+from tests.qwen_vl_checkpoints import make_tiny_qwen_vl
 
 TOLERANCE = 1e-4
 PROMPTS = ([1, 5, 9, 30, 31, 17, 8, 200], [1, 44, 45, 46, 12], [1, 99, 3, 77, 150, 151, 6])
@@ -58,6 +60,45 @@ def test_mixed_batch_matches_peft(llama: Path, llama_adapters: list[Path]) -> No
             expected = reference(input_ids=torch.tensor([PROMPTS[i]])).logits[0, cut:]
         ours = loaded.model.compute_logits(hidden[i], row_major=True)
         assert relative_error(ours, expected) < TOLERANCE, i
+
+
+# family -> (checkpoint factory, whether transformers loads it as an image-text model)
+FAMILIES = {
+    "qwen2": (make_tiny_qwen2, False),
+    "qwen3": (make_tiny_qwen3, False),
+    "qwen2_vl": (make_tiny_qwen_vl, True),
+    "qwen2_5_vl": (lambda d: make_tiny_qwen_vl(d, family="qwen2_5_vl"), True),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_llama_family_decoder(family: str, tmp_path: Path) -> None:
+    make, multimodal = FAMILIES[family]
+    base = make(tmp_path / "base")
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    if multimodal:  # anchored at the decoder: the vision tower has projections of these names
+        targets = LLAVA_DECODER.format("|".join(targets))  # type: ignore[assignment]
+    adapter = make_adapter(
+        base, tmp_path / "a", rank=3, targets=targets, seed=5, multimodal=multimodal
+    )
+    loaded, slots = _loaded(base)
+    slot = slots.load(adapter).slot
+    prompts = [list(PROMPTS[0]), list(PROMPTS[1])]
+    session = PagedSession(loaded.model)
+    slots.select([(BASE_SLOT, len(prompts[0])), (slot, len(prompts[1]))])
+    attn_inputs, positions = session.attention_inputs(list(enumerate(prompts)))
+    if loaded.info.position_sections > 1:
+        positions = positions.expand(loaded.info.position_sections, -1)
+    input_ids = torch.tensor([t for prompt in prompts for t in prompt])
+    hidden = loaded.model.forward(input_ids, positions, attn_inputs, session.cache)
+    for rows, prompt, folder in zip(
+        hidden.split([len(p) for p in prompts]), prompts, [None, adapter], strict=True
+    ):
+        reference = peft_reference(base, folder, multimodal)
+        with torch.no_grad():
+            expected = reference(input_ids=torch.tensor([prompt])).logits[0]
+        ours = loaded.model.compute_logits(rows, row_major=True)
+        assert relative_error(ours, expected) < TOLERANCE, folder
 
 
 def test_unload_clears_the_slot(llama: Path, llama_adapters: list[Path]) -> None:
