@@ -139,6 +139,30 @@ def test_llava_decoder_and_projector(tmp_path: Path) -> None:
     assert relative_error(ours, expected) < TOLERANCE
 
 
+def test_the_vision_tower_is_refused(tmp_path: Path) -> None:
+    base = make_tiny_llava(tmp_path / "base", vision="clip")
+    adapter = make_adapter(
+        base, tmp_path / "a", rank=2, targets=["q_proj"], seed=3, multimodal=True
+    )
+    _, slots = _loaded(base)
+    with pytest.raises(LoraLoadError, match=r"adapts model\.vision_tower\..*cannot adapt"):
+        slots.load(adapter)
+    assert slots.num_free == 2
+
+
+def test_int8_weights_take_adapters(llama: Path, llama_adapters: list[Path]) -> None:
+    loaded = load_model(llama, quantization="int8")
+    slots = enable_lora(loaded.model, 2, 8)
+    base = _last_logits(loaded, slots, BASE_SLOT)
+    slot = slots.load(llama_adapters[0]).slot
+    adapted = _last_logits(loaded, slots, slot)
+    reference = peft_reference(llama, llama_adapters[0])
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([PROMPTS[0]])).logits[0, -1:]
+    assert relative_error(adapted, expected) < 0.05 < relative_error(base, expected)  # int8: ~2%
+    assert torch.equal(_last_logits(loaded, slots, BASE_SLOT), base)
+
+
 def _broken_copy(source: Path, tmp_path: Path, **config: object) -> Path:
     folder = tmp_path / "broken"
     shutil.copytree(source, folder)
