@@ -177,7 +177,7 @@ class AsyncEngine:
 
     @property
     def adapter_names(self) -> list[str]:
-        """The LoRA adapters requests may name, in load order."""
+        """The LoRA adapters requests may name, by name."""
         return sorted(self._adapter_names)
 
     # ---- lifecycle ---------------------------------------------------------------------

@@ -42,7 +42,9 @@ def adapter_dirs(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def lora_core(folder: Path, adapters: dict[str, Path], **overrides: object) -> EngineCore:
     loaded = load(folder)  # a fresh model: adapter slots wrap its layers' products
     modules = tuple((name, str(path)) for name, path in adapters.items())
-    return make_core(loaded, max_loras=3, max_lora_rank=8, lora_modules=modules, **overrides)
+    return make_core(
+        loaded, enable_lora=True, max_loras=3, max_lora_rank=8, lora_modules=modules, **overrides
+    )
 
 
 def mixed_jobs(seed: int) -> list[Job]:
