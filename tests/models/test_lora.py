@@ -13,7 +13,13 @@ import torch
 from models import LoadedModel, load_model
 from models.lora import LoraLoadError, LoraSlots, enable_lora
 from models.lora.slots import BASE_SLOT
-from tests.checkpoints import make_tiny_llama, make_tiny_llava, make_tiny_qwen2, make_tiny_qwen3
+from tests.checkpoints import (
+    make_tiny_gpt2,
+    make_tiny_llama,
+    make_tiny_llava,
+    make_tiny_qwen2,
+    make_tiny_qwen3,
+)
 from tests.lora_adapters import LLAVA_DECODER, PROJECTOR, make_adapter, peft_reference
 from tests.models.paged import PagedSession, relative_error
 from tests.qwen_vl_checkpoints import make_tiny_qwen_vl
@@ -199,6 +205,12 @@ def test_module_the_base_lacks(llama: Path, tmp_path: Path) -> None:
     lacking = r"adapts model\.layers\.2\.self_attn\.q_proj, which this base"
     with pytest.raises(LoraLoadError, match=lacking):
         slots.load(adapter)
+
+
+def test_a_family_without_adapters_says_so(tmp_path: Path) -> None:
+    loaded = load_model(make_tiny_gpt2(tmp_path / "gpt2"))
+    with pytest.raises(LoraLoadError, match="LoRA is not served for GPT2LMHeadModel"):
+        enable_lora(loaded.model, 2, 8)
 
 
 def test_not_an_adapter(tmp_path: Path, llama: Path) -> None:
