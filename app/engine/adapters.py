@@ -12,11 +12,12 @@ import itertools
 
 from app.engine.errors import AdapterLoadError, AdapterNotFoundError
 from app.engine.sequence import AdapterRef
-from models.lora import LoraLoadError, LoraSlots
+from models import LoraLoadError
+from models.base import AdapterSlots
 
 
 class AdapterTable:
-    def __init__(self, slots: LoraSlots | None) -> None:
+    def __init__(self, slots: AdapterSlots | None) -> None:
         self._slots = slots
         self._active: dict[str, AdapterRef] = {}  # by name
         self._draining: dict[int, AdapterRef] = {}  # unloaded, by load_id, until idle

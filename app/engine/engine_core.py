@@ -41,8 +41,8 @@ from app.engine.stats import (
 )
 from app.engine.structured import StructuredOutputs, consume
 from app.engine.warm_up import warm_up
-from models.base import LoadedModel
-from models.lora import LoraSlots, enable_lora
+from models import enable_lora
+from models.base import AdapterSlots, LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ class EngineCore:
         self._emit_stats(step=None)
 
 
-def _lora_slots(loaded: LoadedModel, config: EngineConfig) -> LoraSlots | None:
+def _lora_slots(loaded: LoadedModel, config: EngineConfig) -> AdapterSlots | None:
     if not config.enable_lora:
         return None
     return enable_lora(loaded.model, config.max_loras, config.max_lora_rank)

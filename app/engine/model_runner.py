@@ -32,9 +32,7 @@ from app.engine.sequence import AdapterRef, ImageInput, ImageSpan, RopePositions
 from app.engine.step_threads import StepThreads
 from models.attention import KVCache
 from models.attention_inputs import AttentionInputs, MirroredDecodes, plan_attention
-from models.base import LoadedModel
-from models.lora import LoraSlots
-from models.lora.slots import BASE_SLOT
+from models.base import BASE_ADAPTER_SLOT, AdapterSlots, LoadedModel
 
 
 @dataclass
@@ -48,7 +46,7 @@ class ModelInputs:
     samples_per_seq: list[int]  # per scheduled sequence: 0, 1, or its group size at a fork
     fresh_blocks: list[int]  # blocks this step starts writing at their first slot
     prompt_rows: PromptRows = field(default_factory=PromptRows)  # rows that score prompt tokens
-    # per scheduled sequence: (its adapter's slot or BASE_SLOT, its rows in the flat batch)
+    # per scheduled sequence: (its adapter's slot or BASE_ADAPTER_SLOT, its rows in the flat batch)
     adapter_rows: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -67,7 +65,7 @@ class ModelRunner:
         loaded: LoadedModel,
         config: EngineConfig,
         num_blocks: int,
-        lora: LoraSlots | None = None,
+        lora: AdapterSlots | None = None,
     ) -> None:
         self.model = loaded.model
         self.lora = lora  # the model's adapter slots, when adapters are served
@@ -339,12 +337,12 @@ class ImagePiece:
 
     @property
     def slot(self) -> int:
-        return BASE_SLOT if self.adapter is None else self.adapter.slot
+        return BASE_ADAPTER_SLOT if self.adapter is None else self.adapter.slot
 
 
 def _adapter_rows(batch: ScheduledBatch) -> list[tuple[int, int]]:
     return [
-        (BASE_SLOT if seq.adapter is None else seq.adapter.slot, num_new)
+        (BASE_ADAPTER_SLOT if seq.adapter is None else seq.adapter.slot, num_new)
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True)
     ]
 

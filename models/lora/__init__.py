@@ -8,6 +8,6 @@ own rows only, so a batch of mixed adapters costs one base product plus the smal
 """
 
 from models.lora.adapter import LoraLoadError
-from models.lora.slots import LoadedAdapter, LoraSlots, enable_lora
+from models.lora.slots import LoraSlots, enable_lora
 
-__all__ = ["LoadedAdapter", "LoraLoadError", "LoraSlots", "enable_lora"]
+__all__ = ["LoraLoadError", "LoraSlots", "enable_lora"]

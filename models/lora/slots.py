@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.base import BASE_ADAPTER_SLOT, LoadedAdapter
 from models.lora.adapter import LoraLoadError, plan_writes, read_config
 from models.lora.projection import LoraProduct, LoraProjection, LoraStep
 from models.lora.sites import PROJECTOR_MODULES, decoder_sites, projector_sites
-
-BASE_SLOT = -1  # a row of the base model: no adapter
-
-
-@dataclass(frozen=True)
-class LoadedAdapter:
-    slot: int
-    rank: int
-    adapts_images: bool  # it adapts the projector: image embeddings depend on it
 
 
 class LoraSlots:
@@ -81,7 +72,7 @@ class LoraSlots:
         rows_of: dict[int, list[int]] = {}
         start = 0
         for slot, count in row_slots:
-            if slot != BASE_SLOT:
+            if slot != BASE_ADAPTER_SLOT:
                 rows_of.setdefault(slot, []).extend(range(start, start + count))
             start += count
         if len(rows_of) == 1 and len(next(iter(rows_of.values()))) == start:
@@ -93,8 +84,8 @@ class LoraSlots:
         ]
 
     def select_all(self, slot: int) -> None:
-        """Every row of the next call belongs to `slot` (BASE_SLOT: to no adapter)."""
-        self.step.groups = [] if slot == BASE_SLOT else [(slot, None)]
+        """Every row of the next call belongs to `slot` (BASE_ADAPTER_SLOT: to no adapter)."""
+        self.step.groups = [] if slot == BASE_ADAPTER_SLOT else [(slot, None)]
 
 
 def enable_lora(model: Any, max_loras: int, max_rank: int) -> LoraSlots:

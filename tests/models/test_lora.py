@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from models import LoadedModel, load_model
+from models.base import BASE_ADAPTER_SLOT as BASE_SLOT
 from models.lora import LoraLoadError, LoraSlots, enable_lora
-from models.lora.slots import BASE_SLOT
 from tests.checkpoints import (
     make_tiny_gpt2,
     make_tiny_llama,
