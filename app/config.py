@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.engine.config import Dtype, EngineConfig, Quantization
@@ -210,6 +210,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_hosts(cls, hosts: list[str]) -> list[str]:
         return [host.lower().rstrip(".") for host in hosts]
+
+    @model_validator(mode="after")
+    def _slots_for_the_modules(self) -> Settings:
+        if len(self.lora_modules) > self.max_loras:
+            raise ValueError(
+                f"{len(self.lora_modules)} adapters in lora_modules but max_loras is "
+                f"{self.max_loras}"
+            )
+        return self
 
     def model_path(self) -> Path:
         """The checkpoint to load, checked to exist: a folder, a .gguf file or a folder of one."""

@@ -92,6 +92,8 @@ def test_lora_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for wrong in (["a=/x", "a=/y"], ["nameless"], ["=/x"]):
         with pytest.raises(ValidationError):
             Settings(lora_modules=wrong)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="2 adapters in lora_modules but max_loras is 1"):
+        Settings(lora_modules=["a=/x", "b=/y"], max_loras=1)  # type: ignore[arg-type]
 
 
 def test_engine_defaults_are_written_once(tmp_path: Path) -> None:
