@@ -4,6 +4,11 @@ A fused weight (q/k/v, gate/up) is one projection of several parts. Each slot ho
 part, A [rank, in] and B [width, rank] padded with zeros to `max_rank`, stacked so that
 one shrink and one expand product serve every part: A [parts * R, in] and a block-diagonal
 B [out, parts * R]. The scaling (alpha / r) is folded into B when the adapter is written.
+
+Rows are grouped by adapter (one shrink and expand per adapter present), except in a small
+step holding several adapters, such as decodes: there every row goes through every slot at
+once and a mask keeps each row's own slot, a fixed four products however many adapters
+share the step, since small steps are paid for by their number of ops.
 """
 
 from __future__ import annotations
@@ -24,6 +29,21 @@ class LoraStep:
 
     def __init__(self) -> None:
         self.groups: list[LoraGroup] = []
+        self.row_slots: torch.Tensor | None = None  # [N] per row, when every slot is applied
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def set_groups(self, groups: list[LoraGroup], row_slots: torch.Tensor | None = None) -> None:
+        self.groups, self.row_slots, self._masks = groups, row_slots, {}
+
+    def mask(self, num_slots: int, slot_width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[N, num_slots * slot_width]: 1 in the columns of each row's own slot."""
+        key = (num_slots, slot_width)
+        if key not in self._masks:
+            assert self.row_slots is not None
+            columns = torch.arange(num_slots * slot_width, device=self.row_slots.device)
+            owned = (columns // slot_width)[None, :] == self.row_slots[:, None]
+            self._masks[key] = owned.to(dtype)
+        return self._masks[key]
 
 
 class LoraProjection:
@@ -41,29 +61,38 @@ class LoraProjection:
         self.in_features, self.max_rank = in_features, max_rank
         self.part_widths = tuple(part_widths)
         self.part_offsets = [sum(self.part_widths[:i]) for i in range(len(self.part_widths))]
-        stacked_rank = len(self.part_widths) * max_rank
+        self.num_slots = max_loras
+        self.slot_width = len(self.part_widths) * max_rank  # parts * R columns per slot
         out_features = sum(self.part_widths)
-        self.lora_a = torch.zeros(max_loras, stacked_rank, in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_loras, out_features, stacked_rank, dtype=dtype, device=device)
+        width = max_loras * self.slot_width
+        self.lora_a = torch.zeros(width, in_features, dtype=dtype, device=device)  # slot-major
+        self.lora_b = torch.zeros(out_features, width, dtype=dtype, device=device)
+
+    def _columns(self, slot: int) -> slice:
+        return slice(slot * self.slot_width, (slot + 1) * self.slot_width)
 
     def write(self, slot: int, part: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         """Put one part's A [r, in] and scaled B [width, r] into `slot`."""
-        rank, first = lora_a.shape[0], part * self.max_rank
+        rank, first = lora_a.shape[0], slot * self.slot_width + part * self.max_rank
         rows = slice(self.part_offsets[part], self.part_offsets[part] + self.part_widths[part])
-        self.lora_a[slot, first : first + rank] = lora_a.to(self.lora_a.dtype)
-        self.lora_b[slot, rows, first : first + rank] = lora_b.to(self.lora_b.dtype)
+        self.lora_a[first : first + rank] = lora_a.to(self.lora_a.dtype)
+        self.lora_b[rows, first : first + rank] = lora_b.to(self.lora_b.dtype)
 
     def clear(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_a[self._columns(slot)].zero_()
+        self.lora_b[:, self._columns(slot)].zero_()
 
-    def add(self, x: torch.Tensor, out: torch.Tensor, groups: list[LoraGroup]) -> torch.Tensor:
-        """out [..., out] += each group's (x[rows] @ A.T) @ B.T at its rows."""
+    def add(self, x: torch.Tensor, out: torch.Tensor, step: LoraStep) -> torch.Tensor:
+        """out [..., out] += each row's (x @ A.T) @ B.T under its own slot."""
         flat_x = x.reshape(-1, self.in_features)  # [N, in]
         flat_out = out if out.is_contiguous() else out.contiguous()
         rows_out = flat_out.view(-1, flat_out.shape[-1])  # [N, out]
-        for slot, rows in groups:
-            lora_a, lora_b = self.lora_a[slot], self.lora_b[slot]
+        if step.row_slots is not None:
+            mask = step.mask(self.num_slots, self.slot_width, flat_x.dtype)
+            rows_out += ((flat_x @ self.lora_a.t()) * mask) @ self.lora_b.t()
+            return flat_out
+        for slot, rows in step.groups:
+            lora_a, lora_b = self.lora_a[self._columns(slot)], self.lora_b[:, self._columns(slot)]
             if rows is None:
                 rows_out += (flat_x @ lora_a.t()) @ lora_b.t()
             else:
@@ -92,7 +121,7 @@ class LoraProduct:
         if not self.step.groups:
             return out
         projection = self.projections.get(id(weight))
-        return out if projection is None else projection.add(x, out, self.step.groups)
+        return out if projection is None else projection.add(x, out, self.step)
 
     def __repr__(self) -> str:
         return f"LoraProduct({self.base!r}, {len(self.projections)} projections)"

@@ -13,6 +13,10 @@ from models.lora.adapter import LoraLoadError, plan_writes, read_config
 from models.lora.projection import LoraProduct, LoraProjection, LoraStep
 from models.lora.sites import PROJECTOR_MODULES, decoder_sites, projector_sites
 
+# Up to this many rows, a step of several adapters applies every slot to every row under a
+# mask (a fixed number of ops); beyond it, each adapter's rows are gathered (less compute).
+STACKED_MAX_ROWS = 64
+
 
 class LoraSlots:
     """Up to `max_loras` adapters of rank up to `max_rank`, held in the layers' products."""
@@ -70,22 +74,26 @@ class LoraSlots:
     def select(self, row_slots: Sequence[tuple[int, int]]) -> None:
         """The next call's rows: per run of the flat batch (slot, number of rows), in order."""
         rows_of: dict[int, list[int]] = {}
-        start = 0
+        num_rows = 0
         for slot, count in row_slots:
             if slot != BASE_ADAPTER_SLOT:
-                rows_of.setdefault(slot, []).extend(range(start, start + count))
-            start += count
-        if len(rows_of) == 1 and len(next(iter(rows_of.values()))) == start:
-            self.step.groups = [(next(iter(rows_of)), None)]
-            return
-        self.step.groups = [
-            (slot, torch.tensor(rows, dtype=torch.int64, device=self.device))
-            for slot, rows in rows_of.items()
-        ]
+                rows_of.setdefault(slot, []).extend(range(num_rows, num_rows + count))
+            num_rows += count
+        if len(rows_of) == 1 and len(next(iter(rows_of.values()))) == num_rows:
+            self.step.set_groups([(next(iter(rows_of)), None)])
+        elif len(rows_of) > 1 and num_rows <= STACKED_MAX_ROWS:
+            per_row = [slot for slot, count in row_slots for _ in range(count)]
+            row_tensor = torch.tensor(per_row, dtype=torch.int64, device=self.device)
+            self.step.set_groups([(slot, None) for slot in rows_of], row_tensor)
+        else:
+            self.step.set_groups([
+                (slot, torch.tensor(rows, dtype=torch.int64, device=self.device))
+                for slot, rows in rows_of.items()
+            ])  # fmt: skip
 
     def select_all(self, slot: int) -> None:
         """Every row of the next call belongs to `slot` (BASE_ADAPTER_SLOT: to no adapter)."""
-        self.step.groups = [] if slot == BASE_ADAPTER_SLOT else [(slot, None)]
+        self.step.set_groups([] if slot == BASE_ADAPTER_SLOT else [(slot, None)])
 
 
 def enable_lora(model: Any, max_loras: int, max_rank: int) -> LoraSlots:

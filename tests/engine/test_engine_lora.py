@@ -77,11 +77,13 @@ def check_against_peft(job: Job, sample: Sample, reference: torch.nn.Module) -> 
 
 
 @pytest.mark.parametrize("decode_path", ["gather", "mirror"], indirect=True)
-@pytest.mark.parametrize("setting", ["chunked", "preempted"])
+@pytest.mark.parametrize("setting", ["whole", "chunked", "preempted"])
 def test_mixed_adapters_match_peft(
     llama_dir: Path, adapter_dirs: dict[str, Path], setting: str, decode_path: str
 ) -> None:
-    if setting == "chunked":
+    if setting == "whole":  # prompts in one step: each adapter's rows gathered
+        core = lora_core(llama_dir, adapter_dirs)
+    elif setting == "chunked":  # small steps: every slot on every row, masked
         core = lora_core(llama_dir, adapter_dirs, max_num_batched_tokens=16)
     else:
         per_token = load(llama_dir).info.kv_bytes_per_token()

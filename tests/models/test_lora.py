@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import models.lora.slots
 from models import LoadedModel, load_model
 from models.base import BASE_ADAPTER_SLOT as BASE_SLOT
 from models.lora import LoraLoadError, LoraSlots, enable_lora
@@ -50,7 +51,11 @@ def _loaded(folder: Path, max_loras: int = 2, max_rank: int = 8) -> tuple[Loaded
     return loaded, enable_lora(loaded.model, max_loras, max_rank)
 
 
-def test_mixed_batch_matches_peft(llama: Path, llama_adapters: list[Path]) -> None:
+@pytest.mark.parametrize("stacked_max_rows", [0, 64], ids=["grouped", "stacked"])
+def test_mixed_batch_matches_peft(
+    llama: Path, llama_adapters: list[Path], stacked_max_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models.lora.slots, "STACKED_MAX_ROWS", stacked_max_rows)
     loaded, slots = _loaded(llama)
     slot_of = [-1] + [slots.load(path).slot for path in llama_adapters]
     session = PagedSession(loaded.model)
