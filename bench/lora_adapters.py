@@ -10,6 +10,7 @@ the best of `--repeats` is kept; compare numbers within one run only.
     python -m bench.lora_adapters                              # the shipped model
     python -m bench.lora_adapters --model llama-135m --adapters 1 4 8 --threads 2 --repeats 3
     python -m bench.lora_adapters --model llama-tiny --streams 8 --new-tokens 8   # rehearsal
+    python -m bench.lora_adapters --count-ops --threads 1   # aten ops of one decode step
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.engine.config import EngineConfig
 from app.engine.engine_core import EngineCore
@@ -52,13 +55,11 @@ def make_adapters(folder: Path, count: int, rank: int, cache_dir: Path) -> list[
     return made
 
 
-def run(
-    folder: Path,
-    adapters: list[Path] | None,
-    batch: list[list[int]],
-    args: argparse.Namespace,
-) -> tuple[float, float]:
-    """Tokens/s and ms per step; `adapters` None: no slots, [] slots but only the base."""
+def prepared_core(
+    folder: Path, adapters: list[Path] | None, batch: list[list[int]], args: argparse.Namespace
+) -> EngineCore:
+    """An engine holding the batch, streams dealt over `adapters` (None: no adapter slots,
+    []: slots, but only the base model asked)."""
     loaded = load_model(folder, "cpu", torch.float32)  # fresh: slots wrap the model's products
     modules = tuple((f"a{i}", str(path)) for i, path in enumerate(adapters or []))
     per_seq = len(batch[0]) + args.new_tokens + args.block_size
@@ -78,12 +79,44 @@ def run(
     for i, prompt in enumerate(batch):
         adapter = modules[i % len(modules)][0] if modules else None
         core.add_request(f"r{i}", prompt, params, adapter_name=adapter)
+    return core
+
+
+def run(
+    folder: Path, adapters: list[Path] | None, batch: list[list[int]], args: argparse.Namespace
+) -> tuple[float, float]:
+    """Tokens/s and ms per step of the whole batch."""
+    core = prepared_core(folder, adapters, batch, args)
     start = time.perf_counter()
     generated = 0
     while core.has_unfinished:
         generated += sum(len(output.token_ids) for _, output in core.step())
     elapsed = time.perf_counter() - start
     return generated / elapsed, 1000 * elapsed / core.num_steps
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_step_ops(
+    folder: Path, adapters: list[Path] | None, batch: list[list[int]], args: argparse.Namespace
+) -> int:
+    """aten ops of one decode step of every stream, the prompts done: a count that does not
+    depend on the machine's load."""
+    core = prepared_core(folder, adapters, batch, args)
+    while any(not seq.is_decoding for seq in core.scheduler.running) or core.scheduler.waiting:
+        core.step()
+    counter = _OpCounter()
+    with counter:
+        core.step()
+    return counter.count
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -98,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs; best is kept")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
+    parser.add_argument(
+        "--count-ops", action="store_true", help="aten ops of one decode step instead of timing"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     pool = make_adapters(folder, max(args.adapters), args.rank, args.cache_dir)
     batch = prompts(load_model(folder), args.streams, args.prompt_len, seed=0)
     counts = [BASE, *args.adapters]
+    if args.count_ops:
+        for count in counts:
+            ops = decode_step_ops(folder, None if count == BASE else pool[:count], batch, args)
+            print(f"{'base' if count == BASE else count} adapters: {ops} aten ops per decode step")
+        return
     best = {count: (0.0, float("inf")) for count in counts}
     for _ in range(args.repeats):
         for count in counts:
