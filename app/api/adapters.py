@@ -15,10 +15,14 @@ from pydantic import BaseModel, Field
 from app.api.deps import RuntimeDep
 from app.config import Settings
 from app.engine.errors import EngineError
-from app.errors import ERROR_RESPONSES, APIError, bad_request, from_engine_error
+from app.errors import ERROR_RESPONSES, APIError, ErrorResponse, bad_request, from_engine_error
 
 router = APIRouter(tags=["adapters"])
 MAX_NAME_CHARS = 128
+RESPONSES = {
+    **ERROR_RESPONSES,
+    403: {"model": ErrorResponse, "description": "Loading adapters at run time is off"},
+}
 
 
 class LoadLoraAdapterRequest(BaseModel):
@@ -39,7 +43,7 @@ class LoraAdapterStatus(BaseModel):
 @router.post(
     "/v1/load_lora_adapter",
     response_model=LoraAdapterStatus,
-    responses=ERROR_RESPONSES,
+    responses=RESPONSES,
     summary="Load a LoRA adapter from inside the allowed folders",
 )
 async def load_lora_adapter(body: LoadLoraAdapterRequest, runtime: RuntimeDep) -> LoraAdapterStatus:
@@ -57,7 +61,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, runtime: RuntimeDep) -
 @router.post(
     "/v1/unload_lora_adapter",
     response_model=LoraAdapterStatus,
-    responses=ERROR_RESPONSES,
+    responses=RESPONSES,
     summary="Unload a LoRA adapter; its requests in flight finish first",
 )
 async def unload_lora_adapter(
