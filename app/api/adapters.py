@@ -91,9 +91,12 @@ def allowed_path(requested: str, roots: list[str]) -> Path:
     """The folder `requested` names, resolved, when it lies inside one of `roots` (a relative
     path is taken inside each root in turn); otherwise a 400 that names no server path."""
     for root in (Path(root).resolve() for root in roots):
-        candidate = (root / requested).resolve()  # an absolute `requested` replaces the root
-        if candidate.is_relative_to(root) and candidate.is_dir():
-            return candidate
+        try:
+            candidate = (root / requested).resolve()  # an absolute `requested` replaces the root
+            if candidate.is_relative_to(root) and candidate.is_dir():
+                return candidate
+        except (OSError, ValueError):  # a NUL byte, a name too long, a symlink loop
+            continue
     raise bad_request(
         "lora_path must name a folder inside the server's adapter folders (MMGPT_LORA_DIRS).",
         "lora_path",

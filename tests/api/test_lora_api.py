@@ -88,7 +88,8 @@ async def test_load_and_unload_inside_the_allowed_folders(
             body = {"lora_name": name, "lora_path": path}
             return await client.post("/v1/load_lora_adapter", json=body)
 
-        for path in ("../outside", str(outside), "link-out", "tuned/../../outside", "/etc"):
+        odd = ("nul\x00byte", "x" * 5000)
+        for path in ("../outside", str(outside), "link-out", "tuned/../../outside", "/etc", *odd):
             refused = assert_error(await load("bad", path), 400, param="lora_path")
             assert str(outside) not in refused["message"]
         assert_error(await load("bad", "link-out/.."), 400, param="lora_path")  # the link first
