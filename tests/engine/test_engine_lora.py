@@ -181,3 +181,25 @@ def test_an_adapter_of_the_projector_keys_the_image_cache(llava_dir: Path, tmp_p
             eos_token_id=None,
         )
         assert samples[0].token_ids == generated[0, len(job.prompt) :].tolist(), job.adapter
+
+
+def test_prompt_logprobs_and_forked_samples_under_an_adapter(
+    llama_dir: Path, adapter_dirs: dict[str, Path]
+) -> None:
+    core = lora_core(llama_dir, adapter_dirs, max_num_batched_tokens=16)
+    prompt = [1, *range(FIRST_TEXT_TOKEN + 7, FIRST_TEXT_TOKEN + 40)]
+    params = SamplingParams(
+        max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=2, n=2
+    )
+    samples = run_jobs(core, [Job(prompt, params, adapter="beta")])[0]
+    reference = peft_reference(llama_dir, adapter_dirs["beta"])
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor([prompt])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)[:-1].gather(
+        1, torch.tensor(prompt[1:])[:, None]
+    )[:, 0]
+    given = samples[0].outputs[0].prompt_logprobs
+    assert given is not None
+    assert [e.logprob for e in given] == pytest.approx(expected.tolist(), abs=TOLERANCE)
+    for sample in samples:
+        check_against_peft(Job(prompt, params, adapter="beta"), sample, reference)
