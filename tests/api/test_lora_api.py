@@ -3,8 +3,10 @@ with its path checks, unloading while a request runs, and the per-adapter gauges
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -107,26 +109,28 @@ async def test_load_and_unload_inside_the_allowed_folders(
         assert assert_error(again, 404, param="lora_name")["code"] == "model_not_found"
 
 
-async def test_unloading_lets_a_running_request_finish(
+async def test_unloading_lets_a_queued_request_finish(
     llava: LoadedModel, adapter_root: Path
 ) -> None:
-    settings = {"allow_runtime_lora": True, "lora_dirs": [str(adapter_root)]}
+    """One running slot, held by a long base request: the adapter's request waits behind it
+    while the adapter is unloaded, then runs with it."""
+    settings = {"allow_runtime_lora": True, "lora_dirs": [str(adapter_root)], "max_num_seqs": 1}
     async with serving(llava, lora_modules=[f"tuned={adapter_root / 'tuned'}"], **settings) as c:
-        expected = (await complete(c, "tuned", max_tokens=300)).json()["choices"][0]["text"]
-        body = {"prompt": "the red circle", **GREEDY, "max_tokens": 300, "model": "tuned"}
-        text = []
-        async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
-            lines = stream.aiter_lines()
-            async for line in lines:
-                if line.startswith("data: {"):
-                    text.append(json.loads(line[6:])["choices"][0]["text"])
-                    break
-            unload = await c.post("/v1/unload_lora_adapter", json={"lora_name": "tuned"})
-            assert unload.status_code == 200
-            assert_error(await complete(c, "tuned"), 404)
-            async for line in lines:
-                if line.startswith("data: {"):
-                    text += [choice["text"] for choice in json.loads(line[6:])["choices"]]
-        assert "".join(text) == expected
-        metrics = (await c.get("/metrics")).text
-        assert "mmgpt_lora_requests_running{" not in metrics
+        expected = (await complete(c, "tuned")).json()["choices"][0]["text"]
+        hog = asyncio.create_task(complete(c, None, max_tokens=900))
+        await until_metric(c, "mmgpt_num_requests_running 1.0")
+        queued = asyncio.create_task(complete(c, "tuned"))
+        await until_metric(c, 'mmgpt_lora_requests_waiting{adapter="tuned"} 1.0')
+        unload = await c.post("/v1/unload_lora_adapter", json={"lora_name": "tuned"})
+        assert unload.status_code == 200 and not queued.done()
+        assert_error(await complete(c, "tuned"), 404)
+        assert (await queued).json()["choices"][0]["text"] == expected
+        assert (await hog).status_code == 200
+        assert "mmgpt_lora_requests_waiting{" not in (await c.get("/metrics")).text
+
+
+async def until_metric(client: httpx.AsyncClient, line: str) -> None:
+    deadline = time.monotonic() + 60
+    while line not in (await client.get("/metrics")).text:
+        assert time.monotonic() < deadline, f"no {line!r} in /metrics"
+        await asyncio.sleep(0.01)  # poll interval
