@@ -67,6 +67,11 @@ class LoraProjection:
         width = max_loras * self.slot_width
         self.lora_a = torch.zeros(width, in_features, dtype=dtype, device=device)  # slot-major
         self.lora_b = torch.zeros(out_features, width, dtype=dtype, device=device)
+        # Transposed views, made once (they follow every write): each slot's A.T [in, W] and
+        # B.T [W, out], and every slot's; a step then runs only its products.
+        self.all_a_t, self.all_b_t = self.lora_a.t(), self.lora_b.t()
+        self.slot_a_t = [self.lora_a[self._columns(s)].t() for s in range(max_loras)]
+        self.slot_b_t = [self.lora_b[:, self._columns(s)].t() for s in range(max_loras)]
 
     def _columns(self, slot: int) -> slice:
         return slice(slot * self.slot_width, (slot + 1) * self.slot_width)
@@ -84,20 +89,21 @@ class LoraProjection:
 
     def add(self, x: torch.Tensor, out: torch.Tensor, step: LoraStep) -> torch.Tensor:
         """out [..., out] += each row's (x @ A.T) @ B.T under its own slot."""
-        flat_x = x.reshape(-1, self.in_features)  # [N, in]
+        flat_x = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [N, in]
         flat_out = out if out.is_contiguous() else out.contiguous()
-        rows_out = flat_out.view(-1, flat_out.shape[-1])  # [N, out]
+        rows_out = flat_out if flat_out.dim() == 2 else flat_out.view(-1, flat_out.shape[-1])
         if step.row_slots is not None:
             mask = step.mask(self.num_slots, self.slot_width, flat_x.dtype)
-            rows_out += ((flat_x @ self.lora_a.t()) * mask) @ self.lora_b.t()
+            shrunk = torch.mm(flat_x, self.all_a_t) * mask  # [N, slots * parts * R]
+            rows_out.addmm_(shrunk, self.all_b_t)  # [N, out]
             return flat_out
         for slot, rows in step.groups:
-            lora_a, lora_b = self.lora_a[self._columns(slot)], self.lora_b[:, self._columns(slot)]
+            lora_a_t, lora_b_t = self.slot_a_t[slot], self.slot_b_t[slot]
             if rows is None:
-                rows_out += (flat_x @ lora_a.t()) @ lora_b.t()
+                rows_out.addmm_(torch.mm(flat_x, lora_a_t), lora_b_t)
             else:
-                shrunk = flat_x.index_select(0, rows) @ lora_a.t()  # [n, parts * R]
-                rows_out.index_add_(0, rows, shrunk @ lora_b.t())  # [n, out]
+                shrunk = torch.mm(flat_x.index_select(0, rows), lora_a_t)  # [n, parts * R]
+                rows_out.index_add_(0, rows, torch.mm(shrunk, lora_b_t))  # [n, out]
         return flat_out
 
 
