@@ -7,8 +7,8 @@ B [out, parts * R]. The scaling (alpha / r) is folded into B when the adapter is
 
 Rows are grouped by adapter (one shrink and expand per adapter present), except in a small
 step holding several adapters, such as decodes: there every row goes through every slot at
-once and a mask keeps each row's own slot, a fixed four products however many adapters
-share the step, since small steps are paid for by their number of ops.
+once and a mask keeps each row's own slot: three ops however many adapters share the
+step, since small steps are paid for by their number of ops.
 """
 
 from __future__ import annotations
