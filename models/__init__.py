@@ -18,6 +18,7 @@ from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
 from models.llava import build_llava
+from models.lora import LoraLoadError, enable_lora
 from models.quantize import quantize_decoder
 from models.qwen3_vl import build_qwen3_vl
 from models.qwen_vl import build_qwen_vl
@@ -57,7 +58,15 @@ TILED_ARCHITECTURES = frozenset(
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-__all__ = ["BUILDERS", "LoadedModel", "ModelInfo", "ModelLoadError", "load_model"]
+__all__ = [
+    "BUILDERS",
+    "LoadedModel",
+    "LoraLoadError",
+    "ModelInfo",
+    "ModelLoadError",
+    "enable_lora",
+    "load_model",
+]
 
 
 def _resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -103,6 +104,37 @@ class PagedModel(Protocol):
         self, num_blocks: int, block_size: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, K and V blocks of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+        ...
+
+
+BASE_ADAPTER_SLOT = -1  # rows of the base model: no LoRA adapter
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A LoRA adapter written into a slot of a model's adapter registry."""
+
+    slot: int
+    rank: int
+    adapts_images: bool  # it adapts the projector: image embeddings depend on it
+
+
+class AdapterSlots(Protocol):
+    """A model's LoRA adapter registry (models/lora), set up by `models.enable_lora`."""
+
+    def load(self, folder: str | Path) -> LoadedAdapter:
+        """Read, check and write a PEFT folder into a free slot; raises LoraLoadError and
+        writes nothing when it does not fit."""
+        ...
+
+    def unload(self, slot: int) -> None: ...
+
+    def select(self, row_slots: Sequence[tuple[int, int]]) -> None:
+        """The rows of the next forward: per run of the flat batch (slot, number of rows)."""
+        ...
+
+    def select_all(self, slot: int) -> None:
+        """Every row of the next call (e.g. an image batch) belongs to `slot`."""
         ...
 
 

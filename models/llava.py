@@ -22,6 +22,7 @@ from models.attention_inputs import AttentionInputs
 from models.checkpoint import CONFIG_FILE, read_json
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel, activation
+from models.linear import Product
 from models.llama import LlamaDecoder
 from models.weights import CheckpointWeights
 
@@ -95,6 +96,7 @@ class LlavaForConditionalGeneration(PagedDecoderModel):
         self.decoder, self.tower, self.projector = decoder, tower, projector
         self.adopt_dims(decoder)
         self.act: Callable[[torch.Tensor], torch.Tensor] = activation(config.projector_hidden_act)
+        self.projector_product: Product = F.linear  # LoRA adapters wrap it (models/lora)
         self.feature_layers = _feature_layers(config.vision_feature_layer)
         self.drop_first_token = config.vision_feature_select_strategy == "default"
         self.image_token_id = self._image_token = int(config.image_token_id)
@@ -111,7 +113,8 @@ class LlavaForConditionalGeneration(PagedDecoderModel):
             selected = [features[:, 1:] for features in selected]
         features = torch.cat(selected, dim=-1)  # [B, image_seq_length, C * len(layers)]
         w1, b1, w2, b2 = self.projector
-        return F.linear(self.act(F.linear(features, w1, b1)), w2, b2)
+        project = self.projector_product
+        return project(self.act(project(features, w1, b1)), w2, b2)
 
     @torch.inference_mode()
     def forward(

@@ -57,7 +57,7 @@ router = APIRouter(tags=["chat"])
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, runtime: RuntimeDep
 ) -> Response:
-    check_model(runtime, body.model)
+    adapter = check_model(runtime, body.model)
     messages, image_urls = template_messages(body.messages)
     images = await _load_images(runtime, image_urls)
     builder = runtime.prompts
@@ -73,7 +73,8 @@ async def create_chat_completion(
     defaults = sampling_defaults(runtime)
     params = body.to_sampling_params(defaults, defaults.rest_of_context(len(prompt_ids)), grammar)
     request_id = new_request_id("chatcmpl")
-    job = Job("chat", request_id, runtime.model_id, [prompt_ids], params, images, "messages")
+    model = adapter or runtime.model_id
+    job = Job("chat", request_id, model, [prompt_ids], params, images, "messages", adapter)
     streams, renderer = submit(runtime, job), ChatRenderer(job, plan)
     return await respond(
         request, job, streams, renderer, stream=body.stream, include_usage=body.include_usage

@@ -60,6 +60,20 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """The LoRA adapter a request runs with (app/engine/adapters.py)."""
+
+    name: str
+    slot: int  # its slot in the model's adapter registry (models/lora)
+    load_id: int  # unique per load: part of the prefix and image cache keys
+    adapts_images: bool  # it changes image embeddings (it adapts the projector)
+
+    @property
+    def cache_salt(self) -> bytes:
+        return b"lora:%d" % self.load_id
+
+
+@dataclass(frozen=True)
 class RopePositions:
     """Multi-section positions of a prompt (M-RoPE), fixed when the prompt is built.
 
@@ -178,6 +192,7 @@ class Sequence:
         params: SamplingParams,
         image_spans: tuple[ImageSpan, ...] = (),
         rope_positions: RopePositions | None = None,
+        adapter: AdapterRef | None = None,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -187,6 +202,7 @@ class Sequence:
         self.params = params
         self.image_spans = image_spans
         self.rope_positions = rope_positions  # None: positions are 0, 1, 2, ...
+        self.adapter = adapter  # None: the base model
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
@@ -257,6 +273,11 @@ class Sequence:
     def group_size(self) -> int:
         """Sequences this one stands for in the running cap: itself plus unforked samples."""
         return 1 + len(self.pending_forks)
+
+    @property
+    def cache_salt(self) -> bytes:
+        """Starts the prefix-cache hash chain: blocks are shared only under one adapter."""
+        return b"" if self.adapter is None else self.adapter.cache_salt
 
     def num_blocks_needed(self, block_size: int) -> int:
         return (len(self.token_ids) + block_size - 1) // block_size
