@@ -22,6 +22,11 @@ DECODER_MODULE_PREFIX = {
     "LlavaForConditionalGeneration": "model.language_model.",
     "Qwen2VLForConditionalGeneration": "model.language_model.",
     "Qwen2_5_VLForConditionalGeneration": "model.language_model.",
+    "Qwen3VLForConditionalGeneration": "model.language_model.",
+    "SmolVLMForConditionalGeneration": "model.text_model.",
+    "Idefics3ForConditionalGeneration": "model.text_model.",
+    "Gemma3ForCausalLM": "model.",
+    "Gemma3ForConditionalGeneration": "model.language_model.",
 }
 PROJECTOR_MODULES = ("model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2")
 
@@ -72,10 +77,10 @@ def _part_widths(dims: Any) -> dict[str, list[int]]:
 def projector_sites(
     model: Any, new_projection: NewProjection
 ) -> tuple[dict[str, LoraSite], dict[int, LoraProjection]]:
-    """LLaVA's two projector layers, when the model has them."""
-    projector = getattr(model, "projector", None)
-    if projector is None:
+    """LLaVA's two projector layers; other families' projectors take no adapter."""
+    if model.info.architecture != "LlavaForConditionalGeneration":
         return {}, {}
+    projector = model.projector
     sites: dict[str, LoraSite] = {}
     by_weight: dict[int, LoraProjection] = {}
     for name, weight in zip(PROJECTOR_MODULES, projector[0::2], strict=True):

@@ -21,9 +21,11 @@ from tests.checkpoints import (
     make_tiny_qwen2,
     make_tiny_qwen3,
 )
+from tests.gemma3_checkpoints import make_tiny_gemma3_text, make_tiny_gemma3_vl
 from tests.lora_adapters import LLAVA_DECODER, PROJECTOR, make_adapter, peft_reference
 from tests.models.paged import PagedSession, relative_error
 from tests.qwen_vl_checkpoints import make_tiny_qwen_vl
+from tests.smolvlm_checkpoints import make_tiny_smolvlm
 
 TOLERANCE = 1e-4
 PROMPTS = ([1, 5, 9, 30, 31, 17, 8, 200], [1, 44, 45, 46, 12], [1, 99, 3, 77, 150, 151, 6])
@@ -73,22 +75,30 @@ def test_mixed_batch_matches_peft(
         assert relative_error(ours, expected) < TOLERANCE, i
 
 
-# family -> (checkpoint factory, whether transformers loads it as an image-text model)
+# family -> (checkpoint factory, the decoder's module prefix where transformers loads it as
+# an image-text model, whose vision tower has projections of the same names; None for text)
 FAMILIES = {
-    "qwen2": (make_tiny_qwen2, False),
-    "qwen3": (make_tiny_qwen3, False),
-    "qwen2_vl": (make_tiny_qwen_vl, True),
-    "qwen2_5_vl": (lambda d: make_tiny_qwen_vl(d, family="qwen2_5_vl"), True),
+    "qwen2": (make_tiny_qwen2, None),
+    "qwen3": (make_tiny_qwen3, None),
+    "qwen2_vl": (make_tiny_qwen_vl, "language_model"),
+    "qwen2_5_vl": (lambda d: make_tiny_qwen_vl(d, family="qwen2_5_vl"), "language_model"),
+    "qwen3_vl": (lambda d: make_tiny_qwen_vl(d, family="qwen3_vl"), "language_model"),
+    "smolvlm": (make_tiny_smolvlm, "text_model"),
+    "idefics3": (lambda d: make_tiny_smolvlm(d, family="idefics3"), "text_model"),
+    "gemma3_text": (make_tiny_gemma3_text, None),
+    "gemma3": (make_tiny_gemma3_vl, "language_model"),
 }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_llama_family_decoder(family: str, tmp_path: Path) -> None:
-    make, multimodal = FAMILIES[family]
+    make, decoder = FAMILIES[family]
+    multimodal = decoder is not None
     base = make(tmp_path / "base")
     targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-    if multimodal:  # anchored at the decoder: the vision tower has projections of these names
-        targets = LLAVA_DECODER.format("|".join(targets))  # type: ignore[assignment]
+    if decoder is not None:  # anchored at the decoder: the tower has projections of these names
+        anchored = LLAVA_DECODER.replace("language_model", decoder)
+        targets = anchored.format("|".join(targets))  # type: ignore[assignment]
     adapter = make_adapter(
         base, tmp_path / "a", rank=3, targets=targets, seed=5, multimodal=multimodal
     )
