@@ -35,6 +35,10 @@ def _is_bool(annotation: Any) -> bool:
     return annotation is bool
 
 
+def _is_list(annotation: Any) -> bool:
+    return annotation is list or typing.get_origin(annotation) is list
+
+
 def _choices(annotation: Any) -> list[str] | None:
     if typing.get_origin(annotation) is typing.Literal:
         return [str(choice) for choice in typing.get_args(annotation)]
@@ -66,6 +70,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag_name(name), default=argparse.SUPPRESS, choices=_choices(annotation),
                 metavar=None if _choices(annotation) else _metavar(annotation), help=help_text,
+                nargs="+" if _is_list(annotation) else None,
             )  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.engine.config import Dtype, EngineConfig, Quantization
@@ -119,6 +119,30 @@ class Settings(BaseSettings):
         ),
     )
 
+    # LoRA adapters served beside the model (models/lora).
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Adapters to serve, NAME=PATH each (PEFT folders, e.g. from `mmgpt "
+        "finetune`); requests name one in `model`. Comma-separated in the environment.",
+    )
+    max_loras: int = Field(
+        default=EngineConfig.max_loras,
+        ge=1,
+        description="Adapter slots held in memory when adapters are served.",
+    )
+    max_lora_rank: int = Field(
+        default=EngineConfig.max_lora_rank, ge=1, description="Highest adapter rank accepted."
+    )
+    allow_runtime_lora: bool = Field(
+        default=False,
+        description="Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter; adapters "
+        "are read only from inside --lora-dirs.",
+    )
+    lora_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated folders that runtime-loaded adapters must lie in.",
+    )
+
     # The HTTP server.
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
@@ -161,17 +185,40 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="Seconds to fetch one remote image."
     )
 
-    @field_validator("api_keys", "allowed_media_domains", mode="before")
+    @field_validator(
+        "api_keys", "allowed_media_domains", "lora_modules", "lora_dirs", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
+        """A comma-separated string, or a list of them (a flag given several values)."""
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+            value = [value]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return [part.strip() for item in value for part in item.split(",") if part.strip()]
         return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _named_paths(cls, modules: list[str]) -> list[str]:
+        names = [lora_module(module)[0] for module in modules]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"adapter names given twice: {', '.join(repeated)}")
+        return modules
 
     @field_validator("allowed_media_domains")
     @classmethod
     def _lower_hosts(cls, hosts: list[str]) -> list[str]:
         return [host.lower().rstrip(".") for host in hosts]
+
+    @model_validator(mode="after")
+    def _slots_for_the_modules(self) -> Settings:
+        if len(self.lora_modules) > self.max_loras:
+            raise ValueError(
+                f"{len(self.lora_modules)} adapters in lora_modules but max_loras is "
+                f"{self.max_loras}"
+            )
+        return self
 
     def model_path(self) -> Path:
         """The checkpoint to load, checked to exist: a folder, a .gguf file or a folder of one."""
@@ -190,13 +237,31 @@ class Settings(BaseSettings):
         return [key.get_secret_value() for key in self.api_keys]
 
     def engine_config(self) -> EngineConfig:
-        """The engine's plain dataclass: every EngineConfig field is copied by name."""
+        """The engine's plain dataclass: EngineConfig's fields copied by name, and the
+        adapters to serve."""
         values = {
             spec.name: getattr(self, spec.name)
             for spec in dataclasses.fields(EngineConfig)
-            if spec.name != "model"
+            if spec.name not in ENGINE_FIELDS_DERIVED
         }
-        return EngineConfig(model=str(self.model_path()), **values)
+        modules = tuple(lora_module(module) for module in self.lora_modules)
+        return EngineConfig(
+            model=str(self.model_path()),
+            enable_lora=bool(modules) or self.allow_runtime_lora,
+            lora_modules=modules,
+            **values,
+        )
+
+
+ENGINE_FIELDS_DERIVED = ("model", "enable_lora", "lora_modules")
+
+
+def lora_module(module: str) -> tuple[str, str]:
+    """NAME=PATH -> (name, path)."""
+    name, sep, path = module.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ValueError(f"expected NAME=PATH for an adapter, got {module!r}")
+    return name.strip(), path.strip()
 
 
 def default_model_path() -> Path:

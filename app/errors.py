@@ -16,7 +16,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
+from app.engine.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    EngineNotRunningError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
 
 logger = logging.getLogger("mmgpt.api")
 
@@ -151,6 +157,10 @@ def from_engine_error(error: Exception) -> APIError:
         return overloaded(str(error) or "The waiting queue is full; retry shortly.")
     if isinstance(error, EngineNotRunningError):
         return not_ready(str(error) or "The engine is not running.")
+    if isinstance(error, AdapterNotFoundError):
+        return APIError(404, str(error), param="model", code="model_not_found")
+    if isinstance(error, AdapterLoadError):
+        return bad_request(str(error), param="lora_path")
     raise error
 
 

@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from app import __version__
-from app.api import chat, completions, health, models, vision
+from app.api import adapters, chat, completions, health, models, vision
 from app.api.middleware import GateMiddleware
 from app.chat_schemas import ChatCompletionChunk
 from app.config import Settings
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, loaded: LoadedModel | None = No
     app = FastAPI(title="mmgpt", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
-    routers = [module.router for module in (completions, chat, vision, models, health)]
+    routers = [module.router for module in (completions, chat, vision, models, adapters, health)]
     for router in routers:
         app.include_router(router)
     routes = [route for router in routers for route in router.routes]

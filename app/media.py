@@ -1,8 +1,9 @@
 """Image intake: caps before decoding, decode, EXIF orientation, RGB, preprocess.
 
 The one image decoder of the service. Sizes are checked before any pixel is
-decoded (bytes first, then the pixel count from the header), so a small file
-that declares a huge image costs nothing. Decoding and preprocessing run in a
+decoded (bytes first, then the pixel count from the header, then the request's image
+tokens, which the processor's resize rule counts from the header's size), so a small
+file that declares a huge image costs nothing. Decoding and preprocessing run in a
 thread pool with bounded concurrency, never on the event loop, never with torch.
 """
 
@@ -22,9 +23,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app import metrics
+from app.engine.errors import InvalidRequestError
 from app.engine.sequence import ImageInput
-from app.errors import APIError, bad_request, too_large, unsupported_media
-from models.processors import image_features
+from app.engine.validation import check_image_token_cap
+from app.errors import APIError, bad_request, from_engine_error, too_large, unsupported_media
+from models.processors import image_features, image_tokens_for_size
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 ACCEPTED_NAMES = "PNG, JPEG, WebP, BMP or GIF"
@@ -44,6 +47,25 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+    max_image_tokens: int = 0  # per request; 0: only the context limits them
+
+
+@dataclass
+class ImageTokenBudget:
+    """One request's image tokens, added up from each image's header before its pixels are
+    decoded; past the cap, the same 400 the engine gives (EXIF rotation swaps the sides,
+    which leaves the count unchanged)."""
+
+    cap: int
+    fixed_tokens: int  # a fixed-size model's tokens per image
+    total: int = 0
+
+    def spend(self, tokens: int) -> None:
+        self.total += tokens or self.fixed_tokens
+        try:
+            check_image_token_cap(self.total, self.cap)
+        except InvalidRequestError as error:
+            raise from_engine_error(error) from None
 
 
 def check_size(num_bytes: int, limits: ImageLimits, param: str) -> None:
@@ -139,7 +161,9 @@ def preprocess(image: Image.Image, image_processor: Any, detail: str = "auto") -
     features = image_features(image, image_processor, detail)
     # the same pixels read at another detail are another input to the tower
     key = content_hash(image) if detail == "auto" else f"{content_hash(image)}:{detail}"
-    return ImageInput(features.pixel_values, key, features.num_tokens, features.extra)
+    return ImageInput(
+        features.pixel_values, key, features.num_tokens, features.extra, features.prompt_text
+    )
 
 
 def decode_data_url(url: str, limits: ImageLimits, param: str) -> bytes:
@@ -162,15 +186,30 @@ class ImageIntake:
     """Decodes and preprocesses images for one loaded model: small ones inline, the rest in
     a bounded pool of worker threads (after the header is read and checked, inline)."""
 
-    def __init__(self, image_processor: Any, limits: ImageLimits) -> None:
+    def __init__(self, image_processor: Any, limits: ImageLimits, fixed_tokens: int = 0) -> None:
         self.image_processor = image_processor
         self.limits = limits
+        self.fixed_tokens = fixed_tokens  # a fixed-size model's tokens per image
         self._limiter = anyio.CapacityLimiter(DECODE_CONCURRENCY)
 
-    async def load(self, data: bytes, param: str = "image", detail: str = "auto") -> ImageInput:
+    def token_budget(self) -> ImageTokenBudget:
+        """A new request's image-token tally against the server's cap."""
+        return ImageTokenBudget(self.limits.max_image_tokens, self.fixed_tokens)
+
+    async def load(
+        self,
+        data: bytes,
+        param: str = "image",
+        detail: str = "auto",
+        budget: ImageTokenBudget | None = None,
+    ) -> ImageInput:
+        """Checked, decoded, preprocessed; `budget` tallies the request's images (None: this
+        one alone)."""
         metrics.record_image_received()
         started = time.perf_counter()
         header = read_header(data, self.limits, param)
+        budget = budget or self.token_budget()
+        budget.spend(self._tokens_from_header(header, param, detail))
         if header.width * header.height <= INLINE_DECODE_PIXELS:
             image_input = self._decode_and_preprocess(header, param, detail)
         else:
@@ -179,6 +218,12 @@ class ImageIntake:
             )
         metrics.record_image_preprocessed(time.perf_counter() - started)
         return image_input
+
+    def _tokens_from_header(self, header: Image.Image, param: str, detail: str) -> int:
+        try:
+            return image_tokens_for_size(self.image_processor, *header.size, detail)
+        except ValueError as error:  # a detail that does not exist
+            raise bad_request(str(error), param) from None
 
     def _decode_and_preprocess(self, header: Image.Image, param: str, detail: str) -> ImageInput:
         image = decode_pixels(header, param)

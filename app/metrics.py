@@ -78,6 +78,12 @@ VISION_ENCODER_TIME = Histogram(
 )
 NUM_REQUESTS_RUNNING = Gauge("mmgpt_num_requests_running", "Requests in the running queue.")
 NUM_REQUESTS_WAITING = Gauge("mmgpt_num_requests_waiting", "Requests in the waiting queue.")
+ADAPTER_REQUESTS_RUNNING = Gauge(
+    "mmgpt_lora_requests_running", "Running sequences per LoRA adapter.", ["adapter"]
+)
+ADAPTER_REQUESTS_WAITING = Gauge(
+    "mmgpt_lora_requests_waiting", "Waiting sequences per LoRA adapter.", ["adapter"]
+)
 KV_CACHE_USAGE = Gauge(
     "mmgpt_kv_cache_usage_ratio", "KV blocks held by live requests over all blocks."
 )
@@ -132,14 +138,28 @@ class EngineStatsRecorder:
 
     def __init__(self) -> None:
         self._counted = (0,) * len(CUMULATIVE_COUNTERS)  # the counts already added
+        self._adapters: set[str] = set()  # the adapter labels set so far
 
     def record(self, update: StatsUpdate) -> None:
         _set_gauges(update.engine)
+        self._set_adapter_gauges(update.engine)
         self._add_growth(update.engine)
         if update.step is not None:
             _observe_step(update.step)
         for request in update.finished:
             _observe_finished(request)
+
+    def _set_adapter_gauges(self, stats: EngineStats) -> None:
+        """One series per adapter holding a slot; an unloaded adapter's series go away."""
+        current = set()
+        for name, running, waiting in stats.adapter_requests:
+            ADAPTER_REQUESTS_RUNNING.labels(name).set(running)
+            ADAPTER_REQUESTS_WAITING.labels(name).set(waiting)
+            current.add(name)
+        for gone in self._adapters - current:
+            ADAPTER_REQUESTS_RUNNING.remove(gone)
+            ADAPTER_REQUESTS_WAITING.remove(gone)
+        self._adapters = current
 
     def _add_growth(self, stats: EngineStats) -> None:
         """The engine counts from its start; a counter takes only what is new."""

@@ -4,7 +4,8 @@ The one tokeniser wrapper of the API. Chat, caption and QA prompts go through th
 checkpoint's chat template with `{"type": "image"}` parts; the rendered string is
 tokenised without adding special tokens again (the template has them), then the k-th
 image token becomes as many copies as the k-th image's processor said (a fixed-size
-family's `image_seq_length`), the layout the engine expects.
+family's `image_seq_length`), or the tokens of the text its processor wrote for it
+(SmolVLM's tiles between their row/column tags), the layout the engine expects.
 Completions tokenise the raw prompt the way the tokenizer does by default.
 """
 
@@ -85,22 +86,26 @@ class PromptBuilder:
         messages: list[Message],
         param: str = "messages",
         tools: list[dict[str, Any]] | None = None,
-        image_tokens: Sequence[int] = (),
+        image_tokens: Sequence[int | str] = (),
     ) -> list[int]:
         """Renders the chat template (with the tools the model is shown, if any) and expands
         the k-th image token into `image_tokens[k]` copies (0 or absent: the model's fixed
-        count). The engine checks that the image tokens match the request's images (an
-        image token typed in the text does not)."""
+        count), or into the tokens of `image_tokens[k]` where that is the image's text. The
+        engine checks that the image tokens match the request's images (an image token typed
+        in the text does not)."""
         text = self._render(messages, param, tools)
+        if self.info.image_prompt is not None:  # the processor's text around each image
+            marker, image_text = self.info.image_prompt
+            text = text.replace(marker, image_text)
         check_unicode(text, param)
         token_ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._expand_images(token_ids, image_tokens)
 
-    def caption(self, prompt: str | None, image_tokens: int = 0) -> list[int]:
+    def caption(self, prompt: str | None, image_tokens: int | str = 0) -> list[int]:
         message = image_message(prompt or self.caption_prompt)
         return self.chat(message, param="prompt", image_tokens=[image_tokens])
 
-    def question(self, question: str, image_tokens: int = 0) -> list[int]:
+    def question(self, question: str, image_tokens: int | str = 0) -> list[int]:
         return self.chat(image_message(question), param="question", image_tokens=[image_tokens])
 
     def decode(self, token_ids: list[int]) -> str:
@@ -123,7 +128,7 @@ class PromptBuilder:
             raise bad_request(f"The chat template rejected the messages: {error}", param) from None
         return str(rendered)
 
-    def _expand_images(self, token_ids: list[int], image_tokens: Sequence[int]) -> list[int]:
+    def _expand_images(self, token_ids: list[int], image_tokens: Sequence[int | str]) -> list[int]:
         image_token = self.info.image_token_id
         if image_token is None or image_token not in token_ids:
             return token_ids
@@ -133,7 +138,15 @@ class PromptBuilder:
             if token_id != image_token:
                 expanded.append(token_id)
                 continue
-            count = image_tokens[index] if index < len(image_tokens) else 0
-            expanded.extend([image_token] * (count or self.info.image_seq_length))
+            placeholder = image_tokens[index] if index < len(image_tokens) else 0
+            expanded.extend(self._image_placeholder(placeholder))
             index += 1
         return expanded
+
+    def _image_placeholder(self, placeholder: int | str) -> list[int]:
+        """An image's tokens: its text tokenised (tags are special tokens, so the text
+        splits alone as it would inside the prompt), or its count of image tokens."""
+        if isinstance(placeholder, str):
+            ids: list[int] = self.tokenizer(placeholder, add_special_tokens=False)["input_ids"]
+            return ids
+        return [self.info.image_token_id or 0] * (placeholder or self.info.image_seq_length)

@@ -306,6 +306,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "mmgpt"
     max_model_len: int | None = None
+    root: str | None = None  # the served model an id stands for: itself, or an adapter's base
+    parent: str | None = None  # a LoRA adapter's base model; None for the base itself
 
 
 class ModelList(BaseModel):

@@ -136,8 +136,14 @@ class Service:
 
     def _build_runtime(self, engine: AsyncEngine) -> Runtime:
         loaded, settings = engine.loaded, self.settings
-        limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-        images = ImageIntake(loaded.image_processor, limits) if loaded.image_processor else None
+        limits = ImageLimits(
+            settings.max_image_bytes,
+            settings.max_image_pixels,
+            settings.max_image_tokens_per_request,
+        )
+        images = None
+        if loaded.image_processor is not None:
+            images = ImageIntake(loaded.image_processor, limits, engine.info.image_seq_length)
         fetcher = RemoteImageFetcher(
             settings.allowed_media_domains, limits, settings.media_fetch_timeout
         )

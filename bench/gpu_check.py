@@ -8,7 +8,9 @@ Checks (tiny random checkpoints built offline, fp32 and bf16):
 - greedy tokens equal transformers' generate() on the same device (fp32);
 - a run forced to preempt equals an unconstrained one;
 - seeded sampling gives the same tokens alone and in a batch of 32;
-- 48 image requests on a tiny LLaVA equal each alone.
+- 48 image requests equal each alone: on a tiny LLaVA (one fixed image size), and on a
+  tiny Qwen2.5-VL and Qwen3-VL (images of several sizes, M-RoPE, chunks cut through
+  images, Qwen3-VL's DeepStack).
 Then `bench.engine_offline` on a GPT-2-small-shaped random checkpoint.
 Exit status 1 when a check fails.
 """
@@ -24,21 +26,29 @@ import traceback
 from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from app.engine.config import EngineConfig
 from app.engine.engine_core import EngineCore
 from app.engine.sequence import ImageInput, ImageSpan, SamplingParams
 from app.engine.validation import image_spans
+from app.media import preprocess
 from models import load_model
 from models.base import LoadedModel
 
 Job = tuple[list[int], SamplingParams, tuple[ImageSpan, ...]]
 MAX_FLIPS_FP32 = 1  # near-tie argmax flips tolerated per batch
 MAX_FLIPS_BF16 = 6  # bf16 rounds batch-shape-dependent sums differently
+# A native-resolution tower packs each step's new images together, and in bf16 each
+# packing rounds them differently too (CPU dry run: 4 and 6 of 48 differed).
+MAX_NATIVE_IMAGE_FLIPS_BF16 = 10
+# (height, width) of a native-resolution model's images: wide, tall, square, small, large
+NATIVE_IMAGE_SIZES = [(30, 50), (40, 24), (32, 32), (9, 12), (90, 70)]
+QWEN_VL_FAMILIES: tuple[Literal["qwen2_5_vl", "qwen3_vl"], ...] = ("qwen2_5_vl", "qwen3_vl")
 
 
 def run(core: EngineCore, jobs: list[Job]) -> list[list[int]]:
@@ -74,21 +84,30 @@ def text_jobs(count: int, seed: int, **params: object) -> list[Job]:
     return jobs
 
 
+def image_pool(loaded: LoadedModel, seed: int) -> list[ImageInput]:
+    """Four images of the model's one size, or one of each native size through its processor."""
+    info, rng = loaded.info, np.random.default_rng(seed)
+    if info.image_seq_length:
+        pixels = rng.standard_normal((4, 3, info.image_size, info.image_size))
+        hashes = [hashlib.sha256(p.tobytes()).hexdigest() for p in pixels]
+        return [ImageInput(p.astype(np.float32), h) for p, h in zip(pixels, hashes, strict=True)]
+    pictures = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in NATIVE_IMAGE_SIZES]
+    return [preprocess(Image.fromarray(p), loaded.image_processor) for p in pictures]
+
+
 def image_jobs(loaded: LoadedModel, count: int, seed: int) -> list[Job]:
     info, rng = loaded.info, random.Random(seed)
     assert info.image_token_id is not None
-    pixels = np.random.default_rng(seed).standard_normal((4, 3, info.image_size, info.image_size))
-    pool = [
-        ImageInput(p.astype(np.float32), hashlib.sha256(p.tobytes()).hexdigest()) for p in pixels
-    ]
+    pool = image_pool(loaded, seed)
     jobs: list[Job] = []
+    text_ids = [i for i in range(4, 384) if i != info.image_token_id]
     for _ in range(count):
         images = [rng.choice(pool) for _ in range(rng.randint(1, 2))]
         prompt = [1]
-        for _image in images:
-            prompt += [rng.randrange(4, 384) for _ in range(rng.randint(0, 20))]
-            prompt += [info.image_token_id] * info.image_seq_length
-        prompt += [rng.randrange(4, 384) for _ in range(rng.randint(1, 20))]
+        for image in images:
+            prompt += rng.choices(text_ids, k=rng.randint(0, 20))
+            prompt += [info.image_token_id] * (image.num_tokens or info.image_seq_length)
+        prompt += rng.choices(text_ids, k=rng.randint(1, 20))
         params = SamplingParams(max_tokens=rng.randint(1, 30), temperature=0.0)
         jobs.append((prompt, params, image_spans(prompt, images, info)))
     return jobs
@@ -141,7 +160,8 @@ def check_seeded(loaded: LoadedModel, max_flips: int) -> str:
     return f"{count} of 32 differ"
 
 
-def check_images(loaded: LoadedModel, max_flips: int) -> str:
+def check_images(load: Callable[[], LoadedModel], max_flips: int) -> str:
+    loaded = load()
     jobs = image_jobs(loaded, 48, seed=5)
     together = run(core_for(loaded, max_num_batched_tokens=64), jobs)
     count = flips(together, alone(loaded, jobs))
@@ -153,13 +173,16 @@ def run_checks(device: str, folder: Path) -> bool:
     """Every check in both dtypes; a check that fails or raises is reported and the rest
     still run, since a GPU session may have no time for a second try."""
     from tests.checkpoints import make_tiny_llama, make_tiny_llava
+    from tests.qwen_vl_checkpoints import make_tiny_qwen_vl
 
     llama_dir = make_tiny_llama(folder / "llama")
-    llava_dir = make_tiny_llava(folder / "llava")
+    image_dirs = {"llava": make_tiny_llava(folder / "llava")} | {
+        family: make_tiny_qwen_vl(folder / family, family=family) for family in QWEN_VL_FAMILIES
+    }
     passed = True
     for dtype, max_flips in ((torch.float32, MAX_FLIPS_FP32), (torch.bfloat16, MAX_FLIPS_BF16)):
         load = cache(partial(load_model, device=device, dtype=dtype))  # once per checkpoint
-        for name, check in _checks(load, llama_dir, llava_dir, max_flips, dtype):
+        for name, check in _checks(load, llama_dir, image_dirs, max_flips, dtype):
             try:
                 print(f"  ok    {dtype!s:15} {name}: {check()}", flush=True)
             except AssertionError as exc:
@@ -175,7 +198,7 @@ def run_checks(device: str, folder: Path) -> bool:
 def _checks(
     load: Callable[[Path], LoadedModel],
     llama_dir: Path,
-    llava_dir: Path,
+    image_dirs: dict[str, Path],
     max_flips: int,
     dtype: torch.dtype,
 ) -> list[tuple[str, Callable[[], str]]]:
@@ -185,8 +208,12 @@ def _checks(
         ("64 batched greedy == alone", lambda: check_batched_greedy(llama(), max_flips)),
         ("forced preemption == unconstrained", lambda: check_preemption(llama(), max_flips)),
         ("seeded: batch of 32 == alone", lambda: check_seeded(llama(), max_flips)),
-        ("48 image requests == alone", lambda: check_images(load(llava_dir), max_flips)),
     ]
+    for family, folder in image_dirs.items():
+        native_bf16 = family != "llava" and dtype == torch.bfloat16
+        limit = MAX_NATIVE_IMAGE_FLIPS_BF16 if native_bf16 else max_flips
+        check = partial(check_images, partial(load, folder), limit)
+        checks.append((f"48 image requests == alone, {family}", check))
     if dtype == torch.float32:  # in bf16 generate() and we round differently
         checks.append(("greedy == generate()", lambda: check_against_transformers(llama())))
     return checks

@@ -9,9 +9,17 @@
 # Each stage has its own time limit and writes into OUT as it goes, so a stage that fails
 # or runs out of time leaves the others' results.
 #
+# The image-chat run is a second command of its own (its stages' limits add up to 8.5
+# minutes): a random Qwen2.5-VL of about 2B parameters (`bench.checkpoints --size
+# qwen2.5-vl-2b`: Qwen2.5-VL-3B's vision tower, Qwen2.5-1.5B's decoder), then
+# `bench.compare` in bf16 on image chat (VL_WORKLOAD), mmgpt then transformers.
+#
 #   bash bench/gpu_suite.sh OUT
 #   DEVICE=cpu SIZE=llama-tiny PROMPTS=8 CONCURRENCY=4 bash bench/gpu_suite.sh OUT  # dry run
 #   STAGES="checkpoint compare" bash bench/gpu_suite.sh OUT                           # some
+#   STAGES="vl-checkpoint vl-compare" bash bench/gpu_suite.sh OUT                     # images
+#   DEVICE=cpu VL_SIZE=qwen2.5-vl-tiny VL_CONTENDERS=mmgpt VL_PROMPTS=8 VL_CONCURRENCY=4 \
+#       STAGES="vl-checkpoint vl-compare" bash bench/gpu_suite.sh OUT              # its dry run
 #
 # A host without a package index gets the serving stack as wheels in WHEELS (default
 # .whl, filled by `bench/gpu_wheels.sh`), installed into a scratch folder first.
@@ -25,6 +33,11 @@ CONCURRENCY=${CONCURRENCY:-256}
 WHEELS=${WHEELS:-.whl}
 SCRATCH=${SCRATCH:-/tmp/mmgpt-gpu-suite}
 STAGES=${STAGES:-gpu-check checkpoint compare}
+VL_SIZE=${VL_SIZE:-qwen2.5-vl-2b}
+VL_WORKLOAD=${VL_WORKLOAD:-chat-image}
+VL_CONTENDERS=${VL_CONTENDERS:-mmgpt,transformers}
+VL_PROMPTS=${VL_PROMPTS:-256}
+VL_CONCURRENCY=${VL_CONCURRENCY:-64}
 mkdir -p "$OUT" "$SCRATCH"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -59,10 +72,19 @@ stage() {  # stage NAME SECONDS COMMAND...: run, log to OUT/NAME.log, report its
 
 stage gpu-check 120 "$PY" -m bench.gpu_check --device "$DEVICE" --skip-throughput
 checkpoint="$SCRATCH/$SIZE"
-stage checkpoint 90 "$PY" -m bench.checkpoints "$checkpoint" --size "$SIZE" || exit 1
+stage checkpoint 90 "$PY" -m bench.checkpoints "$checkpoint" --size "$SIZE" &&
 stage compare 360 "$PY" -m bench.compare --model "$checkpoint" \
     --contenders mmgpt,transformers --workloads text --device "$DEVICE" --dtype bfloat16 \
     --threads 4 --mmgpt-args "--max-num-seqs $CONCURRENCY" \
     --num-prompts "$PROMPTS" --max-concurrency "$CONCURRENCY" --input-len 128 \
     --output-len 128 --ignore-eos --startup-timeout 150 --timeout 240 \
     --log-dir "$OUT" --json "$OUT/compare.json"
+
+vl_checkpoint="$SCRATCH/$VL_SIZE"
+stage vl-checkpoint 150 "$PY" -m bench.checkpoints "$vl_checkpoint" --size "$VL_SIZE" &&
+stage vl-compare 360 "$PY" -m bench.compare --model "$vl_checkpoint" \
+    --contenders "$VL_CONTENDERS" --workloads "$VL_WORKLOAD" --image-source synthetic \
+    --device "$DEVICE" --dtype bfloat16 --threads 4 --mmgpt-args "--max-num-seqs $VL_CONCURRENCY" \
+    --num-prompts "$VL_PROMPTS" --max-concurrency "$VL_CONCURRENCY" --output-len 64 \
+    --ignore-eos --startup-timeout 150 --timeout 240 \
+    --log-dir "$OUT/vl" --json "$OUT/vl-compare.json"

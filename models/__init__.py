@@ -12,12 +12,18 @@ from transformers import PretrainedConfig
 from models import checkpoint, gguf
 from models.base import LoadedModel, ModelInfo
 from models.errors import ModelLoadError
+from models.gemma3 import build_gemma3_text
+from models.gemma3_vl import build_gemma3_vl
 from models.gpt2 import build_gpt2
 from models.layers import PagedDecoderModel
 from models.llama import build_llama
 from models.llava import build_llava
+from models.lora import LoraLoadError, enable_lora
 from models.quantize import quantize_decoder
+from models.qwen3_vl import build_qwen3_vl
 from models.qwen_vl import build_qwen_vl
+from models.smolvlm import build_smolvlm
+from models.tile_processor import tiled_image_processor
 
 Builder = Callable[[PretrainedConfig, Path, torch.dtype, torch.device], PagedDecoderModel]
 
@@ -26,21 +32,41 @@ BUILDERS: dict[str, Builder] = {
     "LlamaForCausalLM": build_llama,
     "Qwen2ForCausalLM": build_llama,
     "Qwen3ForCausalLM": build_llama,
+    "Gemma3ForCausalLM": build_gemma3_text,
+    "Gemma3ForConditionalGeneration": build_gemma3_vl,
     "GPT2LMHeadModel": build_gpt2,
     "Qwen2VLForConditionalGeneration": build_qwen_vl,
     "Qwen2_5_VLForConditionalGeneration": build_qwen_vl,
+    "Qwen3VLForConditionalGeneration": build_qwen3_vl,
+    "SmolVLMForConditionalGeneration": build_smolvlm,
+    "Idefics3ForConditionalGeneration": build_smolvlm,
 }
 MULTIMODAL_ARCHITECTURES = frozenset(
     {
         "LlavaForConditionalGeneration",
         "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+        "SmolVLMForConditionalGeneration",
+        "Idefics3ForConditionalGeneration",
+        "Gemma3ForConditionalGeneration",
     }
+)
+TILED_ARCHITECTURES = frozenset(
+    {"SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"}
 )
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-__all__ = ["BUILDERS", "LoadedModel", "ModelInfo", "ModelLoadError", "load_model"]
+__all__ = [
+    "BUILDERS",
+    "LoadedModel",
+    "LoraLoadError",
+    "ModelInfo",
+    "ModelLoadError",
+    "enable_lora",
+    "load_model",
+]
 
 
 def _resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
@@ -89,6 +115,10 @@ def _load_folder(
     resolved = _checked_dtype(dtype, target)
     model = BUILDERS[architecture](config, folder, resolved, target)
     quantize_decoder(model, quantization)
+    if architecture in TILED_ARCHITECTURES:  # the prompt text of the tiles needs the model's
+        image_processor = tiled_image_processor(
+            image_processor, folder, tokenizer, model.image_seq_length, model.image_token_id
+        )
     gen_config = checkpoint.generation_config(folder)
     model.info = _model_info(folder, architecture, model, config, gen_config, tokenizer)
     return _loaded(model, tokenizer, image_processor, gen_config, folder)
@@ -103,7 +133,8 @@ def _load_gguf(
     tokenizer = gguf.load_tokenizer(path)
     resolved = _checked_dtype(dtype, target)
     weights = gguf.load_weights(path, config, resolved)
-    model = build_llama(config, path, resolved, target, weights=weights)
+    build = build_gemma3_text if architecture == "Gemma3ForCausalLM" else build_llama
+    model = build(config, path, resolved, target, weights=weights)
     quantize_decoder(model, quantization)
     model.info = _model_info(path, architecture, model, config, {}, tokenizer)
     return _loaded(model, tokenizer, None, {}, path)
@@ -123,8 +154,10 @@ def _loaded(
     gen_config: dict,
     source: Path,
 ) -> LoadedModel:
-    chat_template = getattr(tokenizer, "chat_template", None) or getattr(
-        image_processor, "chat_template", None
+    chat_template = (
+        getattr(tokenizer, "chat_template", None)
+        or getattr(image_processor, "chat_template", None)
+        or (checkpoint.processor_chat_template(source) if source.is_dir() else None)
     )
     return LoadedModel(
         model=model,
@@ -168,6 +201,9 @@ def _model_info(
         image_seq_length=model.image_seq_length,
         image_size=model.image_size,
         position_sections=model.position_sections,
+        sliding_window=model.sliding_window,
+        image_spans_in_one_chunk=model.image_spans_in_one_chunk,
+        image_prompt=model.image_prompt(tokenizer),
         caption_prompt=_caption_prompt(source),
     )
 

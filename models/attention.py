@@ -52,24 +52,29 @@ def paged_attention(
     attn_inputs: AttentionInputs,
     scale: float,
     layer: int,  # this layer's index, for the step's per-layer inputs
+    sliding: bool = False,  # a sliding-window layer: attend with the plan's window masks
 ) -> torch.Tensor:  # [T, heads * D]
-    """Write the new K/V into the cache, then attend every query to its sequence so far."""
+    """Write the new K/V into the cache, then attend every query to its sequence so far
+    (to its window of it in a sliding-window layer)."""
     write_kv(cache, key, value, attn_inputs.slot_mapping)
     if attn_inputs.is_one_decode_group:
         (group,) = attn_inputs.decode_groups
         keys, values = _decode_kv(cache, group, layer, key, value)
-        return _attend_decodes(query, keys, values, group.mask, scale)
+        return _attend_decodes(query, keys, values, group.mask_for(sliding), scale)
     out = query.new_empty(query.shape[0], query.shape[1] * query.shape[2])  # [T, heads * D]
     for group in attn_inputs.decode_groups:
         keys, values = _decode_kv(cache, group, layer, key, value)
-        group_out = _attend_decodes(_rows(query, group.rows), keys, values, group.mask, scale)
+        group_out = _attend_decodes(
+            _rows(query, group.rows), keys, values, group.mask_for(sliding), scale
+        )
         if isinstance(group.rows, slice):
             out[group.rows] = group_out
         else:
             out.index_copy_(0, group.rows, group_out)
     for chunk in attn_inputs.prefills:
         rows = slice(chunk.start, chunk.end)
-        out[rows] = _attend_prefill(query[rows], key[rows], value[rows], cache, chunk, scale)
+        mask = chunk.mask_for(sliding)
+        out[rows] = _attend_prefill(query[rows], key[rows], value[rows], cache, chunk, mask, scale)
     return out
 
 
@@ -139,6 +144,7 @@ def _attend_prefill(
     value: torch.Tensor,
     cache: KVCache,
     chunk: PrefillChunk,
+    mask: torch.Tensor | None,  # [q, seq_len] bool; None: causal over the new tokens
     scale: float,
 ) -> torch.Tensor:  # [q, heads * D]
     if chunk.block_ids is not None:
@@ -148,8 +154,8 @@ def _attend_prefill(
         query.transpose(0, 1).unsqueeze(0),  # [1, heads, q, D]
         key.transpose(0, 1).unsqueeze(0),  # [1, kv_heads, k, D]
         value.transpose(0, 1).unsqueeze(0),
-        attn_mask=chunk.mask,
-        is_causal=chunk.mask is None,
+        attn_mask=mask,
+        is_causal=mask is None,
         scale=scale,
         enable_gqa=key.shape[1] != query.shape[1],
     )  # [1, heads, q, D]

@@ -9,11 +9,23 @@ on a handful of tensor ops (models/attention.py):
   keeps them contiguous (`MirroredDecodes`), in place;
 - prefill chunks run one SDPA each, causal over the new tokens; a chunk after cached
   context reads that context back through its block table.
+
+A model with sliding-window layers (Gemma 3) gets a second mask per group and chunk,
+`window_mask`, where each query sees only its own key and the `window - 1` before it
+(transformers' `sliding_window_overlay`); its local layers attend with it. It is
+planned only where some query reaches past the window, so a model without one, or a
+step whose sequences are all shorter, pays nothing.
+
+A model whose image tokens attend to each other both ways (Gemma 3) turns a step's
+inputs into `with_bidirectional_spans(...)`: the prefill chunks holding image tokens
+get masks where those tokens also see the later tokens of their own image. A chunk
+must then hold the rest of every image it starts (the scheduler's rule for such a
+model); the image's earlier tokens may sit in the cache, as after a prefix-cache hit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,6 +54,7 @@ class DecodeGroup:
     mask: torch.Tensor  # [num_seqs, 1, 1, span] bool, True = attend
     num_seqs: int
     mirror: MirroredDecodes | None = None  # read K/V in place instead of gathering
+    window_mask: torch.Tensor | None = None  # like mask, for sliding-window layers
     # NOTE: every layer gathers into the same two buffers: a fresh multi-MB tensor per
     # layer costs page faults (BENCHMARKS.md, history)
     gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -56,6 +69,9 @@ class DecodeGroup:
             self.gather_buffers = buffers
         return buffers
 
+    def mask_for(self, sliding: bool) -> torch.Tensor:
+        return self.window_mask if sliding and self.window_mask is not None else self.mask
+
 
 @dataclass
 class PrefillChunk:
@@ -66,6 +82,10 @@ class PrefillChunk:
     seq_len: int
     block_ids: torch.Tensor | None  # None: no cached context, attend to the new keys only
     mask: torch.Tensor | None  # [query_len, seq_len] bool when there is cached context
+    window_mask: torch.Tensor | None = None  # [query_len, seq_len] for sliding-window layers
+
+    def mask_for(self, sliding: bool) -> torch.Tensor | None:
+        return self.window_mask if sliding and self.window_mask is not None else self.mask
 
 
 @dataclass
@@ -80,6 +100,7 @@ class AttentionInputs:
     prefills: list[PrefillChunk]
     # the whole batch is one decode group in batch order: no row gather or scatter
     is_one_decode_group: bool
+    sliding_window: int | None = None  # the window the window masks were planned for
 
 
 def plan_attention(
@@ -90,12 +111,15 @@ def plan_attention(
     block_size: int,
     padding_block: int,
     mirrored: MirroredDecodes | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionInputs:
     """The step's attention inputs. `block_tables[i]` holds sequence i's blocks; shorter
     tables are padded with `padding_block`, whose K/V must stay finite (attention reads
-    them, masked, and a masked NaN still turns a row NaN)."""
+    them, masked, and a masked NaN still turns a row NaN). `sliding_window`: the model's
+    local layers' window, None for a model without one."""
+    device = slot_mapping.device
     layout = _Layout(
-        query_lens, context_lens, block_tables, block_size, padding_block, slot_mapping.device
+        query_lens, context_lens, block_tables, block_size, padding_block, device, sliding_window
     )
     decodes = [i for i, query_len in enumerate(query_lens) if query_len == 1]
     if mirrored is not None:
@@ -111,6 +135,7 @@ def plan_attention(
         decode_groups=groups,
         prefills=prefills,
         is_one_decode_group=not prefills and len(groups) == 1 and layout.is_whole(groups[0]),
+        sliding_window=sliding_window,
     )
 
 
@@ -125,9 +150,11 @@ class _Layout:
         block_size: int,
         padding_block: int,
         device: torch.device,
+        window: int | None,  # the local layers' window, when the model has one
     ) -> None:
         self.context_lens, self.block_tables = context_lens, block_tables
         self.block_size, self.padding_block, self.device = block_size, padding_block, device
+        self.window = window
         self.starts = [0]
         for query_len in query_lens:
             self.starts.append(self.starts[-1] + query_len)
@@ -158,11 +185,14 @@ class _Layout:
             block_ids=self._blocks(padded),
             mask=mask[:, None, None, :].to(self.device, non_blocking=True),
             num_seqs=len(members),
+            window_mask=self.window_mask(lens, mask.shape[-1]),
         )
 
     def prefill_chunk(self, seq: int) -> PrefillChunk:
         context_len, seq_len = self.context_lens[seq], self.seq_lens[seq]
         chunk = PrefillChunk(self.starts[seq], self.starts[seq + 1], seq_len, None, None)
+        if self.window is not None and seq_len > self.window:
+            chunk.window_mask = _window_mask(chunk, self.window).to(self.device, non_blocking=True)
         if context_len == 0:
             return chunk
         chunk.block_ids = self._blocks(self.block_tables[seq][: -(-seq_len // self.block_size)])
@@ -172,10 +202,30 @@ class _Layout:
         chunk.mask = mask.to(self.device, non_blocking=True)
         return chunk
 
+    def window_mask(self, lens: list[int], span: int) -> torch.Tensor | None:
+        """[n, 1, 1, span] decode mask of each sequence's last `window` positions, from the
+        host's lengths; None where none is longer than the window (the plain mask is it)."""
+        if self.window is None or max(lens) <= self.window:
+            return None
+        positions = torch.arange(span)[None, :]  # [1, span]
+        seq_lens = torch.tensor(lens)[:, None]  # [n, 1]
+        mask = (positions < seq_lens) & (positions >= seq_lens - self.window)
+        return mask[:, None, None, :].to(self.device, non_blocking=True)
+
+
+def _window_mask(chunk: PrefillChunk, window: int) -> torch.Tensor:
+    """[query_len, seq_len]: causal, and no key `window` or more positions back."""
+    query_positions = torch.arange(chunk.seq_len - (chunk.end - chunk.start), chunk.seq_len)
+    distance = query_positions[:, None] - torch.arange(chunk.seq_len)[None, :]
+    return (distance >= 0) & (distance < window)
+
 
 def _mirror_group(layout: _Layout, mirrored: MirroredDecodes) -> DecodeGroup:
     rows = layout.rows_of(mirrored.seqs)
-    return DecodeGroup(rows, None, mirrored.mask, len(mirrored.seqs), mirror=mirrored)
+    window_mask = layout.window_mask([layout.seq_lens[i] for i in mirrored.seqs], mirrored.span)
+    return DecodeGroup(
+        rows, None, mirrored.mask, len(mirrored.seqs), mirror=mirrored, window_mask=window_mask
+    )
 
 
 def _group_by_length(seqs: list[int], layout: _Layout) -> list[list[int]]:
@@ -201,3 +251,39 @@ def _group_by_length(seqs: list[int], layout: _Layout) -> list[list[int]]:
             groups.append([])
         groups[-1].append(seq)
     return groups
+
+
+def with_bidirectional_spans(inputs: AttentionInputs, is_span: torch.Tensor) -> AttentionInputs:
+    """The step's inputs where each run of consecutive `is_span` rows ([T] bool) of a
+    prefill chunk also attends to its own later rows (transformers' `blockwise_overlay`:
+    causal OR same span; and, in sliding-window layers, within the window)."""
+    prefills = [_with_spans(chunk, is_span, inputs.sliding_window) for chunk in inputs.prefills]
+    return replace(inputs, prefills=prefills)
+
+
+def _with_spans(chunk: PrefillChunk, is_span: torch.Tensor, window: int | None) -> PrefillChunk:
+    in_span = is_span[chunk.start : chunk.end]  # [query_len]
+    if not bool(in_span.any()):
+        return chunk
+    query_len = chunk.end - chunk.start
+    starts = in_span & ~_previous(in_span)
+    span_ids = torch.where(in_span, starts.cumsum(0), 0)  # [query_len], 0: not in a span
+    key_span_ids = _after_zeros(span_ids, chunk.seq_len - query_len)  # [seq_len]
+    same_span = (span_ids[:, None] == key_span_ids[None, :]) & in_span[:, None]
+    query_positions = torch.arange(chunk.seq_len - query_len, chunk.seq_len, device=is_span.device)
+    distance = query_positions[:, None] - torch.arange(chunk.seq_len, device=is_span.device)
+    mask = (distance >= 0) | same_span  # [query_len, seq_len]
+    window_mask = (
+        None if chunk.window_mask is None or window is None else mask & (distance < window)
+    )
+    return replace(chunk, mask=mask, window_mask=window_mask)
+
+
+def _previous(flags: torch.Tensor) -> torch.Tensor:
+    """Each row's predecessor's flag (False for the first)."""
+    return torch.cat([flags.new_zeros(1), flags[:-1]])
+
+
+def _after_zeros(values: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` zeros, then `values`."""
+    return torch.cat([values.new_zeros(count), values])

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from models.attention_inputs import AttentionInputs
+from models.processors import ImageFeatures, warm_up_features
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class ModelInfo:
     image_size: int = 0  # square side the image processor resizes to
     caption_prompt: str = "Describe the image."
     position_sections: int = 1  # rotary position sections per token: 3 for M-RoPE
+    sliding_window: int | None = None  # the local layers' window, planned into attention
+    # a prefill chunk must hold the rest of any image it starts (attention both ways inside)
+    image_spans_in_one_chunk: bool = False
+    image_prompt: tuple[str, str] | None = None  # the template's image marker -> the prompt's text
 
     @property
     def is_multimodal(self) -> bool:
@@ -78,7 +84,8 @@ class PagedModel(Protocol):
         self, images: Sequence[Mapping[str, torch.Tensor]]
     ) -> list[torch.Tensor]:
         """The step's new images, each its processor's tensors by name (any shapes), in one
-        packed tower call; per image its projected embeddings [its tokens, hidden]."""
+        packed tower call; per image its projected embeddings [its tokens, hidden], or wider
+        rows that `forward` reads back (Qwen3-VL: [its tokens, hidden * (1 + levels)])."""
         ...
 
     def image_tokens(self, tensors: Mapping[str, Any]) -> int:
@@ -100,6 +107,37 @@ class PagedModel(Protocol):
         ...
 
 
+BASE_ADAPTER_SLOT = -1  # rows of the base model: no LoRA adapter
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A LoRA adapter written into a slot of a model's adapter registry."""
+
+    slot: int
+    rank: int
+    adapts_images: bool  # it adapts the projector: image embeddings depend on it
+
+
+class AdapterSlots(Protocol):
+    """A model's LoRA adapter registry (models/lora), set up by `models.enable_lora`."""
+
+    def load(self, folder: str | Path) -> LoadedAdapter:
+        """Read, check and write a PEFT folder into a free slot; raises LoraLoadError and
+        writes nothing when it does not fit."""
+        ...
+
+    def unload(self, slot: int) -> None: ...
+
+    def select(self, row_slots: Sequence[tuple[int, int]]) -> None:
+        """The rows of the next forward: per run of the flat batch (slot, number of rows)."""
+        ...
+
+    def select_all(self, slot: int) -> None:
+        """Every row of the next call (e.g. an image batch) belongs to `slot`."""
+        ...
+
+
 @dataclass
 class LoadedModel:
     """Everything `load_model` returns: the model and what came with its checkpoint."""
@@ -111,3 +149,10 @@ class LoadedModel:
     chat_template: str | None
     generation_defaults: dict[str, Any]  # from generation_config.json (temperature, top_p, ...)
     path: str  # the checkpoint folder, for a config or a reference model built beside this one
+
+    def warm_up_image(self) -> ImageFeatures | None:
+        """A small image through the checkpoint's own processor for a native-resolution
+        model's start-up warm-up; None for fixed-size and text-only models."""
+        if self.image_processor is None:
+            return None
+        return warm_up_features(self.image_processor)

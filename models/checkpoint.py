@@ -20,6 +20,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 MMGPT_FILE = "mmgpt.json"
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 PROCESSOR_CONFIG_FILE = "processor_config.json"
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Generation-config keys that are token ids or bookkeeping, not sampling defaults.
 NON_SAMPLING_KEYS = frozenset(
@@ -105,6 +106,18 @@ def generation_config(folder: Path) -> dict[str, Any]:
 
 def sampling_defaults(gen_config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in gen_config.items() if key not in NON_SAMPLING_KEYS}
+
+
+def processor_chat_template(folder: Path) -> str | None:
+    """The chat template a processor saved beside the tokenizer, which the tokenizer does not
+    read: `chat_template.json` of folders saved before `chat_template.jinja` existed."""
+    path = folder / LEGACY_CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    template = read_json(path).get("chat_template")
+    if not isinstance(template, str) or not template:
+        raise ModelLoadError(path, "chat_template must be a non-empty string")
+    return template
 
 
 def caption_prompt(folder: Path, default: str) -> str:

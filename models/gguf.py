@@ -24,8 +24,10 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
-NOT_YET = {"gemma3_text": "Gemma 3 is not supported yet"}
+# llama.cpp's mark of the one Gemma 3 (27B) whose attention scale is not its head size's
+GEMMA3_27B_LAYERS = 62
 
 
 def find_gguf_file(path: Path) -> Path | None:
@@ -49,8 +51,6 @@ def read_config(path: Path) -> tuple[str, PretrainedConfig]:
     except Exception as exc:  # an unknown architecture or a broken header: many exception types
         raise ModelLoadError(path, f"cannot read the GGUF metadata ({exc})") from exc
     model_type = str(getattr(config, "model_type", ""))
-    if model_type in NOT_YET:
-        raise ModelLoadError(path, f"GGUF architecture {model_type!r}: {NOT_YET[model_type]}")
     if model_type not in ARCHITECTURES:
         supported = ", ".join(ARCHITECTURES)
         raise ModelLoadError(
@@ -62,9 +62,10 @@ def read_config(path: Path) -> tuple[str, PretrainedConfig]:
 
 def _apply_file_metadata(path: Path, config: PretrainedConfig) -> None:
     """What transformers leaves unread. `attention.key_length` is the head_dim (a Qwen3
-    GGUF would otherwise get the config class's default, 128). Rope scaling (llama.cpp's
-    `rope.scaling.*` keys and the `rope_freqs` factors of Llama 3.1 and later) it drops,
-    which would serve wrong positions: such a file is refused until rope.py takes the factors."""
+    GGUF would otherwise get the config class's default, 128). Rope scaling it drops:
+    llama.cpp's linear `rope.scaling.*` keys (Gemma 3's on its global layers) and the
+    `rope_freqs` factors of Llama 3.1 and later, which models/rope.py divides the
+    frequencies by. Gemma 3's attention scale is not in the file: llama.cpp's rule."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -72,12 +73,33 @@ def _apply_file_metadata(path: Path, config: PretrainedConfig) -> None:
     key_length = reader.fields.get(f"{architecture}.attention.key_length")
     if key_length is not None:
         config.head_dim = int(key_length.contents())
-    scaling = reader.fields.get(f"{architecture}.rope.scaling.type")
+    if config.model_type == "gemma3_text":
+        config.query_pre_attn_scalar = _gemma3_query_scalar(config)
+    _apply_rope_scaling(path, reader, architecture, config)
+
+
+def _gemma3_query_scalar(config: PretrainedConfig) -> int:
+    if config.num_hidden_layers == GEMMA3_27B_LAYERS:
+        return int(config.hidden_size // config.num_attention_heads)
+    return int(config.head_dim)
+
+
+def _apply_rope_scaling(
+    path: Path, reader: Any, architecture: str, config: PretrainedConfig
+) -> None:
+    fields = reader.fields
+    scaling = fields.get(f"{architecture}.rope.scaling.type")
     scaling_type = scaling.contents() if scaling is not None else "none"
-    if scaling_type != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ModelLoadError(
-            path, "GGUF rope scaling (rope.scaling.*, rope_freqs) is not supported yet"
-        )
+    if scaling_type == "linear":
+        factor = float(fields[f"{architecture}.rope.scaling.factor"].contents())
+        params = config.rope_parameters
+        scaled = params["full_attention"] if config.model_type == "gemma3_text" else params
+        scaled.update(rope_type="linear", factor=factor)
+    elif scaling_type != "none":
+        raise ModelLoadError(path, f"GGUF rope scaling {scaling_type!r} is not supported")
+    factors = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    if factors:
+        config.rope_freq_factors = [float(f) for f in factors[0].data]
 
 
 def load_tokenizer(path: Path) -> Any:

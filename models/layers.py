@@ -92,6 +92,8 @@ class PagedDecoderModel:
     image_seq_length: int = 0
     image_size: int = 0
     position_sections = 1  # 3 for multimodal rotary positions (M-RoPE)
+    sliding_window: int | None = None  # the local layers' window (Gemma 3); None: no window
+    image_spans_in_one_chunk = False  # True where an image's tokens attend both ways (Gemma 3)
 
     def adopt_dims(self, decoder: PagedDecoderModel) -> None:
         """Take the cache and output dimensions of the text decoder this model wraps."""
@@ -146,6 +148,12 @@ class PagedDecoderModel:
     def image_tokens(self, tensors: Mapping[str, Any]) -> int:
         """How many placeholder tokens the image its processor made `tensors` of becomes."""
         return self.image_seq_length
+
+    def image_prompt(self, tokenizer: Any) -> tuple[str, str] | None:
+        """What the chat template writes for an image and the text the family's processor
+        puts there instead, with one image token; None where the template writes the
+        image token itself."""
+        return None
 
     def prompt_positions(
         self, num_tokens: int, image_starts: Sequence[int], images: Sequence[Mapping[str, Any]]

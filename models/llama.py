@@ -7,6 +7,7 @@ output projection, and rotary embeddings are applied to q and k in one go.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from models.weights import CheckpointWeights
 # Tensors some checkpoints store that are recomputed here.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 GATE_UP = ("gate", "up")
+# Called with a layer's index and output; returns what the next layer reads (Qwen3-VL's
+# DeepStack adds visual features to the first layers' outputs at the image rows).
+AfterLayer = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,14 @@ class LlamaDecoder(PagedDecoderModel):
         positions: torch.Tensor,  # [T]
         attn_inputs: AttentionInputs,
         kv_cache: list[KVCache],
+        after_layer: AfterLayer | None = None,
     ) -> torch.Tensor:
         """The layers over a flat batch; returns final-normed hidden states [T, hidden]."""
         cos_sin = self.rope.lookup(positions)
         for layer, cache in zip(self.layers, kv_cache, strict=True):
             hidden = layer.forward(hidden, self.rope, cos_sin, attn_inputs, cache)
+            if after_layer is not None:
+                hidden = after_layer(layer.index, hidden)
         return rms_norm(hidden, self.norm, self.dims.eps)
 
 

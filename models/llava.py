@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from models.attention_inputs import AttentionInputs
 from models.checkpoint import CONFIG_FILE, read_json
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel, activation
+from models.linear import Product
 from models.llama import LlamaDecoder
 from models.weights import CheckpointWeights
 
@@ -95,12 +96,12 @@ class LlavaForConditionalGeneration(PagedDecoderModel):
         self.decoder, self.tower, self.projector = decoder, tower, projector
         self.adopt_dims(decoder)
         self.act: Callable[[torch.Tensor], torch.Tensor] = activation(config.projector_hidden_act)
+        self.projector_product: Product = F.linear  # LoRA adapters wrap it (models/lora)
         self.feature_layers = _feature_layers(config.vision_feature_layer)
         self.drop_first_token = config.vision_feature_select_strategy == "default"
         self.image_token_id = self._image_token = int(config.image_token_id)
         self.image_seq_length = image_seq_length
         self.image_size = int(config.vision_config.image_size)
-        self._masks_out_of_vocab_id = self._image_token >= decoder.vocab_size
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,8 @@ class LlavaForConditionalGeneration(PagedDecoderModel):
             selected = [features[:, 1:] for features in selected]
         features = torch.cat(selected, dim=-1)  # [B, image_seq_length, C * len(layers)]
         w1, b1, w2, b2 = self.projector
-        return F.linear(self.act(F.linear(features, w1, b1)), w2, b2)
+        project = self.projector_product
+        return project(self.act(project(features, w1, b1)), w2, b2)
 
     @torch.inference_mode()
     def forward(
@@ -126,20 +128,30 @@ class LlavaForConditionalGeneration(PagedDecoderModel):
         if image_embeds is None:
             hidden = self.decoder.embed(input_ids)
         else:
-            hidden = self._embed_with_images(input_ids, image_embeds)
+            hidden = embed_with_images(self.decoder, input_ids, self._image_token, image_embeds)
         return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
 
-    def _embed_with_images(
-        self, input_ids: torch.Tensor, image_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        is_image = input_ids.eq(self._image_token)  # [T]
-        if self._masks_out_of_vocab_id:
-            input_ids = input_ids.masked_fill(is_image, 0)
-        hidden = self.decoder.embed(input_ids)  # [T, hidden]
-        count = int(is_image.sum())
-        if image_embeds.shape[0] != count:
-            raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} image embeddings")
-        return hidden.masked_scatter(is_image[:, None], image_embeds.to(hidden.dtype))
+
+class TextEmbedder(Protocol):
+    vocab_size: int
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def embed_with_images(
+    decoder: TextEmbedder, input_ids: torch.Tensor, image_token: int, image_embeds: torch.Tensor
+) -> torch.Tensor:  # [T, hidden]
+    """The decoder's embeddings of `input_ids` [T], each image token's row replaced, in
+    order, by the next row of `image_embeds`; an image token id outside the vocabulary
+    is embedded as id 0 first, as transformers does."""
+    is_image = input_ids.eq(image_token)  # [T]
+    if image_token >= decoder.vocab_size:
+        input_ids = input_ids.masked_fill(is_image, 0)
+    hidden = decoder.embed(input_ids)  # [T, hidden]
+    count = int(is_image.sum())
+    if image_embeds.shape[0] != count:
+        raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} image embeddings")
+    return hidden.masked_scatter(is_image[:, None], image_embeds.to(hidden.dtype))
 
 
 def _feature_layers(layer: int | list[int]) -> list[int]:

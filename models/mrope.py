@@ -3,8 +3,10 @@
 Every token has three indices (temporal, height, width). Text tokens carry the same
 index in all three; an image's tokens take their place on the image's merged patch
 grid. The rotary frequencies are split into three sections (`mrope_section`), each
-rotated by one of the three indices. The tables are the 1-D ones of `RotaryEmbedding`;
-only the lookup differs.
+rotated by one of the three indices: in consecutive runs (Qwen2-VL, Qwen2.5-VL), or
+interleaved t, h, w, t, h, w, ... (Qwen3-VL), the height and width indices taking
+every third frequency up to three times their section's width and the temporal one
+the rest. The tables are the 1-D ones of `RotaryEmbedding`; only the lookup differs.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ SECTIONS = 3
 class MultimodalRotaryEmbedding:
     """Looks up cos/sin for positions [3, T], each frequency by its own section's index."""
 
-    def __init__(self, rope: RotaryEmbedding, mrope_section: Sequence[int]) -> None:
+    def __init__(
+        self, rope: RotaryEmbedding, mrope_section: Sequence[int], interleaved: bool = False
+    ) -> None:
         self.rope, self.half = rope, rope.half
         if sum(mrope_section) != rope.half:
             raise ValueError(f"mrope_section {list(mrope_section)} does not sum to {rope.half}")
-        per_half = torch.cat(
-            [torch.full((width,), i % SECTIONS) for i, width in enumerate(mrope_section)]
-        )
+        sections = interleaved_sections if interleaved else consecutive_sections
+        per_half = sections(mrope_section)  # [D / 2]
         self.section_of_column = torch.cat((per_half, per_half)).to(rope.cos.device)  # [D]
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +47,19 @@ class MultimodalRotaryEmbedding:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         return self.rope.apply(x, cos, signed_sin)
+
+
+def consecutive_sections(mrope_section: Sequence[int]) -> torch.Tensor:
+    """Section of each frequency: t for the first run of columns, then h, then w."""
+    return torch.cat([torch.full((width,), i % SECTIONS) for i, width in enumerate(mrope_section)])
+
+
+def interleaved_sections(mrope_section: Sequence[int]) -> torch.Tensor:
+    """Section of each frequency as Qwen3-VL's `recomposition_frequencies` lays them out."""
+    column = torch.arange(sum(mrope_section))
+    section = column % SECTIONS
+    spatial = (section > 0) & (column < torch.tensor(mrope_section)[section] * SECTIONS)
+    return torch.where(spatial, section, 0)
 
 
 def prompt_positions(

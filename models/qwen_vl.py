@@ -21,6 +21,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
 )
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from models.attention import KVCache
 from models.attention_inputs import AttentionInputs
@@ -35,6 +36,7 @@ from models.weights import CheckpointWeights
 VISION_TOWERS: dict[str, Any] = {  # by the checkpoint's model_type
     "qwen2_vl": Qwen2VisionTransformerPretrainedModel,
     "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel,
+    "qwen3_vl": Qwen3VLVisionModel,
 }
 # Stored prefix -> canonical prefix: transformers 5 module names, then those of 4.x.
 QWEN_VL_RENAMES = (
@@ -53,6 +55,9 @@ def canonical_qwen_vl_name(stored: str) -> str:
 
 class QwenVLForConditionalGeneration(PagedDecoderModel):
     position_sections = 3
+    model_types: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
+    # the text decoder: Qwen2's q/k/v bias, consecutive M-RoPE sections
+    qkv_bias_always, qk_norm, interleaved_mrope = True, False, False
 
     def __init__(self, config: PretrainedConfig, decoder: LlamaDecoder, tower: Any) -> None:
         self.decoder, self.tower = decoder, tower
@@ -60,7 +65,9 @@ class QwenVLForConditionalGeneration(PagedDecoderModel):
         self.image_token_id = self._image_token = int(config.image_token_id)
         self.merge_size = int(config.vision_config.spatial_merge_size)
         mrope_section = _rope_parameters(config.text_config)["mrope_section"]
-        decoder.rope = MultimodalRotaryEmbedding(decoder.rope, mrope_section)  # type: ignore[assignment]
+        decoder.rope = MultimodalRotaryEmbedding(  # type: ignore[assignment]
+            decoder.rope, mrope_section, self.interleaved_mrope
+        )
 
     def image_tokens(self, tensors: Mapping[str, Any]) -> int:
         t, h, w = self._merged_grid(tensors)
@@ -85,11 +92,13 @@ class QwenVLForConditionalGeneration(PagedDecoderModel):
         patches = torch.cat([image["pixel_values"] for image in images])  # [sum patches, C*T*P*P]
         grids = torch.stack([image["image_grid_thw"].reshape(3) for image in images]).long()
         pixels = patches.to(device=self.device, dtype=self.dtype)
-        merged = self.tower(
-            pixels, grid_thw=grids.to(self.device)
-        ).pooler_output  # [tokens, hidden]
+        output = self.tower(pixels, grid_thw=grids.to(self.device))
         counts = (grids.prod(-1) // self.merge_size**2).tolist()
-        return list(merged.split(counts))
+        return list(self.image_rows(output).split(counts))
+
+    def image_rows(self, tower_output: Any) -> torch.Tensor:
+        """The rows a step's image tokens take from the tower's output: [tokens, hidden]."""
+        return tower_output.pooler_output
 
     @torch.inference_mode()
     def forward(
@@ -100,14 +109,21 @@ class QwenVLForConditionalGeneration(PagedDecoderModel):
         kv_cache: list[KVCache],
         image_embeds: torch.Tensor | None = None,  # [image tokens in input_ids, hidden]
     ) -> torch.Tensor:  # [T, hidden]
-        hidden = self.decoder.embed(input_ids)  # [T, hidden]
-        if image_embeds is not None:
-            is_image = input_ids.eq(self._image_token)[:, None]
-            count = int(is_image.sum())
-            if image_embeds.shape[0] != count:
-                raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} embeddings")
-            hidden = hidden.masked_scatter(is_image, image_embeds.to(hidden.dtype))
+        hidden = self.embed_with_images(input_ids, image_embeds)
         return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
+
+    def embed_with_images(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token embeddings [T, hidden], the image tokens' rows replaced by `image_embeds`."""
+        hidden = self.decoder.embed(input_ids)  # [T, hidden]
+        if image_embeds is None:
+            return hidden
+        is_image = input_ids.eq(self._image_token)[:, None]
+        count = int(is_image.sum())
+        if image_embeds.shape[0] != count:
+            raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} embeddings")
+        return hidden.masked_scatter(is_image, image_embeds.to(hidden.dtype))
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
@@ -140,9 +156,9 @@ def _tied(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False) or text_tied)
 
 
-def _check_config(folder: Path, config: PretrainedConfig) -> None:
+def _check_config(folder: Path, config: PretrainedConfig, model_types: tuple[str, ...]) -> None:
     text = config.text_config
-    if config.model_type not in VISION_TOWERS:
+    if config.model_type not in model_types:
         raise ModelLoadError(folder / CONFIG_FILE, f"model_type {config.model_type!r} unsupported")
     if getattr(text, "use_sliding_window", False):
         raise ModelLoadError(folder / CONFIG_FILE, "sliding-window attention is not supported")
@@ -151,9 +167,13 @@ def _check_config(folder: Path, config: PretrainedConfig) -> None:
 
 
 def build_qwen_vl(
-    config: PretrainedConfig, folder: Path, dtype: torch.dtype, device: torch.device
+    config: PretrainedConfig,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    model_class: type[QwenVLForConditionalGeneration] = QwenVLForConditionalGeneration,
 ) -> QwenVLForConditionalGeneration:
-    _check_config(folder, config)
+    _check_config(folder, config, model_class.model_types)
     weights = CheckpointWeights(folder, rename=canonical_qwen_vl_name)
     decoder = LlamaDecoder(
         config.text_config,
@@ -163,10 +183,11 @@ def build_qwen_vl(
         tied=_tied(config),
         dtype=dtype,
         device=device,
-        qkv_bias_always=True,
+        qkv_bias_always=model_class.qkv_bias_always,
+        qk_norm=model_class.qk_norm,
     )
     with no_init_weights():
         tower = VISION_TOWERS[config.model_type]._from_config(config.vision_config)
     load_module(tower, weights, "visual.")
     weights.check_all_used()
-    return QwenVLForConditionalGeneration(config, decoder, tower.to(device, dtype).eval())
+    return model_class(config, decoder, tower.to(device, dtype).eval())

@@ -18,8 +18,10 @@ from models.errors import ModelLoadError
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def _rope_parameters(config: PretrainedConfig) -> dict:
+def _rope_parameters(config: PretrainedConfig, layer_type: str | None) -> dict:
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:  # Gemma 3: one set of parameters per layer type
+        params = dict(params[layer_type])
     if not params:  # transformers < 5 keeps rope_theta / rope_scaling at the top level
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -27,9 +29,23 @@ def _rope_parameters(config: PretrainedConfig) -> dict:
     return params
 
 
-def inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
-    """[head_dim // 2] float32 inverse frequencies and the cos/sin scaling factor."""
-    params = _rope_parameters(config)
+def inverse_frequencies(
+    config: PretrainedConfig, head_dim: int, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
+    """[head_dim // 2] float32 inverse frequencies and the cos/sin scaling factor; the
+    parameters of `layer_type` where the config keeps one set per layer type. A GGUF's
+    per-frequency factors (`rope_freq_factors`, models/gguf.py) divide the frequencies."""
+    inv_freq, scaling = _scaled_frequencies(config, head_dim, layer_type)
+    factors = getattr(config, "rope_freq_factors", None)
+    if factors is not None:
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
+    return inv_freq, scaling
+
+
+def _scaled_frequencies(
+    config: PretrainedConfig, head_dim: int, layer_type: str | None
+) -> tuple[torch.Tensor, float]:
+    params = _rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in STATIC_ROPE_TYPES:
         supported = ", ".join(STATIC_ROPE_TYPES)
@@ -37,7 +53,7 @@ def inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.
     if rope_type == "default":
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         return 1.0 / (params["rope_theta"] ** exponents), 1.0
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", layer_type=layer_type)
     return inv_freq.float(), float(scaling)
 
 
@@ -51,8 +67,9 @@ class RotaryEmbedding:
         max_positions: int,
         dtype: torch.dtype,
         device: torch.device,
+        layer_type: str | None = None,
     ) -> None:
-        inv_freq, scaling = inverse_frequencies(config, head_dim)
+        inv_freq, scaling = inverse_frequencies(config, head_dim, layer_type)
         positions = torch.arange(max_positions, dtype=torch.int64).float()
         freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2]
         half_sin = freqs.sin() * scaling

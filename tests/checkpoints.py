@@ -71,9 +71,9 @@ def _training_lines(count: int = 400) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(count)]
 
 
-def build_tokenizer(*, with_image_token: bool) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE: every UTF-8 string round-trips through it."""
-    specials = [PAD, BOS, EOS] + ([IMAGE] if with_image_token else [])
+def byte_level_bpe(specials: list[str]) -> Tokenizer:
+    """A small byte-level BPE trained on the test text, `specials` first: every UTF-8
+    string round-trips through it."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -84,6 +84,12 @@ def build_tokenizer(*, with_image_token: bool) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     bpe.train_from_iterator(_training_lines(), trainer=trainer)
+    return bpe
+
+
+def build_tokenizer(*, with_image_token: bool) -> PreTrainedTokenizerFast:
+    """The byte-level BPE with <pad>, <s>, </s> (and <image>), adding <s> to a prompt."""
+    bpe = byte_level_bpe([PAD, BOS, EOS] + ([IMAGE] if with_image_token else []))
     bos_id = bpe.token_to_id(BOS)
     bpe.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]

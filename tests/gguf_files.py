@@ -4,6 +4,9 @@ The `gguf` package's writer stores the config as llama.cpp's metadata keys, the
 byte-level BPE tokenizer (tokens, types, merges, special ids, chat template) and the
 tensors under GGUF names, Llama's q/k rows permuted the way llama.cpp expects them,
 2-D weights in the requested type and the 1-D norms in F32 (as llama.cpp keeps them).
+Gemma 3's norms are stored as (1 + weight), as llama.cpp's converter writes them. Rope
+scaling is written from the folder's config as llama.cpp does: a linear factor as the
+`rope.scaling.*` keys, Llama 3's frequency adjustment as the `rope_freqs` factors.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors.numpy import load_file
+from transformers import AutoConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # transformers' model_type -> llama.cpp's architecture
 ARCHITECTURES = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
     "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
 }
 TYPES = {
     "f32": gguf.GGMLQuantizationType.F32,
@@ -33,22 +40,24 @@ def write_gguf(
     out_path: Path,
     tensor_type: str = "f32",
     leave_out: tuple[str, ...] = (),
-    rope_scaling: str | None = None,
+    rope_scaling_type: str | None = None,
 ) -> Path:
-    """The checkpoint in `folder` (a Llama, Qwen2 or Qwen3) as one GGUF file at `out_path`,
-    without the tensors named in `leave_out`; `rope_scaling` "linear" writes llama.cpp's
-    scaling keys, "rope_freqs" the frequency factors of Llama 3.1 and later (all ones)."""
+    """The checkpoint in `folder` (a Llama, Qwen2, Qwen3 or Gemma 3 text model) as one GGUF
+    file at `out_path`, without the tensors named in `leave_out`; `rope_scaling_type`
+    writes that `rope.scaling.type` (with factor 2) whatever the config says."""
     config = json.loads((folder / "config.json").read_text())
     arch = ARCHITECTURES[config["model_type"]]
     writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[arch])
     _write_config(writer, config)
     _write_tokenizer(writer, folder)
-    _write_rope_scaling(writer, config, rope_scaling)
+    _write_rope_scaling(writer, config, folder, rope_scaling_type)
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     for name, array in sorted(load_file(str(folder / "model.safetensors")).items()):
         if name in leave_out:
             continue
         array = _permuted(name, array, config) if arch == gguf.MODEL_ARCH.LLAMA else array
+        if arch == gguf.MODEL_ARCH.GEMMA3 and name.endswith("norm.weight"):
+            array = array + 1
         base, suffix = name.rsplit(".", 1)
         _add_tensor(writer, f"{names.get_name(base)}.{suffix}", array, TYPES[tensor_type])
     writer.write_header_to_file()
@@ -70,18 +79,40 @@ def _write_config(writer: gguf.GGUFWriter, config: dict) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_rope_freq_base(_global_rope(config)["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
 
 
-def _write_rope_scaling(writer: gguf.GGUFWriter, config: dict, rope_scaling: str | None) -> None:
-    if rope_scaling == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+def _global_rope(config: dict) -> dict:
+    """The rope parameters of the global layers (Gemma 3 keeps one set per layer type)."""
+    params = config["rope_parameters"]
+    return dict(params.get("full_attention", params))
+
+
+def _write_rope_scaling(
+    writer: gguf.GGUFWriter, config: dict, folder: Path, scaling_type: str | None
+) -> None:
+    params = _global_rope(config)
+    if scaling_type is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(scaling_type))
         writer.add_rope_scaling_factor(2.0)
-    elif rope_scaling == "rope_freqs":
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        writer.add_tensor("rope_freqs.weight", np.ones(head_dim // 2, dtype=np.float32))
+    elif params["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(params["factor"])
+    elif params["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_factors(folder, params["rope_theta"]))
+
+
+def _llama3_factors(folder: Path, theta: float) -> np.ndarray:
+    """What llama.cpp's converter stores for Llama 3's rope: per frequency, the divisor
+    that turns the plain inverse frequency into Llama 3's."""
+    adjusted, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(folder), "cpu")
+    dim = adjusted.shape[0] * 2
+    plain = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (plain / adjusted).numpy().astype(np.float32)
 
 
 def _write_tokenizer(writer: gguf.GGUFWriter, folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL checkpoints, built offline for tests.
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, built offline for tests.
 
 The folder holds what a downloaded one does: config.json, safetensors weights, a
 byte-level BPE tokenizer with the family's special tokens and a Qwen-style chat
@@ -21,6 +21,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -32,6 +34,13 @@ SPECIALS = [END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, 
 PATCH, MERGE, TEMPORAL = 4, 2, 2
 TOKEN_PIXELS = (PATCH * MERGE) ** 2  # pixels one merged token stands for
 MIN_PIXELS, MAX_PIXELS = 4 * TOKEN_PIXELS, 64 * TOKEN_PIXELS
+Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES: tuple[Family, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MODEL_CLASSES: dict[str, tuple[type[Any], type[PreTrainedModel]]] = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -66,17 +75,33 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def image_processor() -> Qwen2VLImageProcessorPil:
+def image_processor(family: Family = "qwen2_vl") -> Qwen2VLImageProcessorPil:
+    # Qwen3-VL's processor normalises with mean and std 0.5, the others with CLIP's
+    normalise: dict[str, Any] = {}
+    if family == "qwen3_vl":
+        normalise = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return Qwen2VLImageProcessorPil(
         patch_size=PATCH,
         merge_size=MERGE,
         temporal_patch_size=TEMPORAL,
         min_pixels=MIN_PIXELS,
         max_pixels=MAX_PIXELS,
+        **normalise,
     )
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+def _text_config(tokenizer: PreTrainedTokenizerFast, family: Family) -> dict[str, Any]:
+    if family == "qwen3_vl":  # QK-norm, interleaved M-RoPE, one layer past DeepStack's two
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+        return _qwen2_text_config(tokenizer) | dict(
+            num_hidden_layers=3,
+            head_dim=16,
+            rope_parameters=rope | {"mrope_interleaved": True},
+        )
+    return _qwen2_text_config(tokenizer)
+
+
+def _qwen2_text_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -103,6 +128,15 @@ def _vision_config(family: str) -> dict[str, Any]:
     )
     if family == "qwen2_vl":
         return common | dict(embed_dim=32, hidden_size=64, mlp_ratio=2)
+    if family == "qwen3_vl":  # an 8x8 learned position grid, DeepStack from blocks 0 and 1
+        return common | dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        )
     # window attention over 2x2 merged tokens in block 0, full attention in block 1
     return common | dict(
         hidden_size=32,
@@ -114,26 +148,23 @@ def _vision_config(family: str) -> dict[str, Any]:
 
 
 def make_tiny_qwen_vl(
-    out_dir: str | Path, *, family: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl", seed: int = 0
+    out_dir: str | Path, *, family: Family = "qwen2_vl", seed: int = 0, tied: bool = False
 ) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_qwen_tokenizer()
     ids = {name: int(tokenizer.convert_tokens_to_ids(name)) for name in SPECIALS}  # type: ignore[arg-type]
     parts: dict[str, Any] = dict(
-        text_config=_text_config(tokenizer),
+        text_config=_text_config(tokenizer, family),
         vision_config=_vision_config(family),
         image_token_id=ids[IMAGE_PAD],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
-    model: PreTrainedModel = (
-        Qwen2VLForConditionalGeneration(Qwen2VLConfig(**parts))
-        if family == "qwen2_vl"
-        else Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**parts))
-    )
+    config_class, model_class = MODEL_CLASSES[family]
+    model = model_class(config_class(**parts))
     _randomise(model, seed)
     out = _save(model, tokenizer, Path(out_dir))
-    image_processor().save_pretrained(out)
+    image_processor(family).save_pretrained(out)
     return out

@@ -57,13 +57,14 @@ router = APIRouter(tags=["chat"])
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, runtime: RuntimeDep
 ) -> Response:
-    check_model(runtime, body.model)
+    adapter = check_model(runtime, body.model)
     messages, image_urls = template_messages(body.messages)
     images = await _load_images(runtime, image_urls)
     builder = runtime.prompts
     num_chars = sum(len(str(message["content"])) for message in messages)
+    num_chars += sum(len(image.prompt_text) for image in images)  # tokenised too
     plan, shown_tools = _tools(body)
-    image_tokens = [image.num_tokens for image in images]
+    image_tokens = [image.placeholder for image in images]
     prompt_ids = await builder.run(
         num_chars, builder.chat, messages, "messages", shown_tools, image_tokens
     )
@@ -72,7 +73,8 @@ async def create_chat_completion(
     defaults = sampling_defaults(runtime)
     params = body.to_sampling_params(defaults, defaults.rest_of_context(len(prompt_ids)), grammar)
     request_id = new_request_id("chatcmpl")
-    job = Job("chat", request_id, runtime.model_id, [prompt_ids], params, images, "messages")
+    model = adapter or runtime.model_id
+    job = Job("chat", request_id, model, [prompt_ids], params, images, "messages", adapter)
     streams, renderer = submit(runtime, job), ChatRenderer(job, plan)
     return await respond(
         request, job, streams, renderer, stream=body.stream, include_usage=body.include_usage
@@ -157,9 +159,11 @@ def _template_call(call: ToolCallSpec) -> dict[str, Any]:
 async def _load_images(runtime: Runtime, image_urls: list[ImageRef]) -> list[ImageInput]:
     if not image_urls:
         return []
-    image_intake(runtime, image_urls[0].param)
+    budget = image_intake(runtime, image_urls[0].param).token_budget()
     check_image_count(runtime, len(image_urls), "messages")
-    return [await load_image_url(runtime, ref.url, ref.param, ref.detail) for ref in image_urls]
+    return [
+        await load_image_url(runtime, ref.url, budget, ref.param, ref.detail) for ref in image_urls
+    ]
 
 
 class ChatRenderer:

@@ -62,7 +62,7 @@ async def create_engine_completion(
 async def complete(
     body: CompletionRequest, request: Request, runtime: RuntimeDep, model: str | None
 ) -> Response:
-    check_model(runtime, model)
+    adapter = check_model(runtime, model)
     if body.max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens may be 0 only with echo (to score the prompt).", "max_tokens")
     prompts = body.prompts()
@@ -71,7 +71,8 @@ async def complete(
     schema = response_schema(body.response_format)
     grammar = await compile_grammar(runtime, schema, "response_format")
     params = body.to_sampling_params(sampling_defaults(runtime), OPENAI_DEFAULT_MAX_TOKENS, grammar)
-    job = Job("completions", new_request_id("cmpl"), runtime.model_id, prompt_ids, params)
+    request_id, served = new_request_id("cmpl"), adapter or runtime.model_id
+    job = Job("completions", request_id, served, prompt_ids, params, adapter=adapter)
     streams = submit(runtime, job)  # the engine checks the prompts before the echo decodes them
     echo = _echo(runtime, prompts, prompt_ids, body.scores_prompt_only) if body.echo else None
     renderer = TextRenderer(job, echo)

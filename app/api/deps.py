@@ -27,12 +27,21 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def check_model(runtime: Runtime, requested: str | None) -> None:
-    """Requests may omit the model; naming another one is a 404."""
-    if requested is not None and requested != runtime.model_id:
-        raise APIError(
-            404,
-            f"The model {requested!r} does not exist; this server serves {runtime.model_id!r}.",
-            param="model",
-            code="model_not_found",
-        )
+def check_model(runtime: Runtime, requested: str | None) -> str | None:
+    """The LoRA adapter a request names in `model`, or None for the base model (named or
+    omitted); any other name is a 404."""
+    if requested is None or requested == runtime.model_id:
+        return None
+    if requested in runtime.engine.adapter_names:
+        return requested
+    raise model_not_found(requested, runtime.model_id)
+
+
+def model_not_found(requested: str, served: str) -> APIError:
+    return APIError(
+        404,
+        f"The model {requested!r} does not exist; this server serves {served!r} and its adapters "
+        "(GET /v1/models).",
+        param="model",
+        code="model_not_found",
+    )

@@ -54,6 +54,7 @@ class Job:
     params: SamplingParams  # the same for every prompt
     images: Sequence[ImageInput] = ()
     prompt_param: str = "prompt"  # the request field the prompt comes from, named in refusals
+    adapter: str | None = None  # the LoRA adapter the request names; None: the base model
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -91,7 +92,9 @@ def submit(runtime: Runtime, job: Job) -> list[RequestStream]:
         _check_batch(runtime, job)
         for index, token_ids in enumerate(job.prompt_ids):
             request_id = f"{job.request_id}-{index}"
-            streams.append(engine.submit(request_id, token_ids, job.params, job.images))
+            streams.append(
+                engine.submit(request_id, token_ids, job.params, job.images, job.adapter)
+            )
     except EngineError as error:
         for stream in streams:
             engine.abort(stream.request_id)

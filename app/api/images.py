@@ -7,7 +7,7 @@ from fastapi import UploadFile
 
 from app.engine.sequence import ImageInput
 from app.errors import bad_request
-from app.media import ImageIntake, check_size, decode_data_url
+from app.media import ImageIntake, ImageTokenBudget, check_size, decode_data_url
 from app.service import Runtime
 
 
@@ -36,7 +36,7 @@ async def load_upload(runtime: Runtime, upload: UploadFile, param: str = "image"
 
 
 async def load_image_url(
-    runtime: Runtime, url: str, param: str, detail: str = "auto"
+    runtime: Runtime, url: str, budget: ImageTokenBudget, param: str, detail: str = "auto"
 ) -> ImageInput:
     """A chat image part: a base64 data: URL, or an http(s) URL on an allowed host."""
     intake = image_intake(runtime, param)
@@ -47,4 +47,4 @@ async def load_image_url(
         data = await runtime.fetcher.fetch(url, param)
     else:
         raise bad_request("Image URLs must be data: or http(s) URLs.", param)
-    return await intake.load(data, param, detail)
+    return await intake.load(data, param, detail, budget)

@@ -31,13 +31,16 @@ async def caption(
     request: Request,
     runtime: RuntimeDep,
 ) -> Response:
-    check_model(runtime, form.model)
+    adapter = check_model(runtime, form.model)
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
     prompt_ids = await builder.run(
-        len(form.prompt or ""), builder.caption, form.prompt, image.num_tokens
+        len(form.prompt or "") + len(image.prompt_text),
+        builder.caption,
+        form.prompt,
+        image.placeholder,
     )
-    job = _job(runtime, form, "caption", prompt_ids, image, prompt_param="prompt")
+    job = _job(runtime, form, "caption", prompt_ids, image, "prompt", adapter)
     return await _describe(request, runtime, form, job)
 
 
@@ -52,13 +55,16 @@ async def answer(
     request: Request,
     runtime: RuntimeDep,
 ) -> Response:
-    check_model(runtime, form.model)
+    adapter = check_model(runtime, form.model)
     image = await load_upload(runtime, form.image)
     builder = runtime.prompts
     prompt_ids = await builder.run(
-        len(form.question), builder.question, form.question, image.num_tokens
+        len(form.question) + len(image.prompt_text),
+        builder.question,
+        form.question,
+        image.placeholder,
     )
-    job = _job(runtime, form, "qa", prompt_ids, image, prompt_param="question")
+    job = _job(runtime, form, "qa", prompt_ids, image, "question", adapter)
     return await _describe(request, runtime, form, job)
 
 
@@ -69,11 +75,13 @@ def _job(
     prompt_ids: list[int],
     image: ImageInput,
     prompt_param: str,
+    adapter: str | None,
 ) -> Job:
     defaults = sampling_defaults(runtime)
     params = form.to_sampling_params(defaults, defaults.rest_of_context(len(prompt_ids)))
     request_id = new_request_id(endpoint)
-    return Job(endpoint, request_id, runtime.model_id, [prompt_ids], params, [image], prompt_param)
+    model = adapter or runtime.model_id
+    return Job(endpoint, request_id, model, [prompt_ids], params, [image], prompt_param, adapter)
 
 
 async def _describe(request: Request, runtime: Runtime, form: VisionForm, job: Job) -> Response:

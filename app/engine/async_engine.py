@@ -9,6 +9,7 @@ has an asyncio.Queue, fed once per step, per event loop, through
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -21,7 +22,12 @@ import torch
 
 from app.engine.config import EngineConfig
 from app.engine.engine_core import EngineCore
-from app.engine.errors import EngineNotRunningError, EngineOverloadedError, InvalidRequestError
+from app.engine.errors import (
+    AdapterNotFoundError,
+    EngineNotRunningError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
 from app.engine.request import Delivery
 from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
 from app.engine.stats import EngineStats, StatsSink, StatsUpdate, ignore_stats
@@ -50,11 +56,21 @@ class _Add:
     spans: tuple[ImageSpan, ...]
     stream: RequestStream
     arrival_time: float
+    adapter_name: str | None = None
 
 
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _AdapterChange:
+    """Load (`path` given) or unload a LoRA adapter on the loop thread, between steps."""
+
+    name: str
+    path: str | None
+    done: concurrent.futures.Future[None]
 
 
 _WAKE = object()
@@ -124,6 +140,7 @@ class AsyncEngine:
         self._heartbeat = time.monotonic()
         self.stuck_after_s = STUCK_AFTER_SECONDS
         self._stats = self._core.snapshot()
+        self._adapter_names = set(self._core.adapters.names)  # read and written on the event loop
 
     # ---- what the API reads ------------------------------------------------------------
     @property
@@ -158,6 +175,11 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters requests may name, by name."""
+        return sorted(self._adapter_names)
+
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -184,12 +206,16 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         images: Sequence[ImageInput] = (),
+        adapter_name: str | None = None,
     ) -> RequestStream:
-        """Validate and queue a request; call on the event loop thread."""
+        """Validate and queue a request; call on the event loop thread. `adapter_name`
+        names a LoRA adapter, None the base model."""
         if not self.is_running:
             raise EngineNotRunningError("the engine is not running")
         if request_id in self._live:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        if adapter_name is not None and adapter_name not in self._adapter_names:
+            raise AdapterNotFoundError(f"The model {adapter_name!r} does not exist.")
         spans = self._validate(prompt_token_ids, params, images)
         if self._is_full():
             raise EngineOverloadedError(
@@ -198,7 +224,8 @@ class AsyncEngine:
         stream = RequestStream(request_id, params.n, self)
         self._live[request_id] = stream
         arrival = time.monotonic()
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, spans, stream, arrival))
+        prompt = list(prompt_token_ids)
+        self._inbox.put(_Add(request_id, prompt, params, spans, stream, arrival, adapter_name))
         return stream
 
     def _is_full(self) -> bool:
@@ -232,6 +259,26 @@ class AsyncEngine:
         """Abort a request (safe at any time); its blocks are freed at the next step."""
         self._inbox.put(_Abort(request_id))
 
+    # ---- LoRA adapters -----------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT folder as adapter `name`, between two steps (AdapterLoadError)."""
+        await self._change_adapter(name, path)
+        self._adapter_names.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests may no longer name it; those in flight finish with it first."""
+        if name not in self._adapter_names:
+            raise AdapterNotFoundError(f"no LoRA adapter named {name!r} is loaded")
+        self._adapter_names.discard(name)
+        await self._change_adapter(name, None)
+
+    async def _change_adapter(self, name: str, path: str | None) -> None:
+        if not self.is_running:
+            raise EngineNotRunningError("the engine is not running")
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._inbox.put(_AdapterChange(name, path, done))
+        await asyncio.wrap_future(done)
+
     # ---- the loop thread ---------------------------------------------------------------
     def _run_loop(self) -> None:
         if self.config.num_threads:
@@ -264,6 +311,19 @@ class AsyncEngine:
             self._add(item)
         elif isinstance(item, _Abort):
             self._deliver(self._core.abort_request(item.request_id))
+        elif isinstance(item, _AdapterChange):
+            self._change(item)
+
+    def _change(self, item: _AdapterChange) -> None:
+        try:
+            if item.path is None:
+                self._core.unload_adapter(item.name)
+            else:
+                self._core.load_adapter(item.name, item.path)
+        except Exception as exc:  # reported to the caller, never taking the loop down
+            item.done.set_exception(exc)
+        else:
+            item.done.set_result(None)
 
     def _add(self, item: _Add) -> None:
         try:
@@ -274,6 +334,7 @@ class AsyncEngine:
                 item.spans,
                 sink=item.stream,
                 arrival_time=item.arrival_time,
+                adapter_name=item.adapter_name,
             )
         except Exception as exc:  # a bug must not take the loop down: fail this request only
             logger.exception("could not add request %s", item.request_id)

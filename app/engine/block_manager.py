@@ -7,7 +7,8 @@ blocks computed before reuses them through the prefix cache.
 
 A full, computed block is keyed by a chain hash over (the previous block's
 hash, its token ids, the content hashes of the images whose tokens it holds),
-so one key names the whole prefix up to and including that block. When its
+so one key names the whole prefix up to and including that block. The chain starts
+from the sequence's LoRA adapter, so no block is shared across adapters. When its
 last user lets go, a cached block stays in the cache (and counts as free) in
 least-recently-used order, and is evicted only when a fresh block is needed.
 """
@@ -113,7 +114,7 @@ class BlockManager:
         hashes, size = seq.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             start = len(hashes) * size
-            parent = hashes[-1] if hashes else b""
+            parent = hashes[-1] if hashes else seq.cache_salt
             images = [span.image.content_hash for span in seq.images_in(start, start + size)]
             hashes.append(chain_hash(parent, seq.token_ids[start : start + size], images))
         return hashes[:num_blocks]

@@ -31,3 +31,7 @@ class EngineConfig:
     seed: int = 0
     warm_up: bool = True  # one full-size step at start-up (app/engine/warm_up.py)
     decode_mirror: bool = True  # CPU: decode attention reads app/engine/decode_mirror.py's copy
+    enable_lora: bool = False  # serve LoRA adapters (models/lora) beside the model
+    max_loras: int = 4  # adapter slots, when enabled
+    max_lora_rank: int = 16
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT folder) loaded at start-up

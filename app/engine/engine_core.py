@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
+from app.engine.adapters import AdapterTable
 from app.engine.block_manager import BlockManager
 from app.engine.config import EngineConfig
 from app.engine.detokenizer import Detokenizer, SequenceText
@@ -21,6 +23,8 @@ from app.engine.request import Delivery, Request
 from app.engine.sampling import RowLogprobs
 from app.engine.scheduler import ScheduledBatch, Scheduler
 from app.engine.sequence import (
+    AdapterRef,
+    ImageInput,
     ImageSpan,
     RequestMetrics,
     RequestOutput,
@@ -38,7 +42,8 @@ from app.engine.stats import (
 )
 from app.engine.structured import StructuredOutputs, consume
 from app.engine.warm_up import warm_up
-from models.base import LoadedModel
+from models import enable_lora
+from models.base import AdapterSlots, LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +63,16 @@ class EngineCore:
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            loaded.info.image_spans_in_one_chunk,
         )
-        self.runner = ModelRunner(loaded, config, num_blocks)
+        lora = _lora_slots(loaded, config)
+        self.runner = ModelRunner(loaded, config, num_blocks, lora)
+        self.adapters = AdapterTable(lora)
+        for name, path in config.lora_modules:
+            self.adapters.load(name, path)
         self.detokenizer = Detokenizer(loaded.tokenizer)
         self.structured = StructuredOutputs(
             loaded.tokenizer, loaded.info.vocab_size, loaded.info.eos_token_ids
@@ -71,12 +83,17 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._on_stats = on_stats
         self._finished: list[FinishedRequestStats] = []  # since the last stats update
+        self._warm_up_image = _warm_up_image(loaded)
 
     def warm_up(self) -> int:
         """One full-size made-up step before any request; the number of tokens it ran."""
         config = self.config
         return warm_up(
-            self.runner, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len
+            self.runner,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_model_len,
+            self._warm_up_image,
         )
 
     @property
@@ -96,13 +113,23 @@ class EngineCore:
         image_spans: tuple[ImageSpan, ...] = (),
         sink: Any = None,
         arrival_time: float | None = None,
+        adapter_name: str | None = None,
     ) -> Request:
-        """Queue a validated request (AsyncEngine.submit validates)."""
+        """Queue a validated request (AsyncEngine.submit validates); `adapter_name` names a
+        loaded LoRA adapter (AdapterNotFoundError if none is), None the base model."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
         positions = self.runner.rope_positions(len(prompt_token_ids), image_spans)
+        adapter = None if adapter_name is None else self.adapters.acquire(adapter_name)
         seqs = [
             Sequence(
-                next(self._seq_ids), request_id, i, prompt_token_ids, params, image_spans, positions
+                next(self._seq_ids),
+                request_id,
+                i,
+                prompt_token_ids,
+                params,
+                image_spans,
+                positions,
+                adapter,
             )
             for i in range(params.n)
         ]
@@ -281,6 +308,8 @@ class EngineCore:
         if request.is_finished:
             self._finished.append(request.finish(now))
             del self.requests[request.request_id]
+            if request.seqs[0].adapter is not None:
+                self.adapters.release(request.seqs[0].adapter)
         output.metrics = request.timeline
         return output
 
@@ -316,4 +345,50 @@ class EngineCore:
             num_preemptions=scheduler.num_preemptions,
             num_steps=self.num_steps,
             last_step_end=self.last_step_end,
+            adapter_requests=self._adapter_requests(),
         )
+
+    def _adapter_requests(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, running, waiting) sequences of every adapter that holds a slot."""
+        serving = self.adapters.serving()
+        if not serving:
+            return ()
+        running = _count_by_adapter(self.scheduler.running)
+        waiting = _count_by_adapter(self.scheduler.waiting)
+        return tuple(
+            (ref.name, running.get(ref.load_id, 0), waiting.get(ref.load_id, 0)) for ref in serving
+        )
+
+    # ---- adapters ---------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> AdapterRef:
+        """Load a PEFT folder under `name` (AdapterLoadError if it does not fit)."""
+        ref = self.adapters.load(name, path)
+        self._emit_stats(step=None)
+        return ref
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget `name` now; its requests in flight finish with it first."""
+        self.adapters.unload(name)
+        self._emit_stats(step=None)
+
+
+def _warm_up_image(loaded: LoadedModel) -> ImageInput | None:
+    """A native-resolution model's warm-up image, made by its own processor."""
+    features = loaded.warm_up_image()
+    if features is None:
+        return None
+    return ImageInput(features.pixel_values, "warm-up", features.num_tokens, features.extra)
+
+
+def _lora_slots(loaded: LoadedModel, config: EngineConfig) -> AdapterSlots | None:
+    if not config.enable_lora:
+        return None
+    return enable_lora(loaded.model, config.max_loras, config.max_lora_rank)
+
+
+def _count_by_adapter(seqs: Iterable[Sequence]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for seq in seqs:
+        if seq.adapter is not None:
+            counts[seq.adapter.load_id] = counts.get(seq.adapter.load_id, 0) + 1
+    return counts

@@ -20,3 +20,11 @@ class EngineOverloadedError(EngineError):
 
 class EngineNotRunningError(EngineError):
     """The engine is stopped, draining or its loop has died: a 503."""
+
+
+class AdapterNotFoundError(EngineError):
+    """The request names a LoRA adapter this engine does not serve: a 404."""
+
+
+class AdapterLoadError(EngineError):
+    """An adapter cannot be loaded or unloaded as asked (a bad folder, a taken name): a 400."""

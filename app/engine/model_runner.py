@@ -28,11 +28,11 @@ from app.engine.kv_cache import cache_slots
 from app.engine.prompt_logprobs import PromptRows, score_prompt_rows
 from app.engine.sampling import RowLogprobs, Sampler
 from app.engine.scheduler import ScheduledBatch
-from app.engine.sequence import ImageInput, ImageSpan, RopePositions, Sequence
+from app.engine.sequence import AdapterRef, ImageInput, ImageSpan, RopePositions, Sequence
 from app.engine.step_threads import StepThreads
 from models.attention import KVCache
 from models.attention_inputs import AttentionInputs, MirroredDecodes, plan_attention
-from models.base import LoadedModel
+from models.base import BASE_ADAPTER_SLOT, AdapterSlots, LoadedModel
 
 
 @dataclass
@@ -46,6 +46,8 @@ class ModelInputs:
     samples_per_seq: list[int]  # per scheduled sequence: 0, 1, or its group size at a fork
     fresh_blocks: list[int]  # blocks this step starts writing at their first slot
     prompt_rows: PromptRows = field(default_factory=PromptRows)  # rows that score prompt tokens
+    # per scheduled sequence: (its adapter's slot or BASE_ADAPTER_SLOT, its rows in the flat batch)
+    adapter_rows: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -58,8 +60,15 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        num_blocks: int,
+        lora: AdapterSlots | None = None,
+    ) -> None:
         self.model = loaded.model
+        self.lora = lora  # the model's adapter slots, when adapters are served
         self.info = loaded.info
         self.device = loaded.info.device
         self.block_size = config.block_size
@@ -90,6 +99,8 @@ class ModelRunner:
         if inputs.fresh_blocks:
             self._clear_blocks(inputs.fresh_blocks)
         self.threads.apply(inputs.input_ids.shape[0])
+        if self.lora is not None:
+            self.lora.select(inputs.adapter_rows)
         hidden = self.model.forward(
             inputs.input_ids,
             inputs.positions,
@@ -196,6 +207,7 @@ class ModelRunner:
             samples_per_seq=samples_per_seq,
             fresh_blocks=fresh_blocks,
             prompt_rows=prompt_rows,
+            adapter_rows=_adapter_rows(batch) if self.lora is not None else [],
         )
 
     def _sectioned(self, batch: ScheduledBatch, positions: torch.Tensor) -> torch.Tensor:
@@ -227,6 +239,7 @@ class ModelRunner:
             self.block_size,
             self.padding_block,
             self._mirrored_decodes(batch, context_lens, tables),
+            self.info.sliding_window,
         )
 
     def _mirrored_decodes(
@@ -241,44 +254,48 @@ class ModelRunner:
     # ---- images -----------------------------------------------------------------------
     def _image_embeds(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """The embedding rows of the image tokens in this step's input, in input order."""
-        pieces: list[tuple[ImageInput, int, int]] = []  # (image, first row, end row)
+        pieces: list[ImagePiece] = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if not seq.image_spans:
                 continue
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            adapter = seq.adapter if seq.adapter is not None and seq.adapter.adapts_images else None
             for span in seq.images_in(start, end):
                 lo, hi = max(start, span.start) - span.start, min(end, span.end) - span.start
-                pieces.append((span.image, lo, hi))
+                pieces.append(ImagePiece(span.image, *span.rows(lo, hi), adapter))
         if not pieces:
             return None
         embeddings = self._embeddings_for(pieces)
-        rows = [embeddings[image.content_hash][lo:hi] for image, lo, hi in pieces]
+        rows = [embeddings[piece.key][piece.lo : piece.hi] for piece in pieces]
         return rows[0] if len(rows) == 1 else torch.cat(rows)  # [image tokens, hidden]
 
-    def _embeddings_for(self, pieces: list[tuple[ImageInput, int, int]]) -> dict[str, torch.Tensor]:
-        """Cached embeddings, plus one batched vision-tower call for the images not cached.
+    def _embeddings_for(self, pieces: list[ImagePiece]) -> dict[str, torch.Tensor]:
+        """Cached embeddings, plus one batched vision-tower call for the images not cached
+        (one per adapter that changes image embeddings).
 
         An image counts as a cache query when the step holds its first token (a prompt
         chunked through an image needs the same embedding again in the next step).
         """
         found: dict[str, torch.Tensor] = {}
-        missing: dict[str, ImageInput] = {}
-        for image, lo, _ in pieces:
-            key = image.content_hash
-            if key in found or key in missing:
+        missing: dict[int, dict[str, ImageInput]] = {}  # by adapter slot
+        for piece in pieces:
+            key = piece.key
+            if key in found or any(key in images for images in missing.values()):
                 continue
-            cached = self.image_cache.lookup(key) if lo == 0 else self.image_cache.get(key)
+            cached = self.image_cache.lookup(key) if piece.lo == 0 else self.image_cache.get(key)
             if cached is None:
-                missing[key] = image
+                missing.setdefault(piece.slot, {})[key] = piece.image
             else:
                 found[key] = cached
-        if missing:
-            found.update(self._encode(missing))
+        for slot, images in missing.items():
+            found.update(self._encode(images, slot))
         return found
 
-    def _encode(self, images: dict[str, ImageInput]) -> dict[str, torch.Tensor]:
-        """Every new image of the step in one packed call of the vision tower."""
+    def _encode(self, images: dict[str, ImageInput], slot: int) -> dict[str, torch.Tensor]:
+        """New images of the step under one adapter slot in one packed call of the tower."""
         started = time.perf_counter()
+        if self.lora is not None:
+            self.lora.select_all(slot)
         embeds = self.model.encode_image_batch([_torch_tensors(image) for image in images.values()])
         self.step_vision_seconds += time.perf_counter() - started
         encoded = dict(zip(images, embeds, strict=True))  # each [its tokens, hidden]
@@ -301,6 +318,34 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_cache:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+
+@dataclass(frozen=True)
+class ImagePiece:
+    """The rows [lo, hi) of one image's embedding that this step's input holds."""
+
+    image: ImageInput
+    lo: int
+    hi: int
+    adapter: AdapterRef | None  # an adapter that changes image embeddings, or None
+
+    @property
+    def key(self) -> str:
+        """The image cache key: the content hash, and the adapter's load where it matters."""
+        if self.adapter is None:
+            return self.image.content_hash
+        return f"{self.image.content_hash}@lora{self.adapter.load_id}"
+
+    @property
+    def slot(self) -> int:
+        return BASE_ADAPTER_SLOT if self.adapter is None else self.adapter.slot
+
+
+def _adapter_rows(batch: ScheduledBatch) -> list[tuple[int, int]]:
+    return [
+        (BASE_ADAPTER_SLOT if seq.adapter is None else seq.adapter.slot, num_new)
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True)
+    ]
 
 
 def _torch_tensors(image: ImageInput) -> dict[str, torch.Tensor]:

@@ -12,6 +12,10 @@ many blocks is not overtaken forever by a stream of small ones. When a decode
 needs a block and none is free, the newest running sequence is preempted:
 its blocks are freed and it goes back to the head of the waiting queue, to be
 recomputed later from its tokens (which gives the same results).
+
+For a model whose image tokens attend to each other both ways (Gemma 3), a prefill
+chunk never ends inside an image: it stops before an image it cannot finish, or, when
+it starts inside or at one, takes the rest of it even past the budget.
 """
 
 from __future__ import annotations
@@ -47,9 +51,14 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        image_spans_in_one_chunk: bool = False,
     ) -> None:
         self.block_manager = block_manager
+        self.image_spans_in_one_chunk = image_spans_in_one_chunk
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -74,7 +83,7 @@ class Scheduler:
         for seq in prefills:
             if budget == 0:
                 break
-            budget = self._add(batch, seq, min(seq.num_uncomputed_tokens, budget), budget)
+            budget = self._add(batch, seq, self._chunk(seq, budget), budget)
         if batch.num_preempted == 0:
             self._admit(batch, budget)
         return batch
@@ -108,13 +117,24 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             num_running += seq.group_size
-            budget = self._add(batch, seq, min(seq.num_uncomputed_tokens, budget), budget)
+            budget = self._add(batch, seq, self._chunk(seq, budget), budget)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of the sequence's prompt tokens to compute now."""
+        count = min(seq.num_uncomputed_tokens, budget)
+        if not self.image_spans_in_one_chunk:
+            return count
+        start = seq.num_computed_tokens
+        for span in seq.image_spans:
+            if span.start < start + count < span.end:  # the chunk would end inside it
+                return span.start - start if span.start > start else span.end - start
+        return count
 
     @staticmethod
     def _add(batch: ScheduledBatch, seq: Sequence, num_tokens: int, budget: int) -> int:
         batch.seqs.append(seq)
         batch.num_new_tokens.append(num_tokens)
-        return budget - num_tokens
+        return max(0, budget - num_tokens)  # an image kept whole may pass the budget
 
     def _newest_running(self, exclude: Sequence) -> Sequence | None:
         candidates = [s for s in self.running if s is not exclude]

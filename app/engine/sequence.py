@@ -43,12 +43,34 @@ class ImageInput:
     # numpy float32: [3, H, W] for a fixed-size tower, [patches, C*T*P*P] for Qwen-VL
     pixel_values: Any
     content_hash: str  # hash of the decoded pixels; keys the image and prefix caches
-    num_tokens: int = 0  # placeholder tokens in the prompt; 0: the model's fixed count
+    num_tokens: int = 0  # image tokens in the prompt; 0: the model's fixed count
     extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. image_grid_thw [3]
+    # the text its placeholder becomes where the family writes tags between its image tokens
+    # (SmolVLM's tiles); "": num_tokens image tokens in a row
+    prompt_text: str = ""
+
+    @property
+    def placeholder(self) -> int | str:
+        """What the prompt builder expands the image's placeholder into."""
+        return self.prompt_text or self.num_tokens
 
     def tensors(self) -> dict[str, Any]:
         """Every tensor the processor made, by its name, as the model's tower takes them."""
         return {"pixel_values": self.pixel_values, **self.extra}
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """The LoRA adapter a request runs with (app/engine/adapters.py)."""
+
+    name: str
+    slot: int  # its slot in the model's adapter registry (models/lora)
+    load_id: int  # unique per load: part of the prefix and image cache keys
+    adapts_images: bool  # it changes image embeddings (it adapts the projector)
+
+    @property
+    def cache_salt(self) -> bytes:
+        return b"lora:%d" % self.load_id
 
 
 @dataclass(frozen=True)
@@ -134,12 +156,21 @@ class ImageSpan:
     """Where one image's tokens sit in a prompt."""
 
     start: int  # position of the image's first token
-    length: int  # the image's placeholder tokens
+    length: int  # the prompt tokens from its first image token to its last, tags included
     image: ImageInput
+    # where tags sit between its image tokens: the image tokens before each offset of the
+    # span (length + 1 entries); None: every token of the span is an image token
+    rows_before: tuple[int, ...] | None = None
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    def rows(self, lo: int, hi: int) -> tuple[int, int]:
+        """The embedding rows of the image tokens at offsets lo..hi-1 of the span."""
+        if self.rows_before is None:
+            return lo, hi
+        return self.rows_before[lo], self.rows_before[hi]
 
 
 class Sequence:
@@ -161,6 +192,7 @@ class Sequence:
         params: SamplingParams,
         image_spans: tuple[ImageSpan, ...] = (),
         rope_positions: RopePositions | None = None,
+        adapter: AdapterRef | None = None,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -170,6 +202,7 @@ class Sequence:
         self.params = params
         self.image_spans = image_spans
         self.rope_positions = rope_positions  # None: positions are 0, 1, 2, ...
+        self.adapter = adapter  # None: the base model
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
@@ -240,6 +273,11 @@ class Sequence:
     def group_size(self) -> int:
         """Sequences this one stands for in the running cap: itself plus unforked samples."""
         return 1 + len(self.pending_forks)
+
+    @property
+    def cache_salt(self) -> bytes:
+        """Starts the prefix-cache hash chain: blocks are shared only under one adapter."""
+        return b"" if self.adapter is None else self.adapter.cache_salt
 
     def num_blocks_needed(self, block_size: int) -> int:
         return (len(self.token_ids) + block_size - 1) // block_size

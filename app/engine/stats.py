@@ -27,6 +27,8 @@ class EngineStats:
     num_preemptions: int
     num_steps: int
     last_step_end: float  # time.monotonic() of the last step's end; 0 before the first
+    # per LoRA adapter holding a slot: (name, running sequences, waiting sequences)
+    adapter_requests: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

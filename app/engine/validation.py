@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import accumulate
 
 from app.engine.errors import InvalidRequestError
 from app.engine.sequence import ImageInput, ImageSpan, SamplingParams
@@ -119,7 +120,9 @@ def validate_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int
 def image_spans(
     prompt_token_ids: list[int], images: Sequence[ImageInput], info: ModelInfo
 ) -> tuple[ImageSpan, ...]:
-    """Where each image's run of image tokens sits, checking counts and contiguity."""
+    """Where each image's image tokens sit, checking their count, and that they are
+    consecutive unless the image's prompt text puts tags between them (then the span
+    runs from its first image token to its last)."""
     if not info.is_multimodal:
         _check(not images, "this model takes no images", "images")
         return ()
@@ -134,20 +137,32 @@ def image_spans(
         )
     spans, first = [], 0
     for k, (image, length) in enumerate(zip(images, lengths, strict=True)):
-        start = positions[first]
-        _check(
-            positions[first + length - 1] == start + length - 1,
-            f"image {k}'s {length} tokens are not consecutive",
-            "prompt",
-        )
-        spans.append(ImageSpan(start, length, image))
+        mine = positions[first : first + length]
+        start, end = mine[0], mine[-1] + 1
+        if image.prompt_text:
+            spans.append(ImageSpan(start, end - start, image, _rows_before(mine, start, end)))
+        else:
+            _check(
+                end - start == length, f"image {k}'s {length} tokens are not consecutive", "prompt"
+            )
+            spans.append(ImageSpan(start, length, image))
         first += length
     return tuple(spans)
 
 
+def _rows_before(image_positions: list[int], start: int, end: int) -> tuple[int, ...]:
+    """For each offset 0..end-start of a span, how many of its image tokens come before it."""
+    marks = set(image_positions)
+    return tuple(accumulate((int(p in marks) for p in range(start, end)), initial=0))
+
+
 def validate_image_tokens(spans: Sequence[ImageSpan], max_image_tokens: int) -> None:
     """The server's cap on a request's image tokens (0: none), before any work is done."""
-    total = sum(span.length for span in spans)
+    check_image_token_cap(sum(span.length for span in spans), max_image_tokens)
+
+
+def check_image_token_cap(total: int, max_image_tokens: int) -> None:
+    """Refuses `total` image tokens over the cap (0: none); also checked from image headers."""
     if max_image_tokens and total > max_image_tokens:
         raise InvalidRequestError(
             f"The request's images take {total} tokens; the server allows at most "

@@ -87,17 +87,27 @@ class TransformersBackend:
 
 
 class ServerBackend:
-    """POST /v1/caption and /v1/qa of a running server, `concurrency` requests at a time."""
+    """POST /v1/caption and /v1/qa of a running server, `concurrency` requests at a time;
+    `model` names the served model or one of its LoRA adapters (None: the server's own)."""
 
-    def __init__(self, base_url: str, concurrency: int = 16, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        model: str | None = None,
+    ) -> None:
         self.client = httpx.Client(base_url=base_url, timeout=timeout)
         self.concurrency = concurrency
+        self.model = model
 
     def ask(self, request: Request) -> str:
         buffer = io.BytesIO()
         request.image.save(buffer, format="PNG")
         files = {"image": ("scene.png", buffer.getvalue(), "image/png")}
         fields = {"temperature": "0", "max_tokens": str(MAX_NEW_TOKENS)}
+        if self.model is not None:
+            fields["model"] = self.model
         route = "/v1/caption"
         if request.question is not None:
             fields["question"] = request.question

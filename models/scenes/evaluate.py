@@ -2,9 +2,9 @@
 
 Scores captions and every question of held-out scenes (seeds from EVAL_SEED_START, never
 used in training), through transformers' reference model or through a running mmgpt server.
-`--adapter DIR` applies a LoRA adapter (with peft); `--tasks place` asks instead the
-question type the shipped model never saw (models/scenes/finetune_data.py), the same
-questions as its held-out JSONL.
+`--adapter DIR` applies a LoRA adapter (with peft), `--served-model NAME` asks a server's
+adapter by its name; `--tasks place` asks instead the question type the shipped model
+never saw (models/scenes/finetune_data.py), the same questions as its held-out JSONL.
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--adapter", type=Path, help="a LoRA adapter folder (transformers only)")
     parser.add_argument(
+        "--served-model", help="with --server: the model or LoRA adapter to ask (its `model`)"
+    )
+    parser.add_argument(
         "--tasks", choices=["scenes", "place"], default="scenes",
         help="the model's own tasks, or the place questions it was never trained on",
     )  # fmt: skip
@@ -109,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     make_backend: Callable[[], Backend]
     if args.server:
-        make_backend = lambda: ServerBackend(args.server, concurrency=args.batch_size)  # noqa: E731
+        make_backend = lambda: ServerBackend(  # noqa: E731
+            args.server, concurrency=args.batch_size, model=args.served_model
+        )
     else:
         make_backend = lambda: TransformersBackend(  # noqa: E731
             args.model, args.batch_size, args.threads, args.adapter
         )
     scores = evaluate(make_backend(), args.num_scenes, args.tasks)
     where = args.server or f"transformers, {args.model}"
+    where += f", model {args.served_model}" if args.served_model and args.server else ""
     where += f", adapter {args.adapter}" if args.adapter and not args.server else ""
     print(f"{args.num_scenes} held-out scenes (seeds from {EVAL_SEED_START}), {where}")
     print(table(scores))

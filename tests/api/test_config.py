@@ -9,9 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from app.cli import build_parser, flag_name, main, settings_from_args
-from app.config import ModelPathError, Settings, default_model_path
+from app.config import ENGINE_FIELDS_DERIVED, ModelPathError, Settings, default_model_path
 from app.engine.config import EngineConfig
 
 
@@ -71,8 +72,28 @@ def test_engine_config_copies_every_engine_field(tmp_path: Path) -> None:
     config = settings.engine_config()
     assert config.model == str(tmp_path)
     for spec in dataclasses.fields(EngineConfig):
-        if spec.name != "model":
+        if spec.name not in ENGINE_FIELDS_DERIVED:
             assert getattr(config, spec.name) == getattr(settings, spec.name), spec.name
+
+
+def test_lora_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert not Settings(model=str(tmp_path)).engine_config().enable_lora
+    monkeypatch.setenv("MMGPT_LORA_MODULES", "a=/x/a, b = /x/b")
+    config = Settings(model=str(tmp_path)).engine_config()
+    assert config.enable_lora and config.lora_modules == (("a", "/x/a"), ("b", "/x/b"))
+    monkeypatch.delenv("MMGPT_LORA_MODULES")
+    flags = Settings(model=str(tmp_path), lora_modules=["a=/x/a", "c=/x/c,d=/x/d"])  # type: ignore[arg-type]
+    assert [name for name, _ in flags.engine_config().lora_modules] == ["a", "c", "d"]
+    assert Settings(model=str(tmp_path), allow_runtime_lora=True).engine_config().enable_lora
+    from_flags = _parse("--lora-modules", "a=/x/a", "b=/x/b", "--api-keys", "k1,k2")
+    assert from_flags.lora_modules == ["a=/x/a", "b=/x/b"]
+    assert from_flags.api_key_values() == ["k1", "k2"]
+    for wrong in (["a=/x", "a=/y"], ["nameless"], ["=/x"]):
+        with pytest.raises(ValidationError):
+            Settings(lora_modules=wrong)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="2 adapters in lora_modules but max_loras is 1"):
+        Settings(lora_modules=["a=/x", "b=/y"], max_loras=1)  # type: ignore[arg-type]
 
 
 def test_engine_defaults_are_written_once(tmp_path: Path) -> None:

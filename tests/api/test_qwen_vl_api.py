@@ -1,5 +1,6 @@
 """The app in-process on a tiny Qwen2.5-VL: chat with several images of any size, caption
-and QA through the family's chat template, `detail`, the image-token cap, the metrics."""
+and QA through the family's chat template, `detail`, the image-token cap (checked from the
+header, before decoding), the metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
-from app import metrics
+from app import media, metrics
 from app.engine.stats import StatsUpdate, StepStats
 from models import LoadedModel, load_model
 from tests.api.images import data_url, scene_png
@@ -26,8 +28,12 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_model(Path(folder))
 
 
-def image_part(width: int, height: int, detail: str | None = None) -> dict[str, Any]:
-    url: dict[str, str] = {"url": data_url(scene_png(width, height))}
+def image_part(
+    width: int, height: int, detail: str | None = None, truncated: bool = False
+) -> dict[str, Any]:
+    """A chat image part; `truncated`: a valid header, pixel data cut short."""
+    png = scene_png(width, height)
+    url: dict[str, str] = {"url": data_url(png[:-40] if truncated else png)}
     if detail is not None:
         url["detail"] = detail
     return {"type": "image_url", "image_url": url}
@@ -88,6 +94,31 @@ async def test_refusals_name_their_numbers_and_leave_nothing(qwen: LoadedModel) 
         engine = client._transport.app.state.service.engine  # type: ignore[attr-defined]
         stats = engine._core.snapshot()
         assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
+
+
+async def test_the_cap_is_checked_from_the_header_before_any_pixel_is_decoded(
+    qwen: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[tuple[int, int]] = []
+    real = media.decode_pixels
+
+    def recording(image: Image.Image, param: str = "image") -> Image.Image:
+        decoded.append(image.size)
+        return real(image, param)
+
+    monkeypatch.setattr(media, "decode_pixels", recording)
+    async with serving(qwen, max_image_tokens_per_request=20) as client:
+        over = await client.post("/v1/chat/completions", json=chat(image_part(48, 32, None, True)))
+        under = await client.post("/v1/chat/completions", json=chat(image_part(16, 16, None, True)))
+        second_over = await client.post(
+            "/v1/chat/completions",
+            json=chat(image_part(16, 16), image_part(40, 32, None, True)),
+        )
+    assert "24 tokens" in assert_error(over, 400)["message"]
+    assert "could not be decoded" in assert_error(under, 400)["message"]  # the body is broken
+    message = assert_error(second_over, 400)["message"]  # 4 + 20 tokens
+    assert "24 tokens" in message and "at most 20" in message
+    assert decoded == [(16, 16), (16, 16)]  # neither over-cap image was decoded
 
 
 def test_vision_time_and_image_tokens_are_observed() -> None:

@@ -33,6 +33,8 @@ REQUIRED_PANELS = {
     "mmgpt_num_preemptions_total": "preemptions",
     "mmgpt_request_failure_total": "errors by reason",
     "mmgpt_image_preprocess_seconds_bucket": "image preprocessing",
+    "mmgpt_lora_requests_running": "per lora adapter",
+    "mmgpt_lora_requests_waiting": "per lora adapter",
 }
 LATENCY_HISTOGRAMS = (
     "mmgpt_time_to_first_token_seconds_bucket",

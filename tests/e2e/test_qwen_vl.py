@@ -1,6 +1,6 @@
-"""A real `mmgpt serve` of a tiny Qwen2.5-VL, driven by the openai package and by httpx:
-chat with images of two sizes (plain and streamed agree), caption and QA uploads, and
-the refusals of this family's limits."""
+"""A real `mmgpt serve` of a tiny Qwen2.5-VL and of a tiny Qwen3-VL, driven by the
+openai package and by httpx: chat with images of two sizes (plain and streamed agree),
+caption and QA uploads, and the refusals of this family's limits."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 6}
 IMAGE_TOKEN_CAP = 40
 
 
-@pytest.fixture(scope="module")
-def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = make_tiny_qwen_vl(tmp_path_factory.mktemp("qwen2_5_vl"), family="qwen2_5_vl")
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    folder = make_tiny_qwen_vl(tmp_path_factory.mktemp(request.param), family=request.param)
     process = start_server(
         Path(folder),
         tmp_path_factory.mktemp("qwen-logs"),

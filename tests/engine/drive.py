@@ -33,6 +33,7 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     spans: tuple[ImageSpan, ...] = ()
+    adapter: str | None = None  # a LoRA adapter's name; None: the base model
 
 
 def load(folder: Path) -> LoadedModel:
@@ -50,7 +51,9 @@ def run_jobs(core: EngineCore, jobs: list[Job], max_steps: int = 10_000) -> list
     """Submit every job at once and step until all finish; samples per job, by index."""
     results = [[Sample() for _ in range(job.params.n)] for job in jobs]
     for i, job in enumerate(jobs):
-        core.add_request(f"job{i}", job.prompt, job.params, job.spans, sink=i)
+        core.add_request(
+            f"job{i}", job.prompt, job.params, job.spans, sink=i, adapter_name=job.adapter
+        )
     for _ in range(max_steps):
         if not core.has_unfinished:
             break

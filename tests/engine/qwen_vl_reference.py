@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from app.engine.sequence import ImageInput, SamplingParams
 from app.engine.validation import image_spans
@@ -26,6 +27,25 @@ class ImageOnlyProcessor(Qwen2VLProcessor):
     @classmethod
     def get_attributes(cls) -> list[str]:
         return ["image_processor", "tokenizer"]
+
+
+class Qwen3ImageOnlyProcessor(Qwen3VLProcessor):
+    """transformers' Qwen3-VL processor, likewise without its video processor."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+
+def reference_processor(loaded: LoadedModel) -> Qwen2VLProcessor | Qwen3VLProcessor:
+    """The family's own processor (Qwen2.5-VL reuses Qwen2-VL's) around the loaded parts."""
+    qwen3 = loaded.info.architecture == "Qwen3VLForConditionalGeneration"
+    processor_class = Qwen3ImageOnlyProcessor if qwen3 else ImageOnlyProcessor
+    return processor_class(
+        image_processor=loaded.image_processor,
+        tokenizer=loaded.tokenizer,
+        chat_template=loaded.chat_template,
+    )
 
 
 def picture(height: int, width: int, seed: int) -> Image.Image:
@@ -46,21 +66,17 @@ class Request:
 
 
 class QwenVLReference:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, processor: Any = None) -> None:
+        """`processor`: transformers' processor of the family; the Qwen-VL one by default."""
         self.loaded = loaded
-        tokenizer = loaded.tokenizer
-        self.processor = ImageOnlyProcessor(
-            image_processor=loaded.image_processor,
-            tokenizer=tokenizer,
-            chat_template=loaded.chat_template,
-        )
-        self.prompts = PromptBuilder(tokenizer, loaded.info, loaded.chat_template)
+        self.processor = processor or reference_processor(loaded)
+        self.prompts = PromptBuilder(loaded.tokenizer, loaded.info, loaded.chat_template)
         self.model = AutoModelForImageTextToText.from_pretrained(loaded.path).eval()
 
     def request(self, text: str, pictures: list[Image.Image], detail: str = "auto") -> Request:
         messages = user_message(text, len(pictures))
         images = [preprocess(p, self.loaded.image_processor, detail) for p in pictures]
-        prompt = self.prompts.chat(messages, image_tokens=[image.num_tokens for image in images])
+        prompt = self.prompts.chat(messages, image_tokens=[image.placeholder for image in images])
         rendered = self.prompts._render(messages, "messages")
         inputs: dict[str, Any] = {"text": [rendered], "return_tensors": "pt"}
         if pictures:

@@ -1,4 +1,4 @@
-"""The engine on tiny random Qwen2-VL / Qwen2.5-VL checkpoints: greedy outputs equal
+"""The engine on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints: greedy outputs equal
 transformers' generate() for images of several sizes, two images in one message, text,
 a mixed batch, prefill chunks that cut through an image, preemption, a prefix-cache hit
 and forked samples; the step's new images go through the tower in one packed call."""
@@ -16,14 +16,14 @@ from app.engine.engine_core import EngineCore
 from app.engine.sequence import SamplingParams
 from tests.engine.drive import Job, load, make_core, run_jobs
 from tests.engine.qwen_vl_reference import QwenVLReference, Request, picture
-from tests.qwen_vl_checkpoints import make_tiny_qwen_vl
+from tests.qwen_vl_checkpoints import FAMILIES, make_tiny_qwen_vl
 
 MAX_NEW = 10
 # (height, width): wide, tall, square, one past the processor's max pixels, one at its min
 SIZES = [(30, 50), (40, 24), (32, 32), (90, 70), (9, 12)]
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def reference(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> QwenVLReference:

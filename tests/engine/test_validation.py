@@ -122,3 +122,16 @@ def test_split_runs_and_text_models_are_refused() -> None:
     assert image_spans([1, 2], [], text_model) == ()
     refusal = _refusal(lambda: image_spans([1, 2], [_image("a")], text_model))
     assert refusal.param == "images"
+
+
+def test_a_tiled_image_spans_its_tags_and_maps_offsets_to_rows() -> None:
+    """SmolVLM's tiles: tags (7, 8) between an image's tokens belong to its span, and a chunk
+    of the span takes only the rows of the image tokens inside it."""
+    tiled = ImageInput(None, "t", num_tokens=4, prompt_text="<tiles>")
+    prompt = [1, 7, IMAGE, IMAGE, 8, 7, IMAGE, IMAGE, 8, 5, *[IMAGE] * IMAGE_LENGTH]
+    first, second = image_spans(prompt, [tiled, _image("b")], _info())
+    assert (first.start, first.length, second.start, second.length) == (2, 6, 10, IMAGE_LENGTH)
+    assert [first.rows(0, 2), first.rows(2, 5), first.rows(5, 6)] == [(0, 2), (2, 3), (3, 4)]
+    assert second.rows(1, 3) == (1, 3)
+    one_short = _refusal(lambda: image_spans(prompt[:-1], [tiled, _image("b")], _info()))
+    assert "6 image tokens, but its 2 image(s) need 7" in str(one_short)

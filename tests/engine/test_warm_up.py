@@ -1,8 +1,11 @@
 """The start-up warm-up step: full-size, invisible afterwards (same outputs, no metric, no
-cached image, no block taken), and run by the server's engine unless switched off."""
+cached image, no block taken), and run by the server's engine unless switched off; a
+native-resolution model's warm-up sends one small image through the packed tower."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +18,11 @@ from app.engine.engine_core import EngineCore
 from app.engine.sequence import SamplingParams
 from app.engine.warm_up import MAX_PROMPT_TOKENS
 from models.base import LoadedModel
-from tests.engine.drive import Job, make_core, run_jobs
+from tests.engine.drive import Job, load, make_core, run_jobs
+from tests.engine.qwen_vl_reference import QwenVLReference
 from tests.engine.test_engine_images import random_image_jobs
+from tests.engine.test_engine_qwen_vl import greedy, requests
+from tests.qwen_vl_checkpoints import MIN_PIXELS, TOKEN_PIXELS, make_tiny_qwen_vl
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -77,6 +83,38 @@ def test_image_warm_up_encodes_a_batch_and_leaves_no_cached_image(
     assert len(cache) == 0 and cache.queries == 0 and cache.hits == 0
     assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
     got = run_jobs(core, random_image_jobs(llava, 5, seed=3))
+    assert [[s.token_ids for s in job] for job in got] == [
+        [s.token_ids for s in job] for job in expected
+    ]
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> QwenVLReference:
+    folder = make_tiny_qwen_vl(tmp_path_factory.mktemp("qwen3_vl"), family="qwen3_vl")
+    return QwenVLReference(load(Path(folder)))
+
+
+def test_native_resolution_warm_up_encodes_one_small_image_and_leaves_no_trace(
+    qwen3_vl: QwenVLReference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [qwen3_vl.job(request, greedy()) for request in requests(qwen3_vl)]
+    expected = run_jobs(make_core(qwen3_vl.loaded), jobs)
+    core = make_core(qwen3_vl.loaded)
+    encoded: list[list[int]] = []  # per tower call, the images' token counts
+    real = core.runner.model.encode_image_batch
+
+    def counting(images: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+        embeds = real(images)
+        encoded.append([embed.shape[0] for embed in embeds])
+        return embeds
+
+    monkeypatch.setattr(core.runner.model, "encode_image_batch", counting)
+    assert core.warm_up() == core.config.max_num_batched_tokens
+    assert encoded == [[MIN_PIXELS // TOKEN_PIXELS]]  # the processor's smallest image
+    cache = core.runner.image_cache
+    assert len(cache) == 0 and cache.queries == 0 and cache.hits == 0
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    got = run_jobs(core, jobs)
     assert [[s.token_ids for s in job] for job in got] == [
         [s.token_ids for s in job] for job in expected
     ]

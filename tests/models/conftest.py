@@ -20,6 +20,7 @@ from tests.checkpoints import (
     make_tiny_qwen2,
     make_tiny_qwen3,
 )
+from tests.gemma3_checkpoints import make_tiny_gemma3_text
 from tests.torch_threads import intra_op_threads
 
 PROMPT_LENGTHS = (5, 11, 17, 23)
@@ -103,6 +104,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Case]]] = {
         _text_case,
     ),
     "gpt2_tied": (make_tiny_gpt2, _text_case),
+    "gemma3_text_window": (make_tiny_gemma3_text, _text_case),
     "llava_clip": (lambda d: make_tiny_llava(d, vision="clip"), _llava_case),
     "llava_siglip": (lambda d: make_tiny_llava(d, vision="siglip"), _llava_case),
 }

@@ -55,7 +55,8 @@ class PagedSession:
         for (seq, _), context, count in zip(work, context_lens, query_lens, strict=True):
             self._reserve(seq, context + count)
         tables = [self.blocks[seq] for seq, _ in work]
-        attn_inputs = flat_inputs(context_lens, query_lens, tables, self.block_size)
+        window = self.model.info.sliding_window
+        attn_inputs = flat_inputs(context_lens, query_lens, tables, self.block_size, window)
         positions = [
             p for c, q in zip(context_lens, query_lens, strict=True) for p in range(c, c + q)
         ]
@@ -68,7 +69,11 @@ class PagedSession:
 
 
 def flat_inputs(
-    context_lens: list[int], query_lens: list[int], tables: list[list[int]], block_size: int
+    context_lens: list[int],
+    query_lens: list[int],
+    tables: list[list[int]],
+    block_size: int,
+    sliding_window: int | None = None,
 ) -> AttentionInputs:
     """One step's attention inputs: sequence i adds query_lens[i] tokens after
     context_lens[i] cached ones, in the blocks tables[i] (padded with block 0)."""
@@ -78,4 +83,6 @@ def flat_inputs(
         for p in range(c, c + q)
     ]
     slot_mapping = torch.tensor(slots, dtype=torch.int64)
-    return plan_attention(query_lens, context_lens, tables, slot_mapping, block_size, 0)
+    return plan_attention(
+        query_lens, context_lens, tables, slot_mapping, block_size, 0, None, sliding_window
+    )

@@ -1,6 +1,7 @@
-"""Qwen-VL at the model level: logits of our paged model equal transformers' (1e-4, float32)
-for two images of different shapes in one prompt, in one step and chunked through an
-image; M-RoPE positions equal transformers' get_rope_index; loading is strict."""
+"""Qwen-VL (2, 2.5 and 3) at the model level: logits of our paged model equal
+transformers' (1e-4, float32) for two images of different shapes in one prompt, in one
+step and chunked through an image; M-RoPE positions equal transformers' get_rope_index;
+loading is strict."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from models.base import LoadedModel
 from models.processors import image_features
 from tests.engine.qwen_vl_reference import picture
 from tests.models.paged import PagedSession, relative_error
-from tests.qwen_vl_checkpoints import IMAGE_PAD, VISION_END, VISION_START, make_tiny_qwen_vl
+from tests.qwen_vl_checkpoints import (
+    FAMILIES,
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    make_tiny_qwen_vl,
+)
 
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_qwen_vl(tmp_path_factory.mktemp(request.param), family=request.param)
 
@@ -60,6 +67,18 @@ def reference_logits(folder: Path, ids: list[int], tensors: list[dict], pad: int
 
 @pytest.mark.parametrize("chunks", [[1.0], [0.3, 0.7]])
 def test_logits_equal_transformers(folder: Path, chunks: list[float]) -> None:
+    assert_logits_equal_transformers(folder, chunks)
+
+
+def test_a_tied_qwen3_vl_equals_transformers(tmp_path: Path) -> None:
+    """Qwen3-VL-2B and -4B tie the output layer to the embeddings."""
+    folder = make_tiny_qwen_vl(tmp_path, family="qwen3_vl", tied=True)
+    decoder = load_model(folder).model.decoder  # type: ignore[attr-defined]
+    assert decoder.lm_head is decoder.embed_tokens
+    assert_logits_equal_transformers(folder, [1.0])
+
+
+def assert_logits_equal_transformers(folder: Path, chunks: list[float]) -> None:
     loaded = load_model(folder)
     model = loaded.model
     ids, starts, tensors = two_image_prompt(loaded)
