@@ -2,7 +2,6 @@
 
     python -m bench.qwen_vl_checkpoint /tmp/mmgpt-bench/qwen2.5-vl --size scaled
     python -m bench.qwen_vl_checkpoint /tmp/mmgpt-bench/qwen2.5-vl-tiny --size tiny
-    python -m bench.qwen_vl_checkpoint /tmp/mmgpt-bench/qwen2.5-vl-2b --size 2b   # bf16, GPUs
 
 `scaled` keeps what decides an image's cost and token count real and scales the
 depth: Qwen2.5-VL-3B's vision tower (width 1,280, 16 heads, MLP 3,420, 14-pixel
@@ -14,9 +13,7 @@ real image processor settings (min/max pixels) and chat template; Qwen's special
 tokens at their real ids over a byte-level BPE of Qwen's vocabulary size. The
 whole model has about 0.66B parameters in float32. `tiny` is the same layout at a
 few thousand parameters per layer, with the real image processor, for rehearsals
-and tests. `2b` is for GPUs: the whole 32-block tower (full attention in blocks 7,
-15, 23, 31) and Qwen2.5-1.5B's decoder (28 layers of 1,536, 12 query and 2
-key/value heads, MLP 8,960), about 2.2B parameters, built and saved in bfloat16.
+and tests. The GPU run's ~2B Qwen2.5-VL is `bench.checkpoints --size qwen2.5-vl-2b`.
 
 Weights are seeded normal draws wider than the model's own initialisation (whose
 logits are so flat that every prompt gets the same answer), so that outputs depend
@@ -106,28 +103,12 @@ class QwenVLShape:
     mrope_section: tuple[int, int, int]  # sums to half the head width
     regular_tokens: int  # the BPE's vocabulary before the special tokens
     embedding_rows: int  # the embedding's rows (Qwen pads them past the tokenizer)
-    dtype: torch.dtype = torch.float32
 
 
 QWEN_VOCAB = (151_643, 151_936)  # regular tokens, embedding rows
 SHAPES = {
     "scaled": QwenVLShape(8, 1280, 3420, 16, (7,), 896, 24, 14, 2, 4864, (8, 12, 12), *QWEN_VOCAB),
     "tiny": QwenVLShape(2, 32, 64, 2, (1,), 64, 2, 4, 2, 128, (2, 3, 3), 2_048, 2_112),
-    "2b": QwenVLShape(
-        32,
-        1280,
-        3420,
-        16,
-        (7, 15, 23, 31),
-        1536,
-        28,
-        12,
-        2,
-        8960,
-        (16, 24, 24),
-        *QWEN_VOCAB,
-        dtype=torch.bfloat16,
-    ),
 }
 
 
@@ -187,7 +168,6 @@ def qwen_vl_config(shape: QwenVLShape, token_ids: dict[str, int]) -> Qwen2_5_VLC
         vision_start_token_id=token_ids["<|vision_start|>"],
         vision_end_token_id=token_ids["<|vision_end|>"],
         tie_word_embeddings=True,
-        dtype=shape.dtype,
     )
 
 
@@ -196,13 +176,8 @@ def make_qwen_vl(out_dir: str | Path, size: str = "scaled", seed: int = 0) -> Pa
     shape = SHAPES[size]
     tokenizer = build_qwen_tokenizer(shape.regular_tokens)
     token_ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS}  # type: ignore[arg-type]
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(shape.dtype)  # a bfloat16 model is built in half the memory
-    try:
-        model = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(shape, token_ids)).eval()
-        spread_weights(model, seed)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(shape, token_ids)).eval()
+    spread_weights(model, seed)
     end_of_text = token_ids[END_OF_TEXT]
     generation = GenerationConfig(
         bos_token_id=end_of_text,

@@ -8,7 +8,6 @@ placeholders as the image processor's grid says, with the same pixels.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
     AutoProcessor,
@@ -29,7 +27,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from bench.images import MIXED_SIZES, SyntheticImages
 from bench.peers.transformers_images import register_image_only_processors
 from bench.qwen_vl_checkpoint import SHAPES as QWEN_SHAPES
-from bench.qwen_vl_checkpoint import SPECIAL_TOKENS, QwenVLShape, build_qwen_tokenizer, make_qwen_vl
+from bench.qwen_vl_checkpoint import SPECIAL_TOKENS, QwenVLShape, build_qwen_tokenizer
 from bench.smolvlm_checkpoint import IMAGE_TOKENS, SCALE_FACTOR, SmolVLMShape
 from bench.smolvlm_checkpoint import SHAPES as SMOLVLM_SHAPES
 from models import load_model
@@ -136,18 +134,3 @@ def test_qwen_shapes_are_consistent(shape: QwenVLShape) -> None:
 def test_smolvlm_tiles_shuffle_into_whole_tokens(shape: SmolVLMShape) -> None:
     assert shape.tile % (shape.patch * SCALE_FACTOR) == 0
     assert shape.embedding_rows >= shape.regular_tokens + 1 + len(IMAGE_TOKENS)
-
-
-def test_a_bfloat16_shape_is_built_and_saved_in_bfloat16(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As the 2b shape is, for GPUs; the process's default dtype is left as it was."""
-    monkeypatch.setitem(
-        QWEN_SHAPES, "tiny-bf16", dataclasses.replace(QWEN_SHAPES["tiny"], dtype=torch.bfloat16)
-    )
-    folder = make_qwen_vl(tmp_path, size="tiny-bf16")
-    assert torch.get_default_dtype() == torch.float32
-    weights = load_file(folder / "model.safetensors")
-    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
-    loaded = load_model(folder, device="cpu", dtype="bfloat16")
-    assert loaded.info.dtype == torch.bfloat16
