@@ -5,8 +5,6 @@
     python -m bench.checkpoints /tmp/mmgpt-bench/gpt2-tiny-top-p --size tiny --top-p 0.9
     python -m bench.checkpoints /tmp/mmgpt-bench/llama-1b --size llama-1b  # 1.1B, bf16, for GPUs
     python -m bench.checkpoints /tmp/mmgpt-bench/llama-tiny --size llama-tiny  # its dry runs
-    python -m bench.checkpoints /tmp/mmgpt-bench/qwen2.5-vl-2b --size qwen2.5-vl-2b  # GPUs
-    python -m bench.checkpoints /tmp/mmgpt-bench/qwen2.5-vl-tiny --size qwen2.5-vl-tiny
 
 All use GPT-2's vocabulary size (50,257) with a byte-level BPE built here from
 a fixed merge table (letters grouped into 2-, 3- and 4-letter tokens), so the
@@ -14,13 +12,7 @@ tokenizer costs and the output-layer width match GPT-2's without a download.
 `llama-1b` has Llama 3.2 1B's shape (16 layers of 2,048, 32 query and 8 key/value
 heads, an MLP of 8,192, tied embeddings) with that vocabulary, saved in bfloat16.
 
-`qwen2.5-vl-2b` is a Qwen2.5-VL of about 2B parameters: Qwen2.5-VL-3B's vision tower
-(32 blocks of 1,280, 16 heads, MLP 3,420, 14-pixel patches merged 2x2, 112-pixel
-windows, full attention every eighth block) before Qwen2.5-1.5B's decoder (28 layers
-of 1,536, 12 query and 2 key/value heads, MLP 8,960, tied embeddings), Qwen's special
-tokens added to that vocabulary, the family's image processor bounds and chat
-template, saved in bfloat16. `qwen2.5-vl-tiny` is its layout at a few thousand
-parameters per layer, for dry runs.
+The image-chat checkpoints are bench/qwen_vl_checkpoint.py's and bench/smolvlm_checkpoint.py's.
 
 `--top-p` writes a sampling default into the generation config. `transformers serve`
 applies a request's top_p only when the checkpoint's generation config sets one (its
@@ -35,7 +27,6 @@ import itertools
 import string
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,10 +40,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 GPT2_VOCAB_SIZE = 50_257
 END_OF_TEXT = "<|endoftext|>"
@@ -65,25 +53,6 @@ LLAMA_SHAPES = {
     "llama-tiny": (64, 2, 4, 2, 256),
 }
 LLAMA_VOCAB_SIZES = {"llama-135m": 49_152}  # the others: GPT-2's
-QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
-QWEN_IMAGE_PAD, QWEN_VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # Qwen2.5-VL's processor bounds
-
-
-@dataclass(frozen=True)
-class QwenVLShape:
-    vision: tuple[int, int, int, int]  # blocks, width, MLP, heads
-    full_attention_blocks: tuple[int, ...]  # the others attend within 112-pixel windows
-    text: tuple[int, int, int, int, int]  # as LLAMA_SHAPES
-    mrope_section: tuple[int, int, int]  # halves of the head width per position section
-
-
-QWEN_VL_SHAPES = {
-    "qwen2.5-vl-2b": QwenVLShape(
-        (32, 1280, 3420, 16), (7, 15, 23, 31), (1536, 28, 12, 2, 8960), (16, 24, 24)
-    ),
-    "qwen2.5-vl-tiny": QwenVLShape((2, 64, 128, 4), (1,), (64, 2, 4, 2, 128), (2, 3, 3)),
-}
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -166,77 +135,21 @@ def make_llama(out_dir: str | Path, size: str = "llama-1b", seed: int = 0) -> Pa
         eos_token_id=eos,
         dtype=torch.bfloat16,
     )
-    with _built_in_bfloat16():
+    with default_dtype(torch.bfloat16):
         model = LlamaForCausalLM(config)
     return save_checkpoint(model, tokenizer, eos, out_dir)
 
 
 @contextmanager
-def _built_in_bfloat16() -> Iterator[None]:
-    """Parameters created in bfloat16: half the memory and time of float32 for billions."""
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters created in `dtype` (bfloat16: half the memory and time of float32 for
+    billions)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
         yield
     finally:
-        torch.set_default_dtype(default_dtype)
-
-
-def make_qwen_vl(out_dir: str | Path, size: str = "qwen2.5-vl-2b", seed: int = 0) -> Path:
-    """A Qwen2.5-VL with random weights, its tokenizer, chat template and image processor."""
-    from tests.qwen_vl_checkpoints import CHAT_TEMPLATE
-
-    torch.manual_seed(seed)
-    tokenizer = build_gpt2_tokenizer()
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [*QWEN_SPECIAL_TOKENS, QWEN_IMAGE_PAD, QWEN_VIDEO_PAD]}
-    )
-    tokenizer.chat_template, tokenizer.eos_token = CHAT_TEMPLATE, "<|im_end|>"
-    with _built_in_bfloat16():
-        model = Qwen2_5_VLForConditionalGeneration(_qwen_vl_config(size, tokenizer))
-    out = save_checkpoint(model, tokenizer, int(tokenizer.eos_token_id), out_dir)
-    processor = Qwen2VLImageProcessorPil(
-        patch_size=14, merge_size=2, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS
-    )
-    processor.save_pretrained(out)
-    return out
-
-
-def _qwen_vl_config(size: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    shape = QWEN_VL_SHAPES[size]
-    depth, width, vision_mlp, vision_heads = shape.vision
-    hidden, layers, heads, kv_heads, mlp = shape.text
-    names = [*QWEN_SPECIAL_TOKENS, QWEN_IMAGE_PAD, QWEN_VIDEO_PAD]
-    ids = {name: int(tokenizer.convert_tokens_to_ids(name)) for name in names}  # type: ignore[arg-type]
-    vision: dict[str, Any] = dict(depth=depth, hidden_size=width, intermediate_size=vision_mlp)
-    vision |= dict(num_heads=vision_heads, out_hidden_size=hidden)
-    vision |= dict(fullatt_block_indexes=list(shape.full_attention_blocks))
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=32768,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1e6,
-            "mrope_section": list(shape.mrope_section),
-        },
-        tie_word_embeddings=True,
-        eos_token_id=ids["<|im_end|>"],
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision | dict(patch_size=14, spatial_merge_size=2, window_size=112),
-        image_token_id=ids[QWEN_IMAGE_PAD],
-        video_token_id=ids[QWEN_VIDEO_PAD],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-        dtype=torch.bfloat16,
-    )
+        torch.set_default_dtype(before)
 
 
 def save_checkpoint(
@@ -335,15 +248,13 @@ def sized_main(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a random checkpoint for the benchmarks.")
     parser.add_argument("out_dir")
-    sizes = sorted(SHAPES) + sorted(LLAMA_SHAPES) + sorted(QWEN_VL_SHAPES)
+    sizes = sorted(SHAPES) + sorted(LLAMA_SHAPES)
     parser.add_argument("--size", choices=sizes, default="small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top-p", type=float, help="GPT-2 only: sample with this top_p by default")
     args = parser.parse_args(argv)
     if args.size in LLAMA_SHAPES:
         print(make_llama(args.out_dir, args.size, args.seed))
-    elif args.size in QWEN_VL_SHAPES:
-        print(make_qwen_vl(args.out_dir, args.size, args.seed))
     else:
         print(make_gpt2(args.out_dir, args.size, args.seed, args.top_p))
 

@@ -10,15 +10,16 @@
 # or runs out of time leaves the others' results.
 #
 # The image-chat run is a second command of its own (its stages' limits add up to 8.5
-# minutes): a random Qwen2.5-VL of about 2B parameters (`bench.checkpoints --size
-# qwen2.5-vl-2b`: Qwen2.5-VL-3B's vision tower, Qwen2.5-1.5B's decoder), then
-# `bench.compare` in bf16 on image chat (VL_WORKLOAD), mmgpt then transformers.
+# minutes): a random Qwen2.5-VL of about 2B parameters (`bench.qwen_vl_checkpoint --size
+# 2b`: Qwen2.5-VL-3B's vision tower, Qwen2.5-1.5B's decoder), then `bench.compare` in
+# bf16 on image chat of mixed sizes (VL_WORKLOAD), mmgpt then transformers, both held to
+# the same output length (`--ban-eos`) so that their outputs can be compared.
 #
 #   bash bench/gpu_suite.sh OUT
 #   DEVICE=cpu SIZE=llama-tiny PROMPTS=8 CONCURRENCY=4 bash bench/gpu_suite.sh OUT  # dry run
 #   STAGES="checkpoint compare" bash bench/gpu_suite.sh OUT                           # some
 #   STAGES="vl-checkpoint vl-compare" bash bench/gpu_suite.sh OUT                     # images
-#   DEVICE=cpu VL_SIZE=qwen2.5-vl-tiny VL_CONTENDERS=mmgpt VL_PROMPTS=8 VL_CONCURRENCY=4 \
+#   DEVICE=cpu VL_SIZE=tiny VL_CONTENDERS=mmgpt VL_PROMPTS=8 VL_CONCURRENCY=4 \
 #       STAGES="vl-checkpoint vl-compare" bash bench/gpu_suite.sh OUT              # its dry run
 #
 # A host without a package index gets the serving stack as wheels in WHEELS (default
@@ -33,8 +34,8 @@ CONCURRENCY=${CONCURRENCY:-256}
 WHEELS=${WHEELS:-.whl}
 SCRATCH=${SCRATCH:-/tmp/mmgpt-gpu-suite}
 STAGES=${STAGES:-gpu-check checkpoint compare}
-VL_SIZE=${VL_SIZE:-qwen2.5-vl-2b}
-VL_WORKLOAD=${VL_WORKLOAD:-chat-image}
+VL_SIZE=${VL_SIZE:-2b}
+VL_WORKLOAD=${VL_WORKLOAD:-chat-image-mixed}
 VL_CONTENDERS=${VL_CONTENDERS:-mmgpt,transformers}
 VL_PROMPTS=${VL_PROMPTS:-256}
 VL_CONCURRENCY=${VL_CONCURRENCY:-64}
@@ -80,11 +81,11 @@ stage compare 360 "$PY" -m bench.compare --model "$checkpoint" \
     --output-len 128 --ignore-eos --startup-timeout 150 --timeout 240 \
     --log-dir "$OUT" --json "$OUT/compare.json"
 
-vl_checkpoint="$SCRATCH/$VL_SIZE"
-stage vl-checkpoint 150 "$PY" -m bench.checkpoints "$vl_checkpoint" --size "$VL_SIZE" &&
+vl_checkpoint="$SCRATCH/qwen2.5-vl-$VL_SIZE"
+stage vl-checkpoint 150 "$PY" -m bench.qwen_vl_checkpoint "$vl_checkpoint" --size "$VL_SIZE" &&
 stage vl-compare 360 "$PY" -m bench.compare --model "$vl_checkpoint" \
     --contenders "$VL_CONTENDERS" --workloads "$VL_WORKLOAD" --image-source synthetic \
     --device "$DEVICE" --dtype bfloat16 --threads 4 --mmgpt-args "--max-num-seqs $VL_CONCURRENCY" \
     --num-prompts "$VL_PROMPTS" --max-concurrency "$VL_CONCURRENCY" --output-len 64 \
-    --ignore-eos --startup-timeout 150 --timeout 240 \
+    --ban-eos --startup-timeout 150 --timeout 240 \
     --log-dir "$OUT/vl" --json "$OUT/vl-compare.json"

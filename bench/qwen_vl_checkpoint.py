@@ -13,7 +13,10 @@ real image processor settings (min/max pixels) and chat template; Qwen's special
 tokens at their real ids over a byte-level BPE of Qwen's vocabulary size. The
 whole model has about 0.66B parameters in float32. `tiny` is the same layout at a
 few thousand parameters per layer, with the real image processor, for rehearsals
-and tests. The GPU run's ~2B Qwen2.5-VL is `bench.checkpoints --size qwen2.5-vl-2b`.
+and tests. `2b` is the GPU run's (bench/gpu_suite.sh): Qwen2.5-VL-3B's whole vision
+tower (32 blocks, full attention every eighth) before Qwen2.5-1.5B's decoder (28 layers
+of 1,536, 12 query and 2 key/value heads, MLP 8,960), about 2B parameters, built and
+saved in bfloat16.
 
 Weights are seeded normal draws wider than the model's own initialisation (whose
 logits are so flat that every prompt gets the same answer), so that outputs depend
@@ -41,6 +44,7 @@ from bench.checkpoints import (
     END_OF_TEXT,
     build_gpt2_tokenizer,
     decoder_sizes,
+    default_dtype,
     save_multimodal,
     sized_main,
     spread_weights,
@@ -103,12 +107,16 @@ class QwenVLShape:
     mrope_section: tuple[int, int, int]  # sums to half the head width
     regular_tokens: int  # the BPE's vocabulary before the special tokens
     embedding_rows: int  # the embedding's rows (Qwen pads them past the tokenizer)
+    bfloat16: bool = False  # built and saved in bfloat16 (half the memory for billions)
 
 
 QWEN_VOCAB = (151_643, 151_936)  # regular tokens, embedding rows
 SHAPES = {
     "scaled": QwenVLShape(8, 1280, 3420, 16, (7,), 896, 24, 14, 2, 4864, (8, 12, 12), *QWEN_VOCAB),
     "tiny": QwenVLShape(2, 32, 64, 2, (1,), 64, 2, 4, 2, 128, (2, 3, 3), 2_048, 2_112),
+    "2b": QwenVLShape(
+        32, 1280, 3420, 16, (7, 15, 23, 31), 1536, 28, 12, 2, 8960, (16, 24, 24), *QWEN_VOCAB, True
+    ),
 }
 
 
@@ -176,7 +184,9 @@ def make_qwen_vl(out_dir: str | Path, size: str = "scaled", seed: int = 0) -> Pa
     shape = SHAPES[size]
     tokenizer = build_qwen_tokenizer(shape.regular_tokens)
     token_ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS}  # type: ignore[arg-type]
-    model = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(shape, token_ids)).eval()
+    dtype = torch.bfloat16 if shape.bfloat16 else torch.float32
+    with default_dtype(dtype):
+        model = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(shape, token_ids)).eval()
     spread_weights(model, seed)
     end_of_text = token_ids[END_OF_TEXT]
     generation = GenerationConfig(

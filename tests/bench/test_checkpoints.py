@@ -1,5 +1,5 @@
 """The benchmark checkpoints: GPT-2's tokenizer layout, built without a download,
-sampling defaults in the generation config, the GPU runs' Llama and Qwen2.5-VL."""
+sampling defaults in the generation config, the GPU run's Llama."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from app.media import preprocess
 from bench.checkpoints import (
     END_OF_TEXT,
-    QWEN_MIN_PIXELS,
     build_gpt2_tokenizer,
     make_gpt2,
     make_llama,
-    make_qwen_vl,
 )
 from models import load_model
-from tests.engine.qwen_vl_reference import picture
 from tests.models.paged import PagedSession
 
 
@@ -60,17 +56,3 @@ def test_the_llama_checkpoint_is_bf16_grouped_query_and_loads_as_saved(tmp_path:
         hidden = PagedSession(loaded.model).step([(0, ids)])[0][-1:]  # [1, hidden]
         ours = loaded.model.compute_logits(hidden)[0]
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_the_qwen_vl_checkpoint_serves_images_through_its_own_processor(tmp_path: Path) -> None:
-    """The GPU image run's Qwen2.5-VL at its dry runs' size: bf16 on disk, Qwen's chat
-    format with its image placeholders, an image as many tokens as its 28-pixel cells."""
-    loaded = load_model(make_qwen_vl(tmp_path / "qwen-vl", "qwen2.5-vl-tiny"), "cpu")
-    assert loaded.info.architecture == "Qwen2_5_VLForConditionalGeneration"
-    assert loaded.info.eos_token_ids == (loaded.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
-    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
-    text = loaded.tokenizer.apply_chat_template(image, tokenize=False, add_generation_prompt=True)
-    assert "<|vision_start|><|image_pad|><|vision_end|>hi" in text
-    assert preprocess(picture(112, 84, seed=0), loaded.image_processor).num_tokens == 4 * 3
-    smallest = preprocess(picture(8, 8, seed=0), loaded.image_processor)
-    assert smallest.num_tokens == QWEN_MIN_PIXELS // 28**2
