@@ -21,7 +21,7 @@ from typing import Any
 def main(argv: Sequence[str] | None = None) -> None:
     src, model, out = argv if argv is not None else sys.argv[1:]
     sys.path[:0] = [src, f"{src}/gguf-py"]
-    from conversion.base import ModelBase, TextModel  # type: ignore[import-not-found]
+    from conversion.base import ModelBase, TextModel
 
     known_pre, read_config = TextModel.get_vocab_base_pre, ModelBase.load_hparams
 
