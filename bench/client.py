@@ -100,8 +100,11 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
+    """One connection per request, for every server alike: llama-server closes the socket
+    after a streamed response without saying so, which fails a pooled client's next request
+    on it (a loopback connect costs far less than a request)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=connections),
+        connector=aiohttp.TCPConnector(limit=connections, force_close=True),
         timeout=aiohttp.ClientTimeout(total=timeout_s, connect=30.0),
         trust_env=False,  # loopback benchmarks must not go through a configured proxy
     )

@@ -4,7 +4,8 @@
         --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
 
 Each contender (mmgpt, `transformers serve --continuous-batching`, the naive
-`generate()` server) is started in turn on loopback with the same thread
+`generate()` server, llama.cpp's `llama-server` on the checkpoint as f32 or Q8_0 GGUF:
+`llama.cpp`, `llama.cpp-q8`) is started in turn on loopback with the same thread
 settings (bench.peers.contenders), warmed up, sent the identical request sets,
 and stopped with its whole process group. The table reports ratios against mmgpt:
 "x tok/s" is mmgpt's output tokens/s over the contender's, "x TTFT" is the
@@ -44,6 +45,8 @@ from bench.serve import BenchReport, add_workload_args, load_config, run_benchma
 from bench.stats import RequestResult
 from bench.workloads import WORKLOADS, WorkloadSpec
 
+CONTEXT_MARGIN = 256  # a chat template's and an image's tokens beyond --input-len
+
 
 @dataclass
 class ContenderRun:
@@ -54,7 +57,7 @@ class ContenderRun:
 
 
 def launch_settings(args: argparse.Namespace) -> LaunchSettings:
-    extra = {name: getattr(args, f"{name}_args") for name in CONTENDERS}
+    extra = {name: getattr(args, f"{name.replace('-', '_')}_args") for name in CONTENDERS}
     return LaunchSettings(
         model=args.model,
         port=free_port(),
@@ -62,6 +65,8 @@ def launch_settings(args: argparse.Namespace) -> LaunchSettings:
         dtype=args.dtype,
         device=args.device,
         extra_args=extra,
+        parallel=args.max_concurrency or args.num_prompts,
+        context=args.input_len + args.output_len + CONTEXT_MARGIN,
     )
 
 
@@ -162,8 +167,8 @@ def format_comparison(runs: Sequence[ContenderRun], workloads: Sequence[str]) ->
 def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     """The bare decode loop and matmul speeds, measured before any server starts."""
     model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
-    if model_type != "gpt2":
-        print(f"ceiling: the bare decode loop reads GPT-2 checkpoints, not {model_type}")
+    if model_type not in ("gpt2", "llama"):
+        print(f"ceiling: the bare decode loops read GPT-2 and Llama checkpoints, not {model_type}")
         return {}
     torch.set_num_threads(args.threads)  # the contenders' thread count
     dtypes = [args.dtype or "float32"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.peers import llama_cpp
 from bench.workloads import WORKLOADS
 
 TEXT_AND_CHAT = frozenset({"text", "chat-image", "chat-image-mixed"})
@@ -37,6 +38,8 @@ class LaunchSettings:
     dtype: str | None = None  # None: each server's default for the checkpoint
     device: str | None = None
     extra_args: dict[str, str] = field(default_factory=dict)  # contender name -> extra flags
+    parallel: int = 1  # the streams at once: llama-server's slots
+    context: int = 4096  # tokens one stream may hold: llama-server's context per slot
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,21 @@ def _naive(settings: LaunchSettings) -> list[str]:
     ]
 
 
+def _llama_cpp(quant: str) -> Callable[[LaunchSettings], list[str]]:
+    def command(settings: LaunchSettings) -> list[str]:
+        return llama_cpp.server_command(
+            settings.model,
+            quant,
+            settings.host,
+            settings.port,
+            settings.threads,
+            settings.parallel,
+            settings.context,
+        )
+
+    return command
+
+
 def _mmgpt_ban_eos(max_tokens: int, placeholders: Sequence[int]) -> dict[str, Any]:
     """min_tokens bans EOS until then; mmgpt's sampler never samples an image placeholder."""
     return {"min_tokens": max_tokens}
@@ -113,6 +131,22 @@ CONTENDERS = {
         ban_eos_fields=_transformers_ban_eos,
     ),
     "naive": Contender("naive", _naive, "/ready", TEXT_AND_CHAT),
+    # llama.cpp's server on the checkpoint converted to GGUF (bench/peers/llama_cpp.py), text
+    # only; its `ignore_eos` bans EOS for the whole answer, as --ban-eos asks.
+    "llama.cpp": Contender(
+        "llama.cpp",
+        _llama_cpp("f32"),
+        "/health",
+        frozenset({"text"}),
+        ban_eos_fields=lambda max_tokens, placeholders: {"ignore_eos": True},
+    ),
+    "llama.cpp-q8": Contender(
+        "llama.cpp-q8",
+        _llama_cpp("q8_0"),
+        "/health",
+        frozenset({"text"}),
+        ban_eos_fields=lambda max_tokens, placeholders: {"ignore_eos": True},
+    ),
 }
 
 

@@ -152,6 +152,20 @@ def test_ban_eos_speaks_each_contenders_own_fields(tiny_llava: Path) -> None:
     assert not peer.ignore_eos
 
 
+def test_llama_server_gets_a_slot_per_stream_and_its_own_stop_rule(tiny_gpt2: Path) -> None:
+    """llama-server splits --ctx-size among --parallel slots: one slot per stream, each long
+    enough for a prompt and its answer; --ban-eos speaks its ignore_eos; its extra flags
+    arrive under their dashed name."""
+    argv = ["--model", str(tiny_gpt2), "--contenders", "mmgpt,llama.cpp-q8", "--ban-eos"]
+    extra = "--llama.cpp-q8-args=--mlock"
+    args = parse_args([*argv, "--max-concurrency", "12", "--input-len", "100", extra])
+    settings = compare.launch_settings(args)
+    assert settings.parallel == 12 and settings.context >= 100 + args.output_len
+    assert settings.extra_args["llama.cpp-q8"] == "--mlock"
+    spec = stopping_rules(CONTENDERS["llama.cpp-q8"], WorkloadSpec("text", output_len=5), args)
+    assert spec.extra_body == {"ignore_eos": True}
+
+
 def test_ban_eos_refuses_a_contender_that_cannot_be_told(tiny_gpt2: Path) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--model", str(tiny_gpt2), "--contenders", "mmgpt,naive", "--ban-eos"])
