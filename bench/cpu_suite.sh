@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every CPU table of BENCHMARKS.md in one run, on a quiet machine (about 20 minutes on
-# 2 cores): the machine, its ceilings, and each side-by-side comparison. Reports (JSON)
+# Every CPU table of BENCHMARKS.md in one run, on a quiet machine (about 30 minutes on
+# 2 cores, plus llama.cpp's one-time build): the machine, its ceilings, and each side-by-side comparison. Reports (JSON)
 # and server logs go to $OUT (default bench-results/); each table is printed as it ends.
 #
 #   bash bench/cpu_suite.sh [OUT]
@@ -22,6 +22,7 @@ done
 [ -f "$CKPT/gpt2-tiny-top-p/config.json" ] ||
     "$PY" -m bench.checkpoints "$CKPT/gpt2-tiny-top-p" --size tiny --top-p 0.9
 [ -f "$CKPT/llava-base/config.json" ] || "$PY" -m bench.llava_checkpoint "$CKPT/llava-base"
+[ -f "$CKPT/llama-135m/config.json" ] || "$PY" -m bench.checkpoints "$CKPT/llama-135m" --size llama-135m
 [ -f "$CKPT/qwen2.5-vl/config.json" ] ||
     "$PY" -m bench.qwen_vl_checkpoint "$CKPT/qwen2.5-vl" --size scaled
 
@@ -42,7 +43,7 @@ echo "== ceilings"
     --threads "$THREADS" --json "$OUT/ceiling-tiny.json"
 
 compare scenes-chat-image --model "$SCENES" --workloads chat-image --num-prompts 48 \
-    --max-concurrency 16 --output-len 32 --ignore-eos --image-source scenes
+    --max-concurrency 16 --output-len 32 --ban-eos --image-source scenes
 compare scenes-vision --model "$SCENES" --contenders mmgpt --workloads caption,qa \
     --num-prompts 48 --max-concurrency 16 --output-len 32
 compare repeat-image --model "$SCENES" --contenders mmgpt --workloads qa --repeat-image 2 \
@@ -57,33 +58,43 @@ compare qwen2.5-vl-chat-image-mixed --model "$CKPT/qwen2.5-vl" --contenders mmgp
     --workloads chat-image-mixed --num-prompts 16 --max-concurrency 8 --output-len 32 --ban-eos
 
 compare tiny-c32 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 128 \
-    --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
+    --max-concurrency 32 --input-len 32 --output-len 64 --ban-eos
 # The naive server decodes GPT-2 small at a few tokens/s: it would take a quarter of an hour.
 compare small-c32 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers --workloads text \
-    --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 --ignore-eos
+    --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 --ban-eos
 # bf16 (AVX512-BF16 or AMX): mmgpt in bf16 against the peer in its default fp32, then both in bf16.
 compare small-c32-bf16 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers \
     --mmgpt-args="--dtype bfloat16" --workloads text --num-prompts 64 --max-concurrency 32 \
-    --input-len 32 --output-len 64 --ignore-eos
+    --input-len 32 --output-len 64 --ban-eos
 compare small-c32-both-bf16 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers \
     --dtype bfloat16 --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 \
-    --output-len 64 --ignore-eos
+    --output-len 64 --ban-eos
 
 # Sampled at temperature 1 (the OpenAI default), as most clients ask, rather than greedy.
 compare tiny-c32-sampled --model "$CKPT/gpt2-tiny" --contenders mmgpt,transformers \
     --workloads text --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 \
-    --ignore-eos --temperature 1.0
+    --ban-eos --temperature 1.0
 compare small-c32-sampled --model "$CKPT/gpt2-small" --contenders mmgpt,transformers \
     --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 \
-    --ignore-eos --temperature 1.0
+    --ban-eos --temperature 1.0
 compare tiny-c32-top-p --model "$CKPT/gpt2-tiny-top-p" --contenders mmgpt,transformers \
     --workloads text --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 \
-    --ignore-eos --temperature 1.0 --top-p 0.9
+    --ban-eos --temperature 1.0 --top-p 0.9
 
 compare tiny-c1 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 16 \
-    --max-concurrency 1 --input-len 32 --output-len 128 --ignore-eos
+    --max-concurrency 1 --input-len 32 --output-len 128 --ban-eos
 compare small-c1 --model "$CKPT/gpt2-small" --contenders mmgpt,transformers --workloads text \
-    --num-prompts 4 --max-concurrency 1 --input-len 32 --output-len 128 --ignore-eos
+    --num-prompts 4 --max-concurrency 1 --input-len 32 --output-len 128 --ban-eos
+
+# llama.cpp's own server on the same weights (f32 and Q8_0 GGUF; built once, ~14 minutes).
+compare llama135m-c1 --model "$CKPT/llama-135m" --contenders mmgpt,llama.cpp,llama.cpp-q8 \
+    --workloads text --num-prompts 8 --max-concurrency 1 --input-len 32 --output-len 128 --ban-eos
+compare llama135m-c32 --model "$CKPT/llama-135m" --contenders mmgpt,llama.cpp,llama.cpp-q8 \
+    --workloads text --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 --ban-eos
+compare llama135m-c64 --model "$CKPT/llama-135m" --contenders mmgpt,llama.cpp,llama.cpp-q8 \
+    --workloads text --num-prompts 128 --max-concurrency 64 --input-len 32 --output-len 64 --ban-eos
+compare small-c32-llama.cpp --model "$CKPT/gpt2-small" --contenders mmgpt,llama.cpp \
+    --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 --ban-eos
 
 compare efficiency-small --model "$CKPT/gpt2-small" --contenders mmgpt --workloads text \
     --num-prompts 128 --max-concurrency 64 --input-len 32 --output-len 128 --ignore-eos

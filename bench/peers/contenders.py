@@ -104,6 +104,12 @@ def _llama_cpp(quant: str) -> Callable[[LaunchSettings], list[str]]:
     return command
 
 
+def _ignore_eos(max_tokens: int, placeholders: Sequence[int]) -> dict[str, Any]:
+    """A server whose `ignore_eos` bans EOS for the whole answer: with every answer
+    max_tokens long, the same rule as min_tokens = max_tokens."""
+    return {"ignore_eos": True}
+
+
 def _mmgpt_ban_eos(max_tokens: int, placeholders: Sequence[int]) -> dict[str, Any]:
     """min_tokens bans EOS until then; mmgpt's sampler never samples an image placeholder."""
     return {"min_tokens": max_tokens}
@@ -130,7 +136,9 @@ CONTENDERS = {
         accepts_ignore_eos=False,
         ban_eos_fields=_transformers_ban_eos,
     ),
-    "naive": Contender("naive", _naive, "/ready", TEXT_AND_CHAT),
+    # Its ignore_eos is generate()'s min_new_tokens = max_tokens: the same ban as --ban-eos
+    # asks (it cannot suppress an image placeholder: text workloads compare exactly).
+    "naive": Contender("naive", _naive, "/ready", TEXT_AND_CHAT, ban_eos_fields=_ignore_eos),
     # llama.cpp's server on the checkpoint converted to GGUF (bench/peers/llama_cpp.py), text
     # only; its `ignore_eos` bans EOS for the whole answer, as --ban-eos asks.
     "llama.cpp": Contender(
@@ -138,14 +146,14 @@ CONTENDERS = {
         _llama_cpp("f32"),
         "/health",
         frozenset({"text"}),
-        ban_eos_fields=lambda max_tokens, placeholders: {"ignore_eos": True},
+        ban_eos_fields=_ignore_eos,
     ),
     "llama.cpp-q8": Contender(
         "llama.cpp-q8",
         _llama_cpp("q8_0"),
         "/health",
         frozenset({"text"}),
-        ban_eos_fields=lambda max_tokens, placeholders: {"ignore_eos": True},
+        ban_eos_fields=_ignore_eos,
     ),
 }
 

@@ -166,7 +166,11 @@ def test_llama_server_gets_a_slot_per_stream_and_its_own_stop_rule(tiny_gpt2: Pa
     assert spec.extra_body == {"ignore_eos": True}
 
 
-def test_ban_eos_refuses_a_contender_that_cannot_be_told(tiny_gpt2: Path) -> None:
+def test_ban_eos_refuses_a_contender_that_cannot_be_told(
+    tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mute = dataclasses.replace(CONTENDERS["naive"], ban_eos_fields=None)
+    monkeypatch.setitem(CONTENDERS, "naive", mute)
     with pytest.raises(SystemExit):
         parse_args(["--model", str(tiny_gpt2), "--contenders", "mmgpt,naive", "--ban-eos"])
 
