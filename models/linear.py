@@ -48,9 +48,10 @@ class OrientedLinear:
 
     def __init__(self, weight_major_rows: Iterable[int]) -> None:
         self.weight_major_rows = frozenset(weight_major_rows)
-        # (in_features, dtype) -> [2, in] zeros: one row is copied into the first, since a
-        # single column would take the GEMV, and repeat() costs several ops per product
-        self.padded_rows: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        # (in_features, dtype) -> a zero row pair [2, in] as its first row [1, in] and its
+        # columns [in, 2]: one row is copied into the first, since a single column would
+        # take the GEMV, and repeat() costs several ops per product
+        self.padded_rows: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         # by_rows[n]: whether n rows go weight-major, for n up to WEIGHT_MAJOR_MAX_ROWS
         self.by_rows = [False] + [
             min(c for c in CALIBRATED_ROWS if c >= n) in self.weight_major_rows
@@ -65,30 +66,31 @@ class OrientedLinear:
             return F.linear(x, weight, bias)
         rows = x.reshape(num_rows, x.shape[-1])
         if num_rows == 1 and not rows.requires_grad:
-            rows = self._padded(rows)
-        elif num_rows == 1:
-            rows = rows.repeat(2, 1)  # a fresh tensor: autograd keeps it for the backward
-        product = _weight_major(rows.contiguous(), weight, bias)  # [rows, out]
+            columns = self._padded_columns(rows)
+        else:  # repeat: a fresh tensor, which autograd may keep for the backward
+            columns = (rows.repeat(2, 1) if num_rows == 1 else rows.contiguous()).t()
+        product = _weight_major(columns, weight, bias)  # [max(rows, 2), out]
         return product[:num_rows].view(*x.shape[:-1], weight.shape[0])
 
-    def _padded(self, row: torch.Tensor) -> torch.Tensor:  # [1, in] -> [2, in]
+    def _padded_columns(self, row: torch.Tensor) -> torch.Tensor:  # [1, in] -> [in, 2]
         key = (row.shape[-1], row.dtype)
-        padded = self.padded_rows.get(key)
-        if padded is None:
+        if key not in self.padded_rows:
             with torch.inference_mode(False):  # writable inside inference mode and out
-                padded = torch.zeros(2, row.shape[-1], dtype=row.dtype, device=row.device)
-            self.padded_rows[key] = padded
-        padded[0].copy_(row[0])
-        return padded
+                pair = torch.zeros(2, row.shape[-1], dtype=row.dtype, device=row.device)
+            self.padded_rows[key] = (pair[:1], pair.t())
+        first_row, columns = self.padded_rows[key]
+        first_row.copy_(row)
+        return columns
 
     def __repr__(self) -> str:
         return f"OrientedLinear(weight_major_rows={sorted(self.weight_major_rows)})"
 
 
 def _weight_major(
-    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:  # [num_rows, out], contiguous
-    columns = rows.t()  # [in, rows] as a view of row-major rows: the layout MKL splits
+    columns: torch.Tensor,  # [in, rows], a view of row-major rows: the layout MKL splits
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # [rows, out], contiguous
     if bias is None:
         product = torch.mm(weight, columns)
     else:
