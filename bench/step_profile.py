@@ -40,14 +40,16 @@ class StepProfile:
 
 
 def decoding_core(loaded: LoadedModel, batch_size: int, prompt_len: int, steps: int) -> EngineCore:
-    """An engine with `batch_size` sequences past their prefill and warm-up."""
-    new_tokens = WARMUP_STEPS + steps * 8
+    """An engine with `batch_size` sequences past their prefill and warm-up, with `steps`
+    decode steps left."""
+    new_tokens = WARMUP_STEPS + steps + 1
+    tokens_per_seq = prompt_len + new_tokens + 32  # 32: a block of slack
     config = EngineConfig(
         model=loaded.path,
         max_num_seqs=batch_size,
         max_num_batched_tokens=max(2048, batch_size * prompt_len),
-        kv_cache_bytes=batch_size * (prompt_len + new_tokens + 32) * loaded.info.kv_bytes_per_token(),
-    )  # fmt: skip
+        kv_cache_bytes=batch_size * tokens_per_seq * loaded.info.kv_bytes_per_token(),
+    )
     core = EngineCore(config, loaded)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(prompts(loaded, batch_size, prompt_len, seed=0)):
@@ -82,7 +84,7 @@ def profile_steps(core: EngineCore, steps: int, top: int) -> tuple[float, float,
 
 
 def profile_batch(loaded: LoadedModel, batch_size: int, args: argparse.Namespace) -> StepProfile:
-    core = decoding_core(loaded, batch_size, args.prompt_len, args.steps)
+    core = decoding_core(loaded, batch_size, args.prompt_len, args.steps * (args.repeats + 1))
     ms = time_steps(core, args.steps, args.repeats)
     ops, self_ms, top_ops = profile_steps(core, args.steps, args.top)
     return StepProfile(batch_size, ms, ops, self_ms, top_ops)
@@ -112,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model(args.model, args.cache_dir), dtype=args.dtype)
     print(f"{args.model}, torch {torch.__version__}, {args.threads} threads, {args.dtype}, "
-          f"prompt {args.prompt_len}, {args.steps} steps (share: of all aten self time)")  # fmt: skip
+          f"prompt {args.prompt_len}, {args.steps} steps; share of all aten self time")  # fmt: skip
     for batch_size in args.batch_sizes:
         print_profile(profile_batch(loaded, batch_size, args))
 
