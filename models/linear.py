@@ -50,7 +50,8 @@ class OrientedLinear:
         self.weight_major_rows = frozenset(weight_major_rows)
         # (in_features, dtype) -> a zero row pair [2, in] as its first row [1, in] and its
         # columns [in, 2]: one row is copied into the first, since a single column would
-        # take the GEMV, and repeat() costs several ops per product
+        # take the GEMV, and repeat() costs several ops per product.
+        # NOTE: shared by every call, so one thread at a time (the engine's) runs them
         self.padded_rows: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         # by_rows[n]: whether n rows go weight-major, for n up to WEIGHT_MAJOR_MAX_ROWS
         self.by_rows = [False] + [
