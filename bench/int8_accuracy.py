@@ -1,10 +1,11 @@
-"""int8 weights against the same model in float32: logit error and greedy agreement.
+"""int8 weights (or bfloat16) against the same model in float32: logit error and greedy agreement.
 
 For each model, random text prompts are decoded greedily by the float32 model through the
 paged cache; the int8 model is then fed the same tokens (teacher-forced), and every row's
 logits are compared:
 
     python -m bench.int8_accuracy --models default llama-135m
+    python -m bench.int8_accuracy --models llama-135m --variant bfloat16
 
 Prints, per model: the max and mean of max|int8 - fp32| / max|fp32| over the rows, and the
 share of the float32 greedy tokens the int8 model also picks given the same prefix.
@@ -77,11 +78,15 @@ def text_prompts(loaded: LoadedModel, count: int, length: int) -> list[list[int]
 
 
 def measure(name: str, folder: Path, args: argparse.Namespace) -> str:
-    fp32, int8 = load_model(folder), load_model(folder, quantization="int8")
+    fp32 = load_model(folder)
+    if args.variant == "int8":
+        variant = load_model(folder, quantization="int8")
+    else:
+        variant = load_model(folder, dtype=args.variant)
     errors: list[float] = []
     agreed = 0
     for prompt in text_prompts(fp32, args.prompts, args.prompt_len):
-        prompt_errors, prompt_agreed = compare(fp32, int8, prompt, args.new_tokens)
+        prompt_errors, prompt_agreed = compare(fp32, variant, prompt, args.new_tokens)
         errors += prompt_errors
         agreed += prompt_agreed
     total = args.prompts * args.new_tokens
@@ -96,9 +101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
+    parser.add_argument("--variant", default="int8", choices=["int8", "bfloat16"])
     args = parser.parse_args(argv)
     print(f"{args.prompts} random prompts of {args.prompt_len} tokens, {args.new_tokens} "
-          "greedy tokens each; errors are max|int8 - fp32| / max|fp32| per row")  # fmt: skip
+          "greedy tokens each; errors are max|variant - fp32| / max|fp32| per row, "
+          f"variant {args.variant}")  # fmt: skip
     print("| model | max logit error | mean logit error | greedy agreement |")
     print("|---|---|---|---|")
     for name in args.models:

@@ -60,13 +60,13 @@ def paged_attention(
     if attn_inputs.is_one_decode_group:
         (group,) = attn_inputs.decode_groups
         keys, values = _decode_kv(cache, group, layer, key, value)
-        return _attend_decodes(query, keys, values, group.mask_for(sliding), scale)
+        decode_mask = group.additive_mask_for(sliding, query.dtype)
+        return _attend_decodes(query, keys, values, decode_mask, scale)
     out = query.new_empty(query.shape[0], query.shape[1] * query.shape[2])  # [T, heads * D]
     for group in attn_inputs.decode_groups:
         keys, values = _decode_kv(cache, group, layer, key, value)
-        group_out = _attend_decodes(
-            _rows(query, group.rows), keys, values, group.mask_for(sliding), scale
-        )
+        decode_mask = group.additive_mask_for(sliding, query.dtype)
+        group_out = _attend_decodes(_rows(query, group.rows), keys, values, decode_mask, scale)
         if isinstance(group.rows, slice):
             out[group.rows] = group_out
         else:
@@ -114,7 +114,7 @@ def _attend_decodes(
     query: torch.Tensor,  # [n, heads, D], the group's rows
     keys: torch.Tensor,  # [n, kv_heads, span, D]
     values: torch.Tensor,
-    mask: torch.Tensor,  # [n, 1, 1, span] bool
+    mask: torch.Tensor,  # [n, 1, 1, span], 0 where a query attends, -inf elsewhere
     scale: float,
 ) -> torch.Tensor:  # [n, heads * D]
     num_seqs, num_heads, head_dim = query.shape

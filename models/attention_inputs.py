@@ -69,8 +69,23 @@ class DecodeGroup:
             self.gather_buffers = buffers
         return buffers
 
+    # (sliding, dtype) -> the mask as 0 / -inf, made once per step: SDPA would otherwise
+    # turn the bool mask into this in every layer
+    additive_masks: dict[tuple[bool, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )
+
     def mask_for(self, sliding: bool) -> torch.Tensor:
         return self.window_mask if sliding and self.window_mask is not None else self.mask
+
+    def additive_mask_for(self, sliding: bool, dtype: torch.dtype) -> torch.Tensor:
+        """mask_for(sliding) [n, 1, 1, span] as 0 where it attends and -inf elsewhere."""
+        key = (sliding, dtype)
+        if key not in self.additive_masks:
+            allowed = self.mask_for(sliding)
+            blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self.additive_masks[key] = blocked.masked_fill_(~allowed, float("-inf"))
+        return self.additive_masks[key]
 
 
 @dataclass

@@ -7,8 +7,8 @@ with AMX the reverse. So a model whose weights do not fit in a cache times both
 orientations over its own weights at 1, 2, 4, 8 and 16 rows (`decode_product`) and
 keeps, for each row count, the faster one. A model that fits in cache keeps F.linear
 without measuring: its GEMV wins on both machines, and its numbers do not depend on a
-timing. One row is padded to two when taken weight-major, since a single column still
-takes the GEMV.
+timing. One row is padded to two (copied into a kept zero row pair) when taken weight-major,
+since a single column still takes the GEMV.
 
 From eight rows the output layer is taken weight-major whatever the product (`logits`):
 faster on both machines, and the transposed result can stay a view because the sampler
@@ -48,6 +48,11 @@ class OrientedLinear:
 
     def __init__(self, weight_major_rows: Iterable[int]) -> None:
         self.weight_major_rows = frozenset(weight_major_rows)
+        # (in_features, dtype) -> a zero row pair [2, in] as its first row [1, in] and its
+        # columns [in, 2]: one row is copied into the first, since a single column would
+        # take the GEMV, and repeat() costs several ops per product.
+        # NOTE: shared by every call, so one thread at a time (the engine's) runs them
+        self.padded_rows: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         # by_rows[n]: whether n rows go weight-major, for n up to WEIGHT_MAJOR_MAX_ROWS
         self.by_rows = [False] + [
             min(c for c in CALIBRATED_ROWS if c >= n) in self.weight_major_rows
@@ -60,25 +65,38 @@ class OrientedLinear:
         num_rows = x.numel() // x.shape[-1]
         if num_rows > WEIGHT_MAJOR_MAX_ROWS or not self.by_rows[num_rows]:
             return F.linear(x, weight, bias)
-        rows = x.reshape(num_rows, x.shape[-1]).contiguous()
-        return _weight_major(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        rows = x.reshape(num_rows, x.shape[-1])
+        if num_rows == 1 and not rows.requires_grad:
+            columns = self._padded_columns(rows)
+        else:  # repeat: a fresh tensor, which autograd may keep for the backward
+            columns = (rows.repeat(2, 1) if num_rows == 1 else rows.contiguous()).t()
+        product = _weight_major(columns, weight, bias)  # [max(rows, 2), out]
+        return product[:num_rows].view(*x.shape[:-1], weight.shape[0])
+
+    def _padded_columns(self, row: torch.Tensor) -> torch.Tensor:  # [1, in] -> [in, 2]
+        key = (row.shape[-1], row.dtype)
+        if key not in self.padded_rows:
+            with torch.inference_mode(False):  # writable inside inference mode and out
+                pair = torch.zeros(2, row.shape[-1], dtype=row.dtype, device=row.device)
+            self.padded_rows[key] = (pair[:1], pair.t())
+        first_row, columns = self.padded_rows[key]
+        first_row.copy_(row)
+        return columns
 
     def __repr__(self) -> str:
         return f"OrientedLinear(weight_major_rows={sorted(self.weight_major_rows)})"
 
 
 def _weight_major(
-    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:  # [num_rows, out], contiguous
-    num_rows = rows.shape[0]
-    if num_rows == 1:
-        rows = rows.repeat(2, 1)  # one column would take the GEMV
-    columns = rows.t()  # [in, rows] as a view of row-major rows: the layout MKL splits
+    columns: torch.Tensor,  # [in, rows], a view of row-major rows: the layout MKL splits
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # [rows, out], contiguous
     if bias is None:
         product = torch.mm(weight, columns)
     else:
         product = torch.addmm(bias.unsqueeze(1), weight, columns)  # [out, rows]
-    return product[:, :num_rows].t().contiguous()
+    return product.t().contiguous()
 
 
 ALWAYS_WEIGHT_MAJOR = OrientedLinear(CALIBRATED_ROWS)

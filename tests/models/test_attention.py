@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.attention import allocate_kv_cache, paged_attention
 from models.attention_inputs import AttentionInputs, plan_attention
@@ -100,3 +101,21 @@ def test_short_block_tables_are_padded_with_the_padding_block() -> None:
     (group,) = attn_inputs.decode_groups
     assert group.block_ids is not None and group.block_ids.tolist() == [3, 99, 5, 8]
     assert group.mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 5, [True] * 7 + [False]]
+
+
+def test_decode_attention_with_the_additive_mask_is_the_bool_mask_attention() -> None:
+    """The step's 0 / -inf mask, made once and shared by the layers, gives SDPA's own
+    answers for the bool mask it replaces, bit for bit."""
+    slot_mapping = torch.tensor([0, 1], dtype=torch.int64)
+    attn_inputs = plan_attention([1, 1], [2, 6], [[3], [5, 8]], slot_mapping, BLOCK_SIZE, 99)
+    (group,) = attn_inputs.decode_groups
+    additive = group.additive_mask_for(False, torch.float32)
+    assert group.additive_mask_for(False, torch.float32) is additive
+    assert torch.equal(additive == 0, group.mask) and torch.isinf(additive[~group.mask]).all()
+    generator = torch.Generator().manual_seed(0)
+    span = group.mask.shape[-1]
+    query = torch.randn(2, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM, generator=generator)
+    keys, values = (torch.randn(2, KV_HEADS, span, HEAD_DIM, generator=generator) for _ in "kv")
+    with_bool = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask)
+    with_additive = F.scaled_dot_product_attention(query, keys, values, attn_mask=additive)
+    assert torch.equal(with_additive, with_bool)

@@ -50,6 +50,25 @@ def test_leading_dims_and_strided_input_are_kept(weight: torch.Tensor) -> None:
     torch.testing.assert_close(got, F.linear(x, weight), **CLOSE)
 
 
+def test_one_row_reuses_its_padding_without_sharing_results(weight: torch.Tensor) -> None:
+    product = OrientedLinear((1,))
+    rows = [torch.randn(1, IN) for _ in range(3)]
+    with torch.inference_mode():
+        inside = [product(row, weight) for row in rows]
+    outside = [product(row, weight) for row in rows]
+    assert len(product.padded_rows) == 1  # one kept pair for every call
+    for row, got_inside, got_outside in zip(rows, inside, outside, strict=True):
+        torch.testing.assert_close(got_inside, F.linear(row, weight), **CLOSE)
+        assert torch.equal(got_inside, got_outside)
+
+
+def test_one_row_with_autograd_keeps_its_gradient(weight: torch.Tensor) -> None:
+    row = torch.randn(1, IN, requires_grad=True)
+    ALWAYS_WEIGHT_MAJOR(row, weight).sum().backward()
+    assert row.grad is not None
+    torch.testing.assert_close(row.grad, weight.sum(0, keepdim=True), **CLOSE)
+
+
 def _counting_weight_major(product: OrientedLinear, *args: torch.Tensor | None) -> torch.Tensor:
     """product(*args), asserting that it took the weight-major path."""
     taken = []

@@ -96,13 +96,14 @@ def test_decodes_taken_weight_major(
 ) -> None:
     """Few-row products in the CPU's other orientation give the same logits. The test
     models fit in cache, so the size that measures is lowered to zero, and every row
-    count is made to measure faster weight-major."""
+    count is made to measure faster weight-major (one row through the padded pair)."""
     taken: list[int] = []
     real = models.linear._weight_major
 
-    def counting(rows: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
-        taken.append(rows.shape[0])
-        return real(rows, *args)
+    def counting(columns: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        is_padded_pair = any(columns is pair for _, pair in padded_rows.values())
+        taken.append(1 if is_padded_pair else columns.shape[1])
+        return real(columns, *args)
 
     monkeypatch.setattr(models.linear, "STREAMED_WEIGHT_BYTES", 0)
     monkeypatch.setattr(models.linear, "weight_major_rows", lambda timer: CALIBRATED_ROWS)
@@ -110,6 +111,7 @@ def test_decodes_taken_weight_major(
     make, wrap = CASES[kind]
     case = wrap(make(tmp_path))
     assert case.ours.model.product.weight_major_rows == set(CALIBRATED_ROWS)
+    padded_rows = case.ours.model.product.padded_rows
     test_prefill_then_decodes_in_mixed_batches(case)
     assert 1 in taken and max(taken) <= models.linear.WEIGHT_MAJOR_MAX_ROWS
 
