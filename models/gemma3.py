@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention
 from models.attention_inputs import AttentionInputs
 from models.errors import ModelLoadError
-from models.layers import PagedDecoderModel, activation, product_for
+from models.layers import PagedDecoderModel, TextOnlyModel, activation, product_for
 from models.linear import Product
 from models.llama import LlamaDims, LlamaLayerWeights, _LlamaWeightReader, _output_layer
 from models.rope import RotaryEmbedding
@@ -227,27 +227,13 @@ def check_text_config(config: PretrainedConfig, path: Path) -> None:
         )
 
 
-class Gemma3ForCausalLM(PagedDecoderModel):
+class Gemma3ForCausalLM(TextOnlyModel):
     """Gemma3ForCausalLM: the text-only paged model."""
 
     def __init__(self, decoder: Gemma3Decoder) -> None:
         self.decoder = decoder
         self.adopt_dims(decoder)
         self.sliding_window = decoder.sliding_window
-
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T]
-        positions: torch.Tensor,  # [T]
-        attn_inputs: AttentionInputs,
-        kv_cache: list[KVCache],
-        image_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # [T, hidden]
-        if image_embeds is not None:
-            raise ValueError("this model takes no images")
-        hidden = self.decoder.embed(input_ids)
-        return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
 
 
 def build_gemma3_text(

@@ -161,3 +161,37 @@ class PagedDecoderModel:
         """Multi-section positions [sections, num_tokens] of a prompt and the offset of the
         tokens after it; None where positions are simply 0, 1, 2, ..."""
         return None
+
+
+class TextDecoder(Protocol):
+    """A text decoder that embeds token ids and runs its layers (Llama's, Gemma 3's)."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attn_inputs: AttentionInputs,
+        kv_cache: list[KVCache],
+    ) -> torch.Tensor: ...
+
+
+class TextOnlyModel(PagedDecoderModel):
+    """A text-only paged model: its decoder's embedding, then its layers; images refused."""
+
+    decoder: TextDecoder
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        attn_inputs: AttentionInputs,
+        kv_cache: list[KVCache],
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # [T, hidden]
+        if image_embeds is not None:
+            raise ValueError("this model takes no images")
+        hidden = self.decoder.embed(input_ids)
+        return self.decoder.run(hidden, positions, attn_inputs, kv_cache)

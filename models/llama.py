@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention
 from models.attention_inputs import AttentionInputs
 from models.errors import ModelLoadError
-from models.layers import PagedDecoderModel, activation, product_for, rms_norm
+from models.layers import PagedDecoderModel, TextOnlyModel, activation, product_for, rms_norm
 from models.linear import Product
 from models.rope import RotaryEmbedding
 from models.weights import CheckpointWeights
@@ -272,26 +272,12 @@ def _cat_optional(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat(present) if present else None
 
 
-class LlamaForCausalLM(PagedDecoderModel):
+class LlamaForCausalLM(TextOnlyModel):
     """LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM: a text-only paged model."""
 
     def __init__(self, decoder: LlamaDecoder) -> None:
         self.decoder = decoder
         self.adopt_dims(decoder)
-
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T]
-        positions: torch.Tensor,  # [T]
-        attn_inputs: AttentionInputs,
-        kv_cache: list[KVCache],
-        image_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # [T, hidden]
-        if image_embeds is not None:
-            raise ValueError("this model takes no images")
-        hidden = self.decoder.embed(input_ids)
-        return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
 
 
 def build_llama(
