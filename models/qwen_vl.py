@@ -29,7 +29,7 @@ from models.checkpoint import CONFIG_FILE
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel
 from models.llama import LlamaDecoder
-from models.llava import no_init_weights
+from models.llava import embed_with_images, no_init_weights
 from models.mrope import MultimodalRotaryEmbedding, prompt_positions
 from models.weights import CheckpointWeights
 
@@ -116,14 +116,9 @@ class QwenVLForConditionalGeneration(PagedDecoderModel):
         self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None
     ) -> torch.Tensor:
         """Token embeddings [T, hidden], the image tokens' rows replaced by `image_embeds`."""
-        hidden = self.decoder.embed(input_ids)  # [T, hidden]
         if image_embeds is None:
-            return hidden
-        is_image = input_ids.eq(self._image_token)[:, None]
-        count = int(is_image.sum())
-        if image_embeds.shape[0] != count:
-            raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} embeddings")
-        return hidden.masked_scatter(is_image, image_embeds.to(hidden.dtype))
+            return self.decoder.embed(input_ids)  # [T, hidden]
+        return embed_with_images(self.decoder, input_ids, self._image_token, image_embeds)
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from models.checkpoint import CONFIG_FILE
 from models.errors import ModelLoadError
 from models.layers import PagedDecoderModel
 from models.llama import LlamaDecoder
-from models.llava import no_init_weights
+from models.llava import embed_with_images, no_init_weights
 from models.qwen_vl import load_module
 from models.weights import CheckpointWeights
 
@@ -110,13 +110,10 @@ class SmolVLMForConditionalGeneration(PagedDecoderModel):
         kv_cache: list[KVCache],
         image_embeds: torch.Tensor | None = None,  # [image tokens in input_ids, hidden]
     ) -> torch.Tensor:  # [T, hidden]
-        hidden = self.decoder.embed(input_ids)  # [T, hidden]
-        if image_embeds is not None:
-            is_image = input_ids.eq(self._image_token)[:, None]
-            count = int(is_image.sum())
-            if image_embeds.shape[0] != count:
-                raise ValueError(f"{count} image tokens but {image_embeds.shape[0]} embeddings")
-            hidden = hidden.masked_scatter(is_image, image_embeds.to(hidden.dtype))
+        if image_embeds is None:
+            hidden = self.decoder.embed(input_ids)  # [T, hidden]
+        else:
+            hidden = embed_with_images(self.decoder, input_ids, self._image_token, image_embeds)
         return self.decoder.run(hidden, positions, attn_inputs, kv_cache)
 
 

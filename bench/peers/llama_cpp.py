@@ -28,11 +28,11 @@ def llama_cpp_home() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def gguf_file(model: str, quant: str) -> Path:
+def gguf_file(model: str, quant: str, home: Path | None = None) -> Path:
     """The checkpoint folder `model` as a GGUF of `quant` (f32 or q8_0), converted once."""
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
-    home = llama_cpp_home()
+    home = home or llama_cpp_home()
     folder = home / "gguf" / _checkpoint_key(Path(model))
     f32 = folder / "model-f32.gguf"
     if not f32.exists():
@@ -55,7 +55,7 @@ def server_command(
     home = llama_cpp_home()
     return [
         str(home / "bin" / "llama-server"),
-        *("-m", str(gguf_file(model, quant))),
+        *("-m", str(gguf_file(model, quant, home))),
         *("--host", host, "--port", str(port)),
         *("--threads", str(threads), "--threads-batch", str(threads)),
         *("--parallel", str(parallel), "--ctx-size", str(context * parallel)),
