@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     dtype: Dtype = Field(default=EngineConfig.dtype, description="Weights and KV cache dtype.")
     quantization: Quantization = Field(
         default=EngineConfig.quantization,
-        description="int8: the decoder's matrices as per-channel int8, activations in dtype.",
+        description="int8: the decoder's matrices (on a CPU the output layer too) as "
+        "per-channel int8; on a CPU activations go int8 per row, elsewhere they stay in dtype.",
     )
     block_size: int = Field(
         default=EngineConfig.block_size, ge=1, description="Tokens per KV cache block."

@@ -1,12 +1,14 @@
-"""int8 weight-only products against float32, over SmolLM2-135M's matrices.
+"""int8 and packed float32 products against plain float32, over SmolLM2-135M's matrices.
 
 Times one decode step's products (30 layers of q/k/v, o, gate/up, down) and, apart, the
-output layer, for each way of multiplying by int8 weights:
+output layer, for each way of multiplying:
 
     python -m bench.int8_kernels --threads 2
 
 - fp32: F.linear on the float32 weights;
-- widen: models/linear.py's Int8Product (int8 widened, then F.linear, then the scales);
+- packed: models/cpu_weights.py's PackedWeight (float32 in oneDNN's layout);
+- fbgemm: models/cpu_weights.py's FbgemmInt8Weight (int8, activations quantised per row);
+- widen: models/linear.py's Int8Weight (int8 widened, then F.linear, then the scales);
 - int8pack: PyTorch's torch.ops.aten._weight_int8pack_mm;
 - torchao: torchao's Int8WeightOnlyConfig on nn.Linear, when torchao is installed.
 Best of `--repeats` passes, milliseconds; compare only within one run.
@@ -21,7 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from models.linear import Int8Product, Int8Weight
+from models.cpu_weights import FbgemmInt8Weight, PackedWeight
+from models.linear import Int8Weight
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # [out, in]
 NUM_LAYERS = 30
@@ -32,10 +35,12 @@ Method = Callable[[torch.Tensor], torch.Tensor]
 def methods(weight: torch.Tensor) -> dict[str, Method]:
     """Each way to compute x @ weight.T, set up once for this weight."""
     quantized = Int8Weight.quantize(weight)
-    widen = Int8Product(F.linear)
+    packed, fbgemm = PackedWeight(weight), FbgemmInt8Weight(weight)
     found: dict[str, Method] = {
         "fp32": lambda x: F.linear(x, weight),
-        "widen": lambda x: widen(x, quantized),
+        "packed": lambda x: packed.linear(x, None),
+        "fbgemm": lambda x: fbgemm.linear(x, None),
+        "widen": lambda x: quantized.linear(x, None),
         "int8pack": lambda x: torch.ops.aten._weight_int8pack_mm(
             x, quantized.values, quantized.scales
         ),

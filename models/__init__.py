@@ -19,7 +19,7 @@ from models.layers import PagedDecoderModel
 from models.llama import build_llama
 from models.llava import build_llava
 from models.lora import LoraLoadError, enable_lora
-from models.quantize import quantize_decoder
+from models.quantize import prepare_decoder
 from models.qwen3_vl import build_qwen3_vl
 from models.qwen_vl import build_qwen_vl
 from models.smolvlm import build_smolvlm
@@ -114,7 +114,7 @@ def _load_folder(
     image_processor = checkpoint.load_image_processor(folder) if is_multimodal else None
     resolved = _checked_dtype(dtype, target)
     model = BUILDERS[architecture](config, folder, resolved, target)
-    quantize_decoder(model, quantization)
+    prepare_decoder(model, quantization)
     if architecture in TILED_ARCHITECTURES:  # the prompt text of the tiles needs the model's
         image_processor = tiled_image_processor(
             image_processor, folder, tokenizer, model.image_seq_length, model.image_token_id
@@ -135,7 +135,7 @@ def _load_gguf(
     weights = gguf.load_weights(path, config, resolved)
     build = build_gemma3_text if architecture == "Gemma3ForCausalLM" else build_llama
     model = build(config, path, resolved, target, weights=weights)
-    quantize_decoder(model, quantization)
+    prepare_decoder(model, quantization)
     model.info = _model_info(path, architecture, model, config, {}, tokenizer)
     return _loaded(model, tokenizer, None, {}, path)
 

@@ -15,7 +15,7 @@ from models.attention import KVCache, allocate_kv_cache
 from models.attention_inputs import AttentionInputs
 from models.base import ModelInfo
 from models.errors import ModelLoadError
-from models.linear import Product, decode_product, logits
+from models.linear import PreparedWeight, Product, decode_product, logits
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,7 +85,7 @@ class PagedDecoderModel:
     max_positions: int
     dtype: torch.dtype
     device: torch.device
-    lm_head: torch.Tensor  # [vocab, hidden]
+    lm_head: torch.Tensor | PreparedWeight  # [vocab, hidden]; prepared by models/quantize.py
     product: Product  # the layers' matrix product, chosen for this model (models/linear.py)
     layers: Sequence[DecoderLayer]  # the text decoder's layers
     image_token_id: int | None = None

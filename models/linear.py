@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,17 @@ TRANSPOSED_LOGITS_MIN_ROWS = 8  # from here on the output layer is faster weight
 
 # x [..., in], weight [out, in], bias [out] or None -> x @ weight.T + bias
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class PreparedWeight(Protocol):
+    """A matrix [out, in] kept in a form of its own (int8, a library's layout) that
+    computes its own product; `models.cpu_weights.PreparedProduct` calls it."""
+
+    shape: torch.Size
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
 # (rows, product) -> seconds for one pass of `product` over the weights with `rows` rows
 PassTimer = Callable[[int, Product], float]
 
@@ -174,10 +186,15 @@ def _num_bytes(weights: Iterable[torch.Tensor]) -> int:
 
 
 def logits(
-    hidden: torch.Tensor, lm_head: torch.Tensor, product: Product, row_major: bool = False
+    hidden: torch.Tensor,
+    lm_head: torch.Tensor | PreparedWeight,
+    product: Product,
+    row_major: bool = False,
 ) -> torch.Tensor:
     """hidden [N, hidden] @ lm_head.T -> [N, vocab]: a transposed view where that is faster,
     unless `row_major`."""
+    if not isinstance(lm_head, torch.Tensor):
+        return lm_head.linear(hidden, None)
     transposed_is_faster = hidden.shape[0] >= TRANSPOSED_LOGITS_MIN_ROWS
     if lm_head.device.type == "cpu" and transposed_is_faster and not row_major:
         return torch.mm(lm_head, hidden.t()).t()
@@ -185,10 +202,12 @@ def logits(
 
 
 class Int8Weight:
-    """A weight [out, in] stored as int8, with one symmetric scale per output row.
+    """A weight [out, in] stored as int8, with one symmetric scale per output row: the
+    portable int8 form (CUDA, or a CPU without FBGEMM; models/cpu_weights.py has the CPU's).
 
     `values * scales[:, None]` approximates the float weight; activations stay in the
-    model's dtype (weight-only quantisation).
+    model's dtype (weight-only quantisation): each product widens the int8 matrix to the
+    activations' dtype and scales the product per output column.
     """
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
@@ -204,28 +223,6 @@ class Int8Weight:
         values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(values, scales.to(weight.dtype))
 
-
-class Int8Product:
-    """The float product of a model, taking `Int8Weight`s too.
-
-    An int8 weight is widened to the activations' dtype, multiplied in the orientation the
-    float product chose, and scaled per output column: the method torchao's weight-only
-    int8 uses for a per-row scale, without the dependency. PyTorch's own
-    `_weight_int8pack_mm` computes one row at a time on the CPU and measured several times
-    slower from one row up (BENCHMARKS.md).
-    """
-
-    def __init__(self, float_product: Product) -> None:
-        self.float_product = float_product
-
-    def __call__(
-        self, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if not isinstance(weight, Int8Weight):
-            return self.float_product(x, weight, bias)
-        widened = weight.values.to(x.dtype)  # [out, in]
-        scaled = self.float_product(x, widened, None) * weight.scales  # [..., out]
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        scaled = F.linear(x, self.values.to(x.dtype)) * self.scales  # [..., out]
         return scaled if bias is None else scaled + bias
-
-    def __repr__(self) -> str:
-        return f"Int8Product({self.float_product!r})"

@@ -1,51 +1,105 @@
-"""Weight quantisation applied to a loaded decoder: `quantize_decoder(model, "int8")`.
+"""The decoder's matrices in the form they are served in: `prepare_decoder(model, quantization)`.
 
-Every matrix of the decoder's layers (q/k/v, o, gate/up, down; GPT-2's c_attn, c_proj,
-c_fc) becomes an `Int8Weight` and the layers' product learns to take it
-(models/linear.py). Norms, biases, embeddings and the vision tower stay in the model's
-dtype. The output layer stays too: its int8 product measured slower than the float one
-(BENCHMARKS.md).
+- "int8": every matrix of the decoder's layers (q/k/v, o, gate/up, down; GPT-2's c_attn,
+  c_proj, c_fc) becomes int8 with one scale per output row. On a CPU with FBGEMM that is
+  `FbgemmInt8Weight` (integer products, activations quantised per row) and the output
+  layer goes int8 too; elsewhere `Int8Weight`, widened at each product, and the output
+  layer stays in the model's dtype.
+- "none": on the CPU, float32 matrices that stream from memory at every step go into
+  oneDNN's packed layout (`PackedWeight`), the output layer too; on a GPU, and for a
+  model small enough to decode from cache, they stay as loaded.
+
+Norms, biases, embeddings and the vision tower always stay in the model's dtype.
+BENCHMARKS.md has the timings and the accuracy of each form.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch
 
+from models.cpu_weights import FbgemmInt8Weight, PackedWeight, PreparedProduct
 from models.layers import PagedDecoderModel
-from models.linear import Int8Product, Int8Weight
+from models.linear import STREAMED_WEIGHT_BYTES, Int8Weight, PreparedWeight
 
 QUANTIZATIONS = ("none", "int8")
 logger = logging.getLogger(__name__)
 
+Preparer = Callable[[torch.Tensor], PreparedWeight]
 
-def quantize_decoder(model: PagedDecoderModel, quantization: str) -> None:
-    """Quantise `model`'s layer matrices in place; "none" leaves it as loaded."""
+
+def prepare_decoder(model: PagedDecoderModel, quantization: str) -> None:
+    """Put `model`'s layer matrices (and maybe its output layer) in their served form."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; use one of {QUANTIZATIONS}")
-    if quantization == "none":
-        return
-    product = Int8Product(model.product)
+    on_cpu = model.device.type == "cpu"
+    if quantization == "int8":
+        fbgemm = on_cpu and FbgemmInt8Weight.available()
+        _prepare_layers(model, FbgemmInt8Weight if fbgemm else Int8Weight.quantize)
+        if fbgemm:
+            _prepare_output_layer(model, FbgemmInt8Weight)
+        logger.info(
+            "int8 weights (%s) in %d decoder layers; the output layer %s",
+            "FBGEMM" if fbgemm else "widened at each product",
+            len(model.layers),
+            "too" if fbgemm else "stays",
+        )
+    elif on_cpu and model.dtype == torch.float32 and _streams_from_memory(model):
+        _prepare_layers(model, PackedWeight)
+        _prepare_output_layer(model, PackedWeight)
+        logger.info("float32 weights in oneDNN's packed layout")
+
+
+def _prepare_layers(model: PagedDecoderModel, prepare: Preparer) -> None:
+    product = PreparedProduct(model.product)
     for layer in model.layers:
-        _quantize_matrices(layer.w)
+        _replace_matrices(layer.w, prepare)
         layer.product = product
     model.product = product
-    logger.info("int8 weights in %d decoder layers; the output layer stays", len(model.layers))
 
 
-def _quantize_matrices(weights: object) -> None:
-    """Replace each 2-D tensor field of a layer's weights dataclass (alone or in a tuple)."""
-    for field in dataclasses.fields(weights):  # type: ignore[arg-type]
-        value = getattr(weights, field.name)
+def _prepare_output_layer(model: PagedDecoderModel, prepare: Preparer) -> None:
+    """A tied output layer gets a copy: the embedding lookup keeps reading the float one."""
+    if isinstance(model.lm_head, torch.Tensor):
+        model.lm_head = prepare(model.lm_head)
+
+
+def _replace_matrices(weights: object, prepare: Preparer) -> None:
+    """Replace each product matrix of a layer's weights dataclass (alone or in a tuple)."""
+    for name in _matrix_fields(weights):
+        value = getattr(weights, name)
         if isinstance(value, tuple):
-            setattr(weights, field.name, tuple(_quantized(item) for item in value))
+            setattr(weights, name, tuple(_prepared(item, prepare) for item in value))
         else:
-            setattr(weights, field.name, _quantized(value))
+            setattr(weights, name, _prepared(value, prepare))
 
 
-def _quantized(value: object) -> object:
+def _matrix_fields(weights: object) -> list[str]:
+    """The fields that hold a product's weight: a norm's may be 2-D too (Qwen3's per-head
+    q/k norms, [heads, head_dim]), but it scales, it does not multiply."""
+    names = [field.name for field in dataclasses.fields(weights)]  # type: ignore[arg-type]
+    return [name for name in names if not name.endswith("norm")]
+
+
+def _prepared(value: object, prepare: Preparer) -> object:
     if isinstance(value, torch.Tensor) and value.dim() == 2:
-        return Int8Weight.quantize(value)
+        return prepare(value)
     return value
+
+
+def _streams_from_memory(model: PagedDecoderModel) -> bool:
+    return PackedWeight.available() and _layer_bytes(model) >= STREAMED_WEIGHT_BYTES
+
+
+def _layer_bytes(model: PagedDecoderModel) -> int:
+    total = 0
+    for layer in model.layers:
+        for name in _matrix_fields(layer.w):
+            value = getattr(layer.w, name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, torch.Tensor) and item.dim() == 2:
+                    total += item.numel() * item.element_size()
+    return total

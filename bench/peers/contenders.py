@@ -69,6 +69,10 @@ def _mmgpt(settings: LaunchSettings) -> list[str]:
     ]
 
 
+def _mmgpt_int8(settings: LaunchSettings) -> list[str]:
+    return [*_mmgpt(settings), "--quantization", "int8"]
+
+
 def _transformers(settings: LaunchSettings) -> list[str]:
     return [
         *(sys.executable, "-m", "bench.peers.transformers_images", "serve", settings.model),
@@ -125,6 +129,9 @@ def _transformers_ban_eos(max_tokens: int, placeholders: Sequence[int]) -> dict[
 CONTENDERS = {
     "mmgpt": Contender(
         "mmgpt", _mmgpt, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
+    ),
+    "mmgpt-int8": Contender(
+        "mmgpt-int8", _mmgpt_int8, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
     ),
     # `transformers serve` has no readiness route; /health answers once the preloaded model is in.
     # It answers 422 to `ignore_eos` (for models it serves without continuous batching).

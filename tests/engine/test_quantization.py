@@ -6,7 +6,7 @@ from pathlib import Path
 
 from app.engine.async_engine import AsyncEngine
 from app.engine.config import EngineConfig
-from models.linear import Int8Product, Int8Weight
+from models.cpu_weights import FbgemmInt8Weight, PreparedProduct
 
 
 def test_int8_setting_loads_int8_weights(tiny_gpt2_dir: Path) -> None:
@@ -14,5 +14,5 @@ def test_int8_setting_loads_int8_weights(tiny_gpt2_dir: Path) -> None:
         model=str(tiny_gpt2_dir), device="cpu", quantization="int8", num_threads=1, warm_up=False
     )
     model = AsyncEngine(config).loaded.model
-    assert isinstance(model.product, Int8Product)
-    assert all(isinstance(layer.w.qkv[0], Int8Weight) for layer in model.layers)  # type: ignore[attr-defined]
+    assert isinstance(model.product, PreparedProduct)
+    assert all(isinstance(layer.w.qkv[0], FbgemmInt8Weight) for layer in model.layers)  # type: ignore[attr-defined]

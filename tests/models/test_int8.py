@@ -1,5 +1,6 @@
 """int8 weights (models/quantize.py) stay close to float32: logits within a stated
-tolerance of transformers' own, greedy continuations mostly the same."""
+tolerance of transformers' own, greedy continuations mostly the same; FBGEMM's products
+within the bound their activation rounding allows, each row's independent of its batch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from models import load_model
-from models.linear import Int8Product, Int8Weight
-from models.quantize import quantize_decoder
+from models.cpu_weights import FbgemmInt8Weight, PreparedProduct
+from models.linear import Int8Weight
+from models.quantize import prepare_decoder
 from tests.models.conftest import Case
 from tests.models.paged import PagedSession, relative_error
 from tests.models.test_generate import reference_greedy
@@ -20,7 +22,7 @@ from tests.models.test_generate import reference_greedy
 LOGIT_TOLERANCE = 0.04  # measured up to 0.023 on these checkpoints
 # share of generate()'s greedy tokens that int8 also picks, fed the same prefix
 MIN_GREEDY_AGREEMENT = 0.9  # measured 0.96 (Llama, LLaVA) and 1.0 (GPT-2)
-INT8_CASES = ("llama_gqa_untied", "gpt2_tied", "llava_clip")
+INT8_CASES = ("llama_gqa_untied", "qwen3_bias_untied", "gpt2_tied", "llava_clip")
 
 
 @pytest.fixture(params=INT8_CASES)
@@ -40,25 +42,64 @@ def test_quantize_rounds_each_row_to_its_own_scale() -> None:
     assert torch.all((restored - weight).abs() <= quantized.scales[:, None] / 2 + 1e-6)
 
 
+def _restored(weight: torch.Tensor) -> torch.Tensor:
+    quantized = Int8Weight.quantize(weight)
+    return quantized.values.float() * quantized.scales[:, None]
+
+
 def test_int8_product_is_the_float_product_of_the_restored_weight() -> None:
     weight, bias, rows = torch.randn(12, 8), torch.randn(12), torch.randn(3, 8)
-    quantized = Int8Weight.quantize(weight)
-    restored = quantized.values.float() * quantized.scales[:, None]
-    product = Int8Product(F.linear)
-    torch.testing.assert_close(product(rows, quantized, bias), F.linear(rows, restored, bias))
+    product = PreparedProduct(F.linear)
+    expected = F.linear(rows, _restored(weight), bias)
+    torch.testing.assert_close(product(rows, Int8Weight.quantize(weight), bias), expected)
     torch.testing.assert_close(product(rows, weight, bias), F.linear(rows, weight, bias))
+
+
+needs_fbgemm = pytest.mark.skipif(not FbgemmInt8Weight.available(), reason="no FBGEMM")
+
+
+@needs_fbgemm
+def test_fbgemm_product_is_within_its_activation_rounding() -> None:
+    """Activations round to 255 steps over [-peak, peak] of their row: each output may be
+    off by |restored weight| . (peak / 255) and no more (float error aside)."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 64), torch.randn(40)
+    rows = torch.randn(5, 64) * torch.tensor([[0.01], [1.0], [3.0], [100.0], [1.0]])
+    restored = _restored(weight)
+    out = FbgemmInt8Weight(weight).linear(rows, bias)
+    peaks = rows.abs().amax(dim=1, keepdim=True)
+    bound = (peaks / 255) @ restored.abs().sum(dim=1, keepdim=True).T  # [5, 40]
+    error = (out - F.linear(rows, restored, bias)).abs()
+    assert torch.all(error <= bound * 1.001 + 1e-4), (error / bound).max()
+    assert error.max() > 0  # activations really were rounded
+
+
+@needs_fbgemm
+def test_fbgemm_row_results_do_not_depend_on_the_batch() -> None:
+    """One scale for the whole tensor would let a large row coarsen the others."""
+    torch.manual_seed(1)
+    quantized = FbgemmInt8Weight(torch.randn(24, 32))
+    rows = torch.randn(6, 32)
+    rows[2] *= 1000  # a row whose peak dwarfs the others'
+    batched = quantized.linear(rows, None)
+    alone = torch.cat([quantized.linear(rows[i : i + 1], None) for i in range(len(rows))])
+    assert torch.equal(batched, alone)
+    assert torch.equal(quantized.linear(torch.zeros(2, 32), None), torch.zeros(2, 24))
+    assert quantized.linear(rows.view(2, 3, 32), None).shape == (2, 3, 24)
 
 
 def test_every_layer_matrix_is_int8(int8_case: Case) -> None:
     model = int8_case.ours.model
-    assert isinstance(model.product, Int8Product)
+    kind = FbgemmInt8Weight if FbgemmInt8Weight.available() else Int8Weight
+    assert isinstance(model.product, PreparedProduct)
     for layer in model.layers:
         assert layer.product is model.product
-        matrices = [
-            v for v in vars(layer.w).values() for v in (v if isinstance(v, tuple) else (v,))
-        ]
+        fields = [v for name, v in vars(layer.w).items() if not name.endswith("norm")]
+        matrices = [v for v in fields for v in (v if isinstance(v, tuple) else (v,))]
         assert not [m for m in matrices if isinstance(m, torch.Tensor) and m.dim() == 2]
-        assert sum(isinstance(m, Int8Weight) for m in matrices) == 4  # qkv, out, MLP in and out
+        assert isinstance(getattr(layer.w, "qk_norm", None), torch.Tensor | None)  # scales
+        assert sum(isinstance(m, kind) for m in matrices) == 4  # qkv, out, MLP in and out
+    assert isinstance(model.lm_head, FbgemmInt8Weight) == FbgemmInt8Weight.available()
 
 
 def test_int8_logits_stay_near_float32(int8_case: Case) -> None:
@@ -91,4 +132,4 @@ def _prefill(case: Case, sequences: list[list[int]]) -> list[torch.Tensor]:
 
 def test_unknown_quantization_is_refused(case_factory: Callable[[str], Case]) -> None:
     with pytest.raises(ValueError, match="int4"):
-        quantize_decoder(case_factory("gpt2_tied").ours.model, "int4")
+        prepare_decoder(case_factory("gpt2_tied").ours.model, "int4")

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import models.linear
+import models.quantize
+from models.cpu_weights import PackedWeight
 from models.linear import CALIBRATED_ROWS
 from tests.models.conftest import CASES, Case
 from tests.models.paged import PagedSession, relative_error
@@ -118,3 +120,21 @@ def test_decodes_taken_weight_major(
 
 def test_models_in_cache_keep_f_linear(case: Case) -> None:
     assert case.ours.model.product is F.linear
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_packed_float32_weights_give_the_same_logits(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights in oneDNN's layout (used once they stream from memory; the test models are
+    smaller, so that size is lowered to zero) give transformers' logits too."""
+    monkeypatch.setattr(models.quantize, "STREAMED_WEIGHT_BYTES", 0)
+    make, wrap = CASES[kind]
+    case = wrap(make(tmp_path))
+    model = case.ours.model
+    assert isinstance(model.lm_head, PackedWeight)
+    for layer in model.layers:
+        fields = vars(layer.w).values()
+        matrices = [v for v in fields for v in (v if isinstance(v, tuple) else (v,))]
+        assert sum(isinstance(m, PackedWeight) for m in matrices) == 4
+    test_prefill_then_decodes_in_mixed_batches(case)
