@@ -1,8 +1,8 @@
 """Decoder matrices in a CPU library's own layout, prepared once when a model loads.
 
 - `PackedWeight` (float32): oneDNN's blocked layout, the op torch.compile's CPU backend
-  emits for a frozen linear layer. MKL's plain GEMM splits a few-row product poorly over
-  two cores; the packed one runs the same numbers at every row count (BENCHMARKS.md).
+  emits for a frozen linear layer. From two rows up it runs well ahead of MKL's plain
+  GEMM, which splits a few-row product poorly over two cores (BENCHMARKS.md).
 - `FbgemmInt8Weight`: FBGEMM's packed int8 with one scale per output row. Each product
   quantises its activations to 8 bits dynamically, multiplies in integers, and scales back.
   Every row is scaled to a largest magnitude of 1 first, and a fixed row holding -1 and 1
@@ -15,6 +15,7 @@ weight to the model's float product.
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import cache
 from pathlib import Path
@@ -24,18 +25,28 @@ import torch
 from models.linear import PreparedWeight, Product
 
 # The batch size oneDNN lays a packed weight out for: one layout serves every row count,
-# and this one measured as fast as any at one row and the fastest at 8 to 64.
+# and this one was as fast as any from 2 rows and the fastest at 8 to 64.
 PACKING_ROWS = 32
+KEPT_VIEW_ROWS = 256  # FbgemmInt8Weight keeps its buffer's views for up to this many rows
 
 
 class PackedWeight:
-    """A float32 weight reordered into oneDNN's blocked layout."""
+    """A float32 weight reordered into oneDNN's blocked layout.
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    With `one_row` (a float product) the plain weight is kept beside it for single-row
+    products, where MKL's weight-major GEMV measured faster than the packed one in a
+    decode step; the price is a second copy of the matrix.
+    """
+
+    def __init__(self, weight: torch.Tensor, one_row: Product | None = None) -> None:
         self.shape = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_ROWS)
+        self.plain = weight if one_row is not None else None
+        self.one_row = one_row
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.one_row is not None and self.plain is not None and x.numel() == x.shape[-1]:
+            return self.one_row(x, self.plain, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
     @staticmethod
@@ -57,32 +68,47 @@ class FbgemmInt8Weight:
                 float_weight, scales, zero_points, 0, torch.qint8
             )
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        # NOTE: shared by every call, so one thread at a time (the engine's) runs them
-        self._rows = torch.empty(0)
+        self.reduce_range = _reduce_range()
+        # NOTE: kept buffers, shared by every call: one thread at a time (the engine's)
+        self._buffer = torch.empty(0)
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        peaks = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)
+        flat = x.dim() == 2 and x.dtype == torch.float32
+        rows = x if flat else x.reshape(-1, x.shape[-1]).float()
+        peaks = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True)
         peaks.clamp_(min=1e-30)  # an all-zero row stays zero
-        scaled = self._scaled_rows(len(rows))
-        torch.div(rows, peaks, out=scaled[1:])
-        product = torch.ops.quantized.linear_dynamic(scaled, self.packed, _reduce_range())
+        with_fixed_row, scaled = self._scaled_rows(rows.shape[0])
+        torch.div(rows, peaks, out=scaled)
+        product = _LINEAR_DYNAMIC(with_fixed_row, self.packed, self.reduce_range)
         out = product[1:].mul_(peaks)
         if bias is not None:
             out += bias
-        return out.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        return out if flat else out.to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
-    def _scaled_rows(self, num_rows: int) -> torch.Tensor:
-        """A kept buffer [num_rows + 1, in] whose first row is the fixed [-1, 1] one."""
-        if len(self._rows) <= num_rows:
-            with torch.inference_mode(False):  # writable inside inference mode and out
-                self._rows = torch.zeros(max(num_rows + 1, 2 * len(self._rows)), self.shape[1])
-            self._rows[0, 0], self._rows[0, 1] = -1.0, 1.0
-        return self._rows[: num_rows + 1]
+    def _scaled_rows(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a kept buffer: [num_rows + 1, in] whose first row is the fixed [-1, 1]
+        one, and its last `num_rows` rows, where the scaled activations go. Decode-sized
+        ones are kept, as two view ops cost more than a decode step's activation rounding."""
+        if num_rows not in self._views:
+            if len(self._buffer) <= num_rows:
+                with torch.inference_mode(False):  # writable inside inference mode and out
+                    size = max(num_rows + 1, 2 * len(self._buffer))
+                    self._buffer = torch.zeros(size, self.shape[1])
+                self._buffer[0, 0], self._buffer[0, 1] = -1.0, 1.0
+                self._views.clear()
+            with_fixed_row = self._buffer[: num_rows + 1]
+            if num_rows > KEPT_VIEW_ROWS:
+                return with_fixed_row, with_fixed_row[1:]
+            self._views[num_rows] = (with_fixed_row, with_fixed_row[1:])
+        return self._views[num_rows]
 
     @staticmethod
     def available() -> bool:
         return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 
 
 @cache

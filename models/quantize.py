@@ -6,8 +6,9 @@
   layer goes int8 too; elsewhere `Int8Weight`, widened at each product, and the output
   layer stays in the model's dtype.
 - "none": on the CPU, float32 matrices that stream from memory at every step go into
-  oneDNN's packed layout (`PackedWeight`), the output layer too; on a GPU, and for a
-  model small enough to decode from cache, they stay as loaded.
+  oneDNN's packed layout (`PackedWeight`), the output layer too, with their plain form
+  kept for one-row products up to KEEP_PLAIN_MAX_BYTES; on a GPU, and for a model small
+  enough to decode from cache, they stay as loaded.
 
 Norms, biases, embeddings and the vision tower always stay in the model's dtype.
 BENCHMARKS.md has the timings and the accuracy of each form.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -26,6 +28,10 @@ from models.layers import PagedDecoderModel
 from models.linear import STREAMED_WEIGHT_BYTES, Int8Weight, PreparedWeight
 
 QUANTIZATIONS = ("none", "int8")
+# Up to this many bytes of layer matrices a packed float32 model keeps its plain weights
+# too, for one-row products (models/cpu_weights.py): twice the memory for faster single
+# streams; a bigger model keeps only the packed ones.
+KEEP_PLAIN_MAX_BYTES = 2 << 30
 logger = logging.getLogger(__name__)
 
 Preparer = Callable[[torch.Tensor], PreparedWeight]
@@ -48,9 +54,14 @@ def prepare_decoder(model: PagedDecoderModel, quantization: str) -> None:
             "too" if fbgemm else "stays",
         )
     elif on_cpu and model.dtype == torch.float32 and _streams_from_memory(model):
-        _prepare_layers(model, PackedWeight)
-        _prepare_output_layer(model, PackedWeight)
-        logger.info("float32 weights in oneDNN's packed layout")
+        keep_plain = _layer_bytes(model) <= KEEP_PLAIN_MAX_BYTES
+        pack = partial(PackedWeight, one_row=model.product if keep_plain else None)
+        _prepare_layers(model, pack)
+        _prepare_output_layer(model, pack)
+        logger.info(
+            "float32 weights in oneDNN's packed layout%s",
+            ", the plain ones kept for one-row products" if keep_plain else "",
+        )
 
 
 def _prepare_layers(model: PagedDecoderModel, prepare: Preparer) -> None:
