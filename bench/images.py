@@ -74,6 +74,11 @@ class SyntheticImages:
         return _QUESTIONS[(first + variant) % len(_QUESTIONS)]
 
 
+# Scenes per workload seed: seeds 0, 1, 2, ... draw disjoint runs of scenes, so that a
+# round with a new seed meets no image an earlier round left in the server's image cache.
+SCENES_PER_SEED = 100_000
+
+
 class SceneImages:
     """Held-out scenes from models.scenes: `.image` and `.qa`, a list of (question, answer)."""
 
@@ -81,7 +86,7 @@ class SceneImages:
         from models import scenes  # the recipe pulls in its own dependencies; import on use only
 
         self._sample = scenes.sample
-        self.first_seed = scenes.EVAL_SEED_START + seed
+        self.first_seed = scenes.EVAL_SEED_START + seed * SCENES_PER_SEED
 
     def image_png(self, index: int) -> bytes:
         return png_bytes(self._sample(self.first_seed + index).image)

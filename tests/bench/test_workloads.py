@@ -63,6 +63,16 @@ def test_scene_images_come_from_the_held_out_scenes() -> None:
     assert source.question(2) in [question for question, _ in expected.qa]
 
 
+@pytest.mark.parametrize("source", [SceneImages, SyntheticImages])
+def test_workload_seeds_draw_disjoint_images(source: type[SceneImages | SyntheticImages]) -> None:
+    """Rounds with seeds 1, 2, 3 must not meet an image an earlier one left in a cache."""
+    if source is SceneImages:
+        pytest.importorskip("models.scenes")
+    drawn = [{source(seed=seed).image_png(i) for i in range(48)} for seed in (1, 2, 3)]
+    assert all(len(images) > 40 for images in drawn)  # scenes may repeat a picture by chance
+    assert not (drawn[0] & drawn[1]) and not (drawn[1] & drawn[2]) and not (drawn[0] & drawn[2])
+
+
 def test_repeat_image_asks_different_questions_about_one_image() -> None:
     spec = WorkloadSpec("qa", num_prompts=4, repeat_image=2, image_source="synthetic")
     first, second, third, _ = build_requests(spec)
