@@ -1,6 +1,6 @@
 """Decoder matrices in a CPU library's own layout, prepared once when a model loads.
 
-- `PackedWeight` (float32): oneDNN's blocked layout, the op torch.compile's CPU backend
+- `PackedWeight` (float32, bfloat16): oneDNN's blocked layout, the op torch.compile's CPU backend
   emits for a frozen linear layer. From two rows up it runs well ahead of MKL's plain
   GEMM, which splits a few-row product poorly over two cores (BENCHMARKS.md).
 - `FbgemmInt8Weight`: FBGEMM's packed int8 with one scale per output row. Each product
@@ -31,7 +31,7 @@ KEPT_VIEW_ROWS = 256  # FbgemmInt8Weight keeps its buffer's views for up to this
 
 
 class PackedWeight:
-    """A float32 weight reordered into oneDNN's blocked layout.
+    """A float32 or bfloat16 weight reordered into oneDNN's blocked layout.
 
     With `one_row` (a float product) the plain weight is kept beside it for single-row
     products, where MKL's weight-major GEMV measured faster than the packed one in a

@@ -5,10 +5,10 @@
   `FbgemmInt8Weight` (integer products, activations quantised per row) and the output
   layer goes int8 too; elsewhere `Int8Weight`, widened at each product, and the output
   layer stays in the model's dtype.
-- "none": on the CPU, float32 matrices that stream from memory at every step go into
-  oneDNN's packed layout (`PackedWeight`), the output layer too, with their plain form
-  kept for one-row products up to KEEP_PLAIN_MAX_BYTES; on a GPU, and for a model small
-  enough to decode from cache, they stay as loaded.
+- "none": on the CPU, float32 and bfloat16 matrices that stream from memory at every
+  step go into oneDNN's packed layout (`PackedWeight`), the output layer too; float32
+  ones keep their plain form for one-row products up to KEEP_PLAIN_MAX_BYTES. On a GPU,
+  and for a model small enough to decode from cache, they stay as loaded.
 
 Norms, biases, embeddings and the vision tower always stay in the model's dtype.
 BENCHMARKS.md has the timings and the accuracy of each form.
@@ -28,6 +28,7 @@ from models.layers import PagedDecoderModel
 from models.linear import STREAMED_WEIGHT_BYTES, Int8Weight, PreparedWeight
 
 QUANTIZATIONS = ("none", "int8")
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many bytes of layer matrices a packed float32 model keeps its plain weights
 # too, for one-row products (models/cpu_weights.py): twice the memory for faster single
 # streams; a bigger model keeps only the packed ones.
@@ -53,13 +54,16 @@ def prepare_decoder(model: PagedDecoderModel, quantization: str) -> None:
             len(model.layers),
             "too" if fbgemm else "stays",
         )
-    elif on_cpu and model.dtype == torch.float32 and _streams_from_memory(model):
-        keep_plain = _layer_bytes(model) <= KEEP_PLAIN_MAX_BYTES
+    elif on_cpu and model.dtype in PACKED_DTYPES and _streams_from_memory(model):
+        # float32 keeps its plain weights for one-row products (MKL's weight-major GEMV
+        # is faster there); bfloat16 runs every row count packed
+        keep_plain = model.dtype == torch.float32 and _layer_bytes(model) <= KEEP_PLAIN_MAX_BYTES
         pack = partial(PackedWeight, one_row=model.product if keep_plain else None)
         _prepare_layers(model, pack)
         _prepare_output_layer(model, pack)
         logger.info(
-            "float32 weights in oneDNN's packed layout%s",
+            "%s weights in oneDNN's packed layout%s",
+            model.dtype,
             ", the plain ones kept for one-row products" if keep_plain else "",
         )
 

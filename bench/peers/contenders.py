@@ -73,6 +73,10 @@ def _mmgpt_int8(settings: LaunchSettings) -> list[str]:
     return [*_mmgpt(settings), "--quantization", "int8"]
 
 
+def _mmgpt_bf16(settings: LaunchSettings) -> list[str]:
+    return [*_mmgpt(settings), "--dtype", "bfloat16"]
+
+
 def _transformers(settings: LaunchSettings) -> list[str]:
     return [
         *(sys.executable, "-m", "bench.peers.transformers_images", "serve", settings.model),
@@ -130,8 +134,12 @@ CONTENDERS = {
     "mmgpt": Contender(
         "mmgpt", _mmgpt, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
     ),
+    # mmgpt again, with int8 weights or in bfloat16 (with --dtype the last flag wins)
     "mmgpt-int8": Contender(
         "mmgpt-int8", _mmgpt_int8, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
+    ),
+    "mmgpt-bf16": Contender(
+        "mmgpt-bf16", _mmgpt_bf16, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
     ),
     # `transformers serve` has no readiness route; /health answers once the preloaded model is in.
     # It answers 422 to `ignore_eos` (for models it serves without continuous batching).

@@ -13,7 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+import models.quantize
 from models import ModelLoadError, checkpoint, load_model
+from models.base import PagedModel
+from models.cpu_weights import PackedWeight
 from tests.checkpoints import make_tiny_gpt2, make_tiny_llama, make_tiny_llava, write_mmgpt_json
 from tests.models.paged import PagedSession, relative_error
 
@@ -160,19 +163,39 @@ def test_rope_scaling_types(tmp_path: Path, rope: dict) -> None:
     assert relative_error(_prefill_logits(folder, prompt), expected) < 1e-4
 
 
-def test_bfloat16_runs_close_to_float32(llava_dir: Path) -> None:
+def _llava_logits(model: PagedModel) -> torch.Tensor:
+    """A prefill with an image, then one decode (a one-row product)."""
     prompt = [1, 9, *[3] * 16, 40, 41, 42, 43, 44]
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    session = PagedSession(model)
+    rows = session.step([(0, prompt)], model.encode_images(pixels)[0])[0]
+    decoded = session.step([(0, [50])])[0]
+    assert session.cache[0][0].dtype == model.info.dtype
+    return model.compute_logits(torch.cat([rows, decoded]))
+
+
+def test_bfloat16_runs_close_to_float32(llava_dir: Path) -> None:
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = load_model(llava_dir, dtype=dtype).model
-        session = PagedSession(model)
-        rows = session.step([(0, prompt)], model.encode_images(pixels)[0])[0]
-        decoded = session.step([(0, [50])])[0]
-        logits[dtype] = model.compute_logits(torch.cat([rows, decoded]))
-        assert model.info.dtype == dtype and session.cache[0][0].dtype == dtype
+        logits[dtype] = _llava_logits(model)
+        assert model.info.dtype == dtype
     assert logits[torch.bfloat16].dtype == torch.float32
     assert relative_error(logits[torch.bfloat16], logits[torch.float32]) < 0.05
+
+
+def test_packed_bfloat16_weights_run_as_the_plain_ones(
+    llava_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 weights in oneDNN's layout (once they stream from memory: the size is lowered
+    to zero here) give the plain bf16 model's logits, one-row products packed too."""
+    plain = _llava_logits(load_model(llava_dir, dtype=torch.bfloat16).model)
+    monkeypatch.setattr(models.quantize, "STREAMED_WEIGHT_BYTES", 0)
+    model = load_model(llava_dir, dtype=torch.bfloat16).model
+    lm_head = model.lm_head  # type: ignore[attr-defined]
+    assert isinstance(lm_head, PackedWeight) and lm_head.plain is None
+    assert isinstance(model.layers[0].w.qkv_weight, PackedWeight)  # type: ignore[attr-defined]
+    assert relative_error(_llava_logits(model), plain) < 1e-2
 
 
 def test_dtype_names(llama_dir: Path) -> None:
