@@ -134,7 +134,7 @@ CONTENDERS = {
     "mmgpt": Contender(
         "mmgpt", _mmgpt, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
     ),
-    # mmgpt again, with int8 weights or in bfloat16 (with --dtype the last flag wins)
+    # mmgpt again, with int8 weights or in bfloat16
     "mmgpt-int8": Contender(
         "mmgpt-int8", _mmgpt_int8, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
     ),
