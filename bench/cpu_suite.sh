@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU table of BENCHMARKS.md in one run, on a quiet machine (about 30 minutes on
+# Every CPU table of BENCHMARKS.md in one run, on a quiet machine (about 35 minutes on
 # 2 cores, plus llama.cpp's one-time build): the machine, its ceilings, and each side-by-side
 # comparison. Reports (JSON) and server logs go to $OUT (default bench-results/); each table
 # is printed as it ends.
@@ -90,11 +90,14 @@ compare small-c1 --model "$CKPT/gpt2-small" --contenders mmgpt,mmgpt-int8,transf
 # llama.cpp's own server on the same weights (f32 and Q8_0 GGUF; built once, ~14 minutes),
 # beside mmgpt in each weight form: fp32, bf16 and int8.
 compare llama135m-c1 --model "$CKPT/llama-135m" \
-    --contenders mmgpt,mmgpt-bf16,mmgpt-int8,llama.cpp,llama.cpp-q8 --workloads text --num-prompts 8 --max-concurrency 1 --input-len 32 --output-len 128 --ban-eos
+    --contenders mmgpt,mmgpt-bf16,mmgpt-int8,llama.cpp,llama.cpp-q8 --workloads text \
+    --num-prompts 8 --max-concurrency 1 --input-len 32 --output-len 128 --ban-eos
 compare llama135m-c32 --model "$CKPT/llama-135m" \
-    --contenders mmgpt,mmgpt-bf16,mmgpt-int8,llama.cpp,llama.cpp-q8 --workloads text --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 --ban-eos
+    --contenders mmgpt,mmgpt-bf16,mmgpt-int8,llama.cpp,llama.cpp-q8 --workloads text \
+    --num-prompts 128 --max-concurrency 32 --input-len 32 --output-len 64 --ban-eos
 compare llama135m-c64 --model "$CKPT/llama-135m" \
-    --contenders mmgpt,mmgpt-bf16,mmgpt-int8,llama.cpp,llama.cpp-q8 --workloads text --num-prompts 128 --max-concurrency 64 --input-len 32 --output-len 64 --ban-eos
+    --contenders mmgpt,mmgpt-bf16,mmgpt-int8,llama.cpp,llama.cpp-q8 --workloads text \
+    --num-prompts 128 --max-concurrency 64 --input-len 32 --output-len 64 --ban-eos
 compare small-c32-llama.cpp --model "$CKPT/gpt2-small" --contenders mmgpt,mmgpt-int8,llama.cpp \
     --workloads text --num-prompts 64 --max-concurrency 32 --input-len 32 --output-len 64 --ban-eos
 
