@@ -77,13 +77,14 @@ class OrientedLinear:
         num_rows = x.numel() // x.shape[-1]
         if num_rows > WEIGHT_MAJOR_MAX_ROWS or not self.by_rows[num_rows]:
             return F.linear(x, weight, bias)
-        rows = x.reshape(num_rows, x.shape[-1])
+        # a decode step's inputs are already [rows, in]: no reshape or view ops for them
+        rows = x if x.dim() == 2 else x.reshape(num_rows, x.shape[-1])
         if num_rows == 1 and not rows.requires_grad:
             columns = self._padded_columns(rows)
         else:  # repeat: a fresh tensor, which autograd may keep for the backward
             columns = (rows.repeat(2, 1) if num_rows == 1 else rows.contiguous()).t()
-        product = _weight_major(columns, weight, bias)  # [max(rows, 2), out]
-        return product[:num_rows].view(*x.shape[:-1], weight.shape[0])
+        product = _weight_major(columns, weight, bias, num_rows)  # [rows, out]
+        return product if x.dim() == 2 else product.view(*x.shape[:-1], weight.shape[0])
 
     def _padded_columns(self, row: torch.Tensor) -> torch.Tensor:  # [1, in] -> [in, 2]
         key = (row.shape[-1], row.dtype)
@@ -100,15 +101,17 @@ class OrientedLinear:
 
 
 def _weight_major(
-    columns: torch.Tensor,  # [in, rows], a view of row-major rows: the layout MKL splits
+    columns: torch.Tensor,  # [in, columns], a view of row-major rows: the layout MKL splits
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-) -> torch.Tensor:  # [rows, out], contiguous
+    num_rows: int,  # the leading columns that are real rows (one row is padded to two)
+) -> torch.Tensor:  # [num_rows, out], contiguous
     if bias is None:
         product = torch.mm(weight, columns)
     else:
-        product = torch.addmm(bias.unsqueeze(1), weight, columns)  # [out, rows]
-    return product.t().contiguous()
+        product = torch.addmm(bias.unsqueeze(1), weight, columns)  # [out, columns]
+    rows = product.t()
+    return (rows if num_rows == columns.shape[1] else rows[:num_rows]).contiguous()
 
 
 ALWAYS_WEIGHT_MAJOR = OrientedLinear(CALIBRATED_ROWS)
