@@ -28,13 +28,17 @@ HIDDEN, INTERMEDIATE = 576, 1536
 Block = Callable[[torch.Tensor], torch.Tensor]
 
 
-def mlp_block(gate_up: PreparedWeight, down: PreparedWeight, norm: torch.Tensor) -> Block:
-    def block(hidden: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(hidden, (HIDDEN,), norm, 1e-5)
-        gate, up = gate_up.linear(normed, None).chunk(2, dim=-1)
-        return hidden + down.linear(F.silu(gate) * up, None)
+def mlp(hidden: torch.Tensor, gate_up: Block, down: Block, norm: torch.Tensor) -> torch.Tensor:
+    """The block itself, with each product given as a function of its input."""
+    normed = F.rms_norm(hidden, (HIDDEN,), norm, 1e-5)
+    gate, up = gate_up(normed).chunk(2, dim=-1)
+    return hidden + down(F.silu(gate) * up)
 
-    return block
+
+def mlp_block(gate_up: PreparedWeight, down: PreparedWeight, norm: torch.Tensor) -> Block:
+    return lambda hidden: mlp(
+        hidden, lambda x: gate_up.linear(x, None), lambda x: down.linear(x, None), norm
+    )
 
 
 class PlainMlp(torch.nn.Module):
@@ -47,9 +51,12 @@ class PlainMlp(torch.nn.Module):
         self.norm = torch.nn.Parameter(norm, requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(hidden, (HIDDEN,), self.norm, 1e-5)
-        gate, up = F.linear(normed, self.gate_up).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, self.down)
+        return mlp(
+            hidden,
+            lambda x: F.linear(x, self.gate_up),
+            lambda x: F.linear(x, self.down),
+            self.norm,
+        )
 
 
 def microseconds(block: Block, rows: torch.Tensor, calls: int, repeats: int) -> float:

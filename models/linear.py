@@ -1,19 +1,13 @@
 """Matrix products in the orientation this CPU runs fastest, measured when a model loads.
 
-`x @ weight.T` and `(weight @ x.T).T` are the same numbers, but MKL picks different
-kernels for them, and which one wins for a few rows depends on the machine: a 2-core
-AMD host ran the plain one as a one-core GEMV, twice as slow, and a 2-core Intel host
-with AMX the reverse. So a model whose weights do not fit in a cache times both
-orientations over its own weights at 1, 2, 4, 8 and 16 rows (`decode_product`) and
-keeps, for each row count, the faster one. A model that fits in cache keeps F.linear
-without measuring: its GEMV wins on both machines, and its numbers do not depend on a
-timing. One row is padded to two (copied into a kept zero row pair) when taken weight-major,
-since a single column still takes the GEMV.
-
-From eight rows the output layer is taken weight-major whatever the product (`logits`):
-faster on both machines, and the transposed result can stay a view because the sampler
-takes either layout. bf16 goes through oneDNN, where the plain orientation is the faster
-one at every row count: it keeps `F.linear`. BENCHMARKS.md's history has the timings.
+`x @ weight.T` and `(weight @ x.T).T` are the same numbers, but MKL picks different kernels
+for them, and which wins for a few rows depends on the machine. So a float32 model whose
+weights do not fit in cache times both over its own weights at 1 to 16 rows
+(`decode_product`) and keeps the faster per row count; one that fits keeps F.linear, whose
+numbers then depend on no timing. Weight-major, one row is padded to two, since a single
+column would still take the one-core GEMV. From eight rows the output layer is taken
+weight-major whatever the product (`logits`); the sampler reads either layout. bfloat16
+keeps F.linear. BENCHMARKS.md's history has the timings.
 """
 
 from __future__ import annotations
