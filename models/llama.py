@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention
 from models.attention_inputs import AttentionInputs
 from models.errors import ModelLoadError
+from models.fused_decode import FusedDecodeCache, one_stream_decode
 from models.layers import PagedDecoderModel, TextOnlyModel, activation, product_for, rms_norm
 from models.linear import Product
 from models.rope import RotaryEmbedding
@@ -178,6 +179,7 @@ class LlamaDecoder(PagedDecoderModel):
             LlamaLayer(i, dims, w, act, self.product) for i, w in enumerate(weights_of_layers)
         ]
         self.rope = RotaryEmbedding(config, dims.head_dim, dims.max_positions, dtype, device)
+        self.fused_decode = FusedDecodeCache(self.layers, dims.num_heads, dims.eps, dtype, device)
         for name in weights.names():
             if name.endswith(IGNORED_SUFFIXES):
                 weights.skip(name)
@@ -195,6 +197,10 @@ class LlamaDecoder(PagedDecoderModel):
     ) -> torch.Tensor:
         """The layers over a flat batch; returns final-normed hidden states [T, hidden]."""
         cos_sin = self.rope.lookup(positions)
+        fused = self.fused_decode.get() if one_stream_decode(hidden, attn_inputs) else None
+        if fused is not None and after_layer is None:
+            hidden = fused.run(hidden, cos_sin, attn_inputs, kv_cache)
+            return rms_norm(hidden, self.norm, self.dims.eps)
         for layer, cache in zip(self.layers, kv_cache, strict=True):
             hidden = layer.forward(hidden, self.rope, cos_sin, attn_inputs, cache)
             if after_layer is not None:

@@ -1,0 +1,185 @@
+"""The C++ one-stream decode (models/fused_decode.py) computes the torch path's logits,
+and applies only where it can."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import models.fused_decode
+import models.linear
+import models.quantize
+from models import cpu_kernels, load_model
+from models.base import PagedModel
+from models.fused_decode import FusedDecode
+from models.linear import CALIBRATED_ROWS, OrientedLinear
+from models.lora import enable_lora
+from tests.models.conftest import CASES
+from tests.models.paged import PagedSession, relative_error
+
+# Llama-family decoders: plain, biased with its own head_dim, Qwen2's q/k/v bias, Qwen3's
+# QK-norm, and a LLaVA's language model.
+FUSED_KINDS = (
+    "llama_gqa_untied",
+    "llama_bias_head_dim",
+    "qwen2_qkv_bias",
+    "qwen3_qk_norm",
+    "llava_clip",
+)
+TOLERANCE = 1e-5  # relative, against the torch path's logits
+NUM_DECODES = 12
+
+
+def test_the_kernels_build_on_this_machine() -> None:
+    assert cpu_kernels.available()
+
+
+class CountingRuns:
+    """Counts the kernel's decode steps."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = FusedDecode.run
+
+        def counted(fused: FusedDecode, *args: object) -> torch.Tensor:
+            self.count += 1
+            return real(fused, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(FusedDecode, "run", counted)
+
+
+def decode_logits(model: PagedModel, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """A prompt prefilled, then one decode step per token; the logits of each decode."""
+    session = PagedSession(model, block_size=4)
+    session.step([(0, prompt)])
+    logits = []
+    for token in tokens:
+        (hidden,) = session.step([(0, [token])])
+        logits.append(model.compute_logits(hidden))
+    return logits
+
+
+def fused_and_torch_logits(
+    model: PagedModel, seed: int = 0, prompt_len: int = 9
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    rng = random.Random(seed)
+    info = model.info
+    allowed = [t for t in range(3, info.vocab_size) if t != info.image_token_id]
+    prompt, tokens = rng.choices(allowed, k=prompt_len), rng.choices(allowed, k=NUM_DECODES)
+    decoder = model.decoder  # type: ignore[attr-defined]
+    decoder.fused_decode.enabled = False
+    expected = decode_logits(model, prompt, tokens)
+    decoder.fused_decode.enabled = True
+    return decode_logits(model, prompt, tokens), expected
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_fused_decode_gives_the_torch_paths_logits(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = CountingRuns(monkeypatch)
+    make, _ = CASES[kind]
+    model = load_model(make(tmp_path)).model
+    fused, expected = fused_and_torch_logits(model)
+    assert runs.count == NUM_DECODES
+    for ours, reference in zip(fused, expected, strict=True):
+        assert relative_error(ours, reference) < TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa_untied", "qwen3_bias_untied"])
+def test_packed_weights_taken_weight_major(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights that stream from memory (packed, with their plain copy) and a product that
+    takes one row weight-major: the kernel reads the plain copies in that orientation."""
+    monkeypatch.setattr(models.linear, "STREAMED_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(models.quantize, "STREAMED_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(models.linear, "weight_major_rows", lambda timer: CALIBRATED_ROWS)
+    runs = CountingRuns(monkeypatch)
+    make, _ = CASES[kind]
+    model = load_model(make(tmp_path)).model
+    assert isinstance(model.product.float_product, OrientedLinear)  # type: ignore[attr-defined]
+    fused, expected = fused_and_torch_logits(model, seed=1)
+    build = model.decoder.fused_decode.get()  # type: ignore[attr-defined]
+    assert build is not None and build.weight_major
+    assert runs.count == NUM_DECODES
+    for ours, reference in zip(fused, expected, strict=True):
+        assert relative_error(ours, reference) < TOLERANCE
+
+
+def test_long_sequences_attend_on_several_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attention split over torch's threads (every step, with the threshold at zero)."""
+    monkeypatch.setattr(models.fused_decode, "PARALLEL_ATTENTION_WORK", 0)
+    make, _ = CASES["llama_gqa_untied"]
+    model = load_model(make(tmp_path)).model
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused, expected = fused_and_torch_logits(model, seed=2, prompt_len=40)
+    finally:
+        torch.set_num_threads(previous)
+    for ours, reference in zip(fused, expected, strict=True):
+        assert relative_error(ours, reference) < TOLERANCE
+
+
+def test_several_decodes_in_a_step_take_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = CountingRuns(monkeypatch)
+    make, _ = CASES["llama_gqa_untied"]
+    model = load_model(make(tmp_path)).model
+    session = PagedSession(model, block_size=4)
+    session.step([(0, [5, 6, 7]), (1, [8, 9])])
+    session.step([(0, [10]), (1, [11])])
+    session.step([(0, [12]), (2, [13, 14])])  # a decode beside a prefill
+    assert runs.count == 0
+    session.step([(1, [15])])
+    assert runs.count == 1
+
+
+@pytest.mark.parametrize(("dtype", "quantization"), [("float32", "int8"), ("bfloat16", "none")])
+def test_other_weight_forms_keep_the_torch_path(
+    dtype: str, quantization: str, tmp_path: Path
+) -> None:
+    make, _ = CASES["llama_gqa_untied"]
+    model = load_model(make(tmp_path), dtype=dtype, quantization=quantization).model
+    assert model.decoder.fused_decode.get() is None  # type: ignore[attr-defined]
+
+
+def test_adapters_switch_the_kernel_off(tmp_path: Path) -> None:
+    """LoRA's products replace the layers' own once adapters are enabled: the kernel,
+    which knows nothing of them, must step aside."""
+    make, _ = CASES["llama_gqa_untied"]
+    model = load_model(make(tmp_path)).model
+    decoder = model.decoder  # type: ignore[attr-defined]
+    assert decoder.fused_decode.get() is not None
+    enable_lora(model, max_loras=1, max_rank=4)
+    assert decoder.fused_decode.get() is None
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
+    cpu_kernels.available.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+def test_the_kernel_refuses_inputs_it_cannot_read(tmp_path: Path) -> None:
+    make, _ = CASES["llama_gqa_untied"]
+    model = load_model(make(tmp_path)).model
+    session = PagedSession(model, block_size=4)
+    session.step([(0, [5, 6, 7])])
+    attn_inputs, positions = session.attention_inputs([(0, [8])])
+    fused = model.decoder.fused_decode.get()  # type: ignore[attr-defined]
+    assert fused is not None
+    hidden = model.decoder.embed(torch.tensor([8]))  # type: ignore[attr-defined]
+    cos_sin = model.decoder.rope.lookup(positions)  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="float32 on the CPU"):
+        fused.run(hidden.bfloat16(), cos_sin, attn_inputs, session.cache)
