@@ -14,6 +14,7 @@ within one run (shared machines are noisy).
     python -m bench.engine_offline --device cuda --dtype bfloat16
     python -m bench.engine_offline --models gpt2-tiny --batch-sizes 32 --temperature 1 --top-p 0.9
     python -m bench.engine_offline --models llama-135m --quantization none int8 --repeats 3
+    python -m bench.engine_offline --models llama-135m --batch-sizes 1 --decode-paths kernels torch
 
 Model names: gpt2-small / gpt2-tiny, llama-1b / llama-135m / llama-tiny (random shapes
 built by bench.checkpoints into --cache-dir), default (models/checkpoints/<the one
@@ -182,7 +183,13 @@ def load_hf(folder: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 def bench_model(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
     dtype = getattr(torch, args.dtype)
-    engines = {q: load_model(folder, args.device, dtype, q) for q in args.quantization}
+    engines = {
+        _form(quantization, path, args): on_decode_path(
+            load_model(folder, args.device, dtype, quantization), path
+        )
+        for quantization in args.quantization
+        for path in args.decode_paths
+    }
     hf_model = None if args.skip_generate else load_hf(folder, args.device, dtype)
     sampling = Sampling(args.temperature, args.top_p)
     warm = prompts(next(iter(engines.values())), 2, args.prompt_len, seed=0)
@@ -198,6 +205,24 @@ def bench_model(name: str, folder: Path, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def _form(quantization: str, path: str, args: argparse.Namespace) -> str:
+    """What tells an engine from the others: its quantization, its decode path, or both."""
+    several_paths = len(args.decode_paths) > 1
+    if len(args.quantization) > 1:
+        return f"{quantization} {path}" if several_paths else quantization
+    return path if several_paths else quantization
+
+
+def on_decode_path(loaded: LoadedModel, path: str) -> LoadedModel:
+    """The model with its one-stream decode kernel (models/fused_decode.py) where it has
+    one ("kernels"), or switched off ("torch")."""
+    model = loaded.model
+    cache = getattr(getattr(model, "decoder", model), "fused_decode", None)
+    if cache is not None:
+        cache.enabled = cache.enabled and path == "kernels"
+    return loaded
+
+
 def bench_batch(
     name: str,
     engines: dict[str, LoadedModel],
@@ -205,18 +230,19 @@ def bench_batch(
     batch_size: int,
     args: argparse.Namespace,
 ) -> list[Row]:
-    """The best of `--repeats` alternating runs of each engine (one per quantization) and of
-    generate(), so that a noisy moment hurts none of them more than the others."""
+    """The best of `--repeats` alternating runs of each engine (one per quantization and
+    decode path) and of generate(), so that a noisy moment hurts none of them more than
+    the others."""
     batch = prompts(next(iter(engines.values())), batch_size, args.prompt_len, seed=batch_size)
     engine_best = dict.fromkeys(engines, 0.0)
     step_best = dict.fromkeys(engines, float("inf"))
     generate_best = 0.0
     sampling = Sampling(args.temperature, args.top_p)
     for _ in range(args.repeats):
-        for quantization, loaded in engines.items():
+        for form, loaded in engines.items():
             tps, ms = engine_run(loaded, batch, args.new_tokens, args.block_size, sampling)
-            engine_best[quantization] = max(engine_best[quantization], tps)
-            step_best[quantization] = min(step_best[quantization], ms)
+            engine_best[form] = max(engine_best[form], tps)
+            step_best[form] = min(step_best[form], ms)
         if hf_model is not None:
             generate_tps = generate_run(hf_model, batch, args.new_tokens, sampling)
             generate_best = max(generate_best, generate_tps)
@@ -227,8 +253,8 @@ def bench_batch(
     ]  # fmt: skip
 
 
-def _label(name: str, quantization: str, num_engines: int) -> str:
-    return name if num_engines == 1 else f"{Path(name).name} {quantization}"
+def _label(name: str, form: str, num_engines: int) -> str:
+    return name if num_engines == 1 else f"{Path(name).name} {form}"
 
 
 def print_header() -> None:
@@ -261,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--quantization", nargs="+", default=["none"], choices=["none", "int8"],
         help="weights as loaded (none) and/or int8; several are run in alternation",
     )  # fmt: skip
+    parser.add_argument(
+        "--decode-paths", nargs="+", default=["kernels"], choices=["kernels", "torch"],
+        help="one-stream decode steps through the CPU kernels where they apply, and/or the "
+        "torch path; several are run in alternation",
+    )  # fmt: skip
     parser.add_argument("--skip-generate", action="store_true", help="engine numbers only")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs; best is kept")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
@@ -271,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {args.dtype}, {args.device}, "
-          f"quantization {' and '.join(args.quantization)}; "
+          f"quantization {' and '.join(args.quantization)}, "
+          f"decode paths {' and '.join(args.decode_paths)}; "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{Sampling(args.temperature, args.top_p).describe()}, "
           f"best of {args.repeats}")  # fmt: skip

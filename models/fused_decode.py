@@ -1,19 +1,20 @@
-"""A one-stream decode step of a Llama-family decoder in one C++ call (models/cpu_kernels).
+"""A one-stream decode step in one C++ call (models/cpu_kernels): Llama-family decoders
+and GPT-2, on the CPU in float32.
 
-A single sequence's decode step of a deep, narrow model is mostly Python dispatch: about
-fifty small ops a layer around four matrix products. On the CPU in float32 the kernel
-runs all layers in one call instead: the same products through ATen, in the orientation
-the model's own product chose for one row, and plain loops for the rest. It applies where
-the torch path would compute exactly these numbers: plain float32 matrices (or packed
-ones that keep their plain copy for one row), silu, no adapters, one decode and nothing
-else in the step. Everything else takes the torch path.
+A single sequence's decode step of a deep, narrow model is mostly Python dispatch: some
+fifty small ops a layer around four matrix products. The kernels run all layers in one
+call instead: the same products through ATen, in the orientation the model's own product
+chose for one row, and plain loops for the rest. They apply where the torch path would
+compute these numbers: plain float32 matrices (or packed ones that keep their plain copy
+for one row), the activation the kernel knows, no adapters, one decode and nothing else
+in the step. Everything else takes the torch path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,21 +23,24 @@ from models import cpu_kernels
 from models.attention import KVCache
 from models.attention_inputs import AttentionInputs
 from models.cpu_weights import PackedWeight, PreparedProduct
+from models.layers import tanh_gelu
 from models.linear import OrientedLinear, Product
 
 # Attention runs on torch's threads from this many multiply-adds of its query-key product
 # (every head of the sequence) up; below it a parallel region costs more than it saves.
 PARALLEL_ATTENTION_WORK = 1 << 18
+# The activations the GPT-2 kernel computes, and whether each is the tanh approximation.
+GPT2_ACTIVATIONS: dict[Callable[..., Any], bool] = {tanh_gelu: True, F.gelu: False}
 
 
 class FusableLayer(Protocol):
-    """What the kernel reads of a LlamaLayer."""
+    """What a kernel reads of a decoder layer (LlamaLayer, GPT2Layer)."""
 
     @property
     def product(self) -> Product: ...
 
     @property
-    def act(self) -> object: ...
+    def act(self) -> Callable[..., Any]: ...
 
     @property
     def scale(self) -> float: ...
@@ -45,41 +49,14 @@ class FusableLayer(Protocol):
     def w(self) -> object: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class FusedDecode:
-    """The kernel's arguments that stay fixed from step to step."""
-
-    weights: list[torch.Tensor | None]  # per layer, in LlamaLayerWeights' field order
-    num_heads: int
-    eps: float
-    scale: float
-    weight_major: bool
-
+class FusedStep(Protocol):
     def run(
         self,
-        hidden: torch.Tensor,  # [1, hidden]
-        cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [1, 1, D]
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
         attn_inputs: AttentionInputs,
         kv_cache: list[KVCache],
-    ) -> torch.Tensor:  # [1, hidden], before the final norm
-        (group,) = attn_inputs.decode_groups
-        cos, signed_sin = (table.reshape(1, -1) for table in cos_sin)
-        return torch.ops.mmgpt.llama_decode(
-            hidden,
-            cos,
-            signed_sin,
-            self.weights,
-            [k for k, _ in kv_cache],
-            [v for _, v in kv_cache],
-            attn_inputs.slot_mapping,
-            group.block_ids,
-            [attn_inputs.context_lens[0] + 1],
-            self.num_heads,
-            self.eps,
-            self.scale,
-            self.weight_major,
-            PARALLEL_ATTENTION_WORK,
-        )
+    ) -> torch.Tensor: ...
 
 
 def one_stream_decode(hidden: torch.Tensor, attn_inputs: AttentionInputs) -> bool:
@@ -90,26 +67,101 @@ def one_stream_decode(hidden: torch.Tensor, attn_inputs: AttentionInputs) -> boo
     return group.mirror is None and group.block_ids is not None
 
 
+def _cache_arguments(attn_inputs: AttentionInputs, kv_cache: list[KVCache]) -> tuple[Any, ...]:
+    """k_caches, v_caches, slot_mapping, block_ids and seq_lens, as the kernels take them."""
+    (group,) = attn_inputs.decode_groups
+    return (
+        [k for k, _ in kv_cache],
+        [v for _, v in kv_cache],
+        attn_inputs.slot_mapping,
+        group.block_ids,
+        [attn_inputs.context_lens[0] + 1],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLlamaDecode:
+    """torch.ops.mmgpt.llama_decode's arguments that stay fixed from step to step."""
+
+    weights: list[torch.Tensor | None]  # per layer, in LlamaLayerWeights' field order
+    num_heads: int
+    eps: float
+    scale: float
+    weight_major: bool
+
+    def run(
+        self,
+        hidden: torch.Tensor,  # [1, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,  # each [1, 1, D]
+        attn_inputs: AttentionInputs,
+        kv_cache: list[KVCache],
+    ) -> torch.Tensor:  # [1, hidden], before the final norm
+        assert cos_sin is not None
+        cos, signed_sin = (table.reshape(1, -1) for table in cos_sin)
+        return torch.ops.mmgpt.llama_decode(
+            hidden,
+            cos,
+            signed_sin,
+            self.weights,
+            *_cache_arguments(attn_inputs, kv_cache),
+            self.num_heads,
+            self.eps,
+            self.scale,
+            self.weight_major,
+            PARALLEL_ATTENTION_WORK,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedGPT2Decode:
+    """torch.ops.mmgpt.gpt2_decode's arguments that stay fixed from step to step."""
+
+    weights: list[torch.Tensor | None]  # per layer, GPT2LayerWeights' pairs flattened
+    scales: list[float]  # per layer
+    num_heads: int
+    eps: float
+    tanh_gelu: bool
+    weight_major: bool
+
+    def run(
+        self,
+        hidden: torch.Tensor,  # [1, hidden], positions already added
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_inputs: AttentionInputs,
+        kv_cache: list[KVCache],
+    ) -> torch.Tensor:  # [1, hidden], before the final norm
+        return torch.ops.mmgpt.gpt2_decode(
+            hidden,
+            self.weights,
+            self.scales,
+            *_cache_arguments(attn_inputs, kv_cache),
+            self.num_heads,
+            self.eps,
+            self.tanh_gelu,
+            self.weight_major,
+            PARALLEL_ATTENTION_WORK,
+        )
+
+
 class FusedDecodeCache:
-    """A decoder's FusedDecode, built on first use and again whenever its layers' products
+    """A decoder's fused step, built on first use and again whenever its layers' products
     change: quantisation and adapters replace them after the model is built."""
 
     def __init__(
         self,
         layers: Sequence[FusableLayer],
-        num_heads: int,
-        eps: float,
+        build: Callable[[Sequence[FusableLayer]], FusedStep | None],
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.layers, self.num_heads, self.eps, self.device = layers, num_heads, eps, device
-        self.enabled = True  # False keeps the torch path (tests compare the two)
+        self.layers, self.build = layers, build
+        self.enabled = device.type == "cpu" and dtype == torch.float32  # False: the torch path
         self._products: list[Product] = []
-        self._fused: FusedDecode | None = None
-        if device.type == "cpu" and dtype == torch.float32:
+        self._fused: FusedStep | None = None
+        if self.enabled:
             cpu_kernels.available()  # built now, while loading, not in the first request
 
-    def get(self) -> FusedDecode | None:
+    def get(self) -> FusedStep | None:
         if not self.enabled:
             return None
         products = [layer.product for layer in self.layers]
@@ -117,36 +169,53 @@ class FusedDecodeCache:
             a is not b for a, b in zip(products, self._products, strict=True)
         ):
             self._products = products
-            self._fused = build_fused_decode(self.layers, self.num_heads, self.eps, self.device)
+            self._fused = self._build()
         return self._fused
 
+    def _build(self) -> FusedStep | None:
+        if not self.layers or _float_product(self.layers[0].product) is None:
+            return None
+        if not cpu_kernels.available():
+            return None
+        try:
+            return self.build(self.layers)
+        except _NotFusable:
+            return None
 
-def build_fused_decode(
-    layers: Sequence[FusableLayer], num_heads: int, eps: float, device: torch.device
-) -> FusedDecode | None:
-    """The kernel's fixed arguments for these layers, or None where it does not apply."""
-    if device.type != "cpu" or not layers:
-        return None
-    float_product = _float_product(layers[0].product)
-    if float_product is None or any(layer.act is not F.silu for layer in layers):
-        return None
-    try:
-        weights = [_plain(getattr(layer.w, f.name)) for layer in layers for f in _fields(layer)]
-    except _NoPlainForm:
-        return None
-    if not cpu_kernels.available():
-        return None
-    return FusedDecode(
-        weights=weights,
+
+def build_llama_decode(
+    layers: Sequence[FusableLayer], num_heads: int, eps: float
+) -> FusedLlamaDecode:
+    if any(layer.act is not F.silu for layer in layers):
+        raise _NotFusable
+    return FusedLlamaDecode(
+        weights=_plain_weights(layers),
         num_heads=num_heads,
         eps=eps,
         scale=layers[0].scale,
-        weight_major=isinstance(float_product, OrientedLinear) and float_product.by_rows[1],
+        weight_major=_one_row_weight_major(layers[0].product),
     )
 
 
-def _fields(layer: FusableLayer) -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(layer.w)  # type: ignore[arg-type]
+def build_gpt2_decode(
+    layers: Sequence[FusableLayer], num_heads: int, eps: float
+) -> FusedGPT2Decode:
+    act = layers[0].act
+    if act not in GPT2_ACTIVATIONS or any(layer.act is not act for layer in layers):
+        raise _NotFusable
+    return FusedGPT2Decode(
+        weights=_plain_weights(layers),
+        scales=[layer.scale for layer in layers],
+        num_heads=num_heads,
+        eps=eps,
+        tanh_gelu=GPT2_ACTIVATIONS[act],
+        weight_major=_one_row_weight_major(layers[0].product),
+    )
+
+
+class _NotFusable(Exception):
+    """A layer the kernel cannot run: another activation, or a weight it cannot read
+    (int8, bfloat16, packed without its plain copy)."""
 
 
 def _float_product(product: Product) -> Product | None:
@@ -156,8 +225,20 @@ def _float_product(product: Product) -> Product | None:
     return product if product is F.linear or isinstance(product, OrientedLinear) else None
 
 
-class _NoPlainForm(Exception):
-    """A weight the kernel cannot read (int8, bfloat16, packed without its plain copy)."""
+def _one_row_weight_major(product: Product) -> bool:
+    float_product = _float_product(product)
+    return isinstance(float_product, OrientedLinear) and float_product.by_rows[1]
+
+
+def _plain_weights(layers: Sequence[FusableLayer]) -> list[torch.Tensor | None]:
+    """Every layer's weights in its dataclass's field order, pairs flattened."""
+    return [_plain(value) for layer in layers for value in _field_values(layer.w)]
+
+
+def _field_values(weights: object) -> Iterator[object]:
+    for field in dataclasses.fields(weights):  # type: ignore[arg-type]
+        value = getattr(weights, field.name)
+        yield from value if isinstance(value, tuple) else (value,)
 
 
 def _plain(value: object) -> torch.Tensor | None:
@@ -165,10 +246,10 @@ def _plain(value: object) -> torch.Tensor | None:
     has none."""
     if isinstance(value, PackedWeight):
         if value.plain is None:
-            raise _NoPlainForm
+            raise _NotFusable
         value = value.plain
     if value is None:
         return None
     if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
         return value.contiguous()
-    raise _NoPlainForm
+    raise _NotFusable

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from transformers import PretrainedConfig
 
 from models.attention import KVCache, paged_attention
 from models.attention_inputs import AttentionInputs
+from models.fused_decode import FusedDecodeCache, build_gpt2_decode, one_stream_decode
 from models.layers import PagedDecoderModel, activation, product_for
 from models.linear import Product
 from models.weights import CheckpointWeights
@@ -97,6 +99,8 @@ class GPT2LMHeadModel(PagedDecoderModel):
             GPT2Layer(i, w, config.n_head, self.eps, _scale(config, i), act, self.product)
             for i, w in enumerate(weights_of_layers)
         ]
+        build = partial(build_gpt2_decode, num_heads=config.n_head, eps=self.eps)
+        self.fused_decode = FusedDecodeCache(self.layers, build, dtype, device)
 
     def _take(self, name: str, *shape: int) -> torch.Tensor:
         return self._weights.take(name, shape, self.dtype, self.device)
@@ -141,8 +145,12 @@ class GPT2LMHeadModel(PagedDecoderModel):
         if image_embeds is not None:
             raise ValueError("this model takes no images")
         hidden = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)
-        for layer, cache in zip(self.layers, kv_cache, strict=True):
-            hidden = layer.forward(hidden, attn_inputs, cache)
+        fused = self.fused_decode.get() if one_stream_decode(hidden, attn_inputs) else None
+        if fused is not None:
+            hidden = fused.run(hidden, None, attn_inputs, kv_cache)
+        else:
+            for layer, cache in zip(self.layers, kv_cache, strict=True):
+                hidden = layer.forward(hidden, attn_inputs, cache)
         return F.layer_norm(hidden, (self.hidden_size,), *self.ln_f, self.eps)
 
 

@@ -40,7 +40,7 @@ def _dataclass_tensors(weights: object) -> Iterator[torch.Tensor]:
                 yield item
 
 
-def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
@@ -50,8 +50,8 @@ FUNCTIONAL_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swish": F.silu,
     "gelu": F.gelu,
     "relu": F.relu,
-    "gelu_new": _tanh_gelu,
-    "gelu_pytorch_tanh": _tanh_gelu,
+    "gelu_new": tanh_gelu,
+    "gelu_pytorch_tanh": tanh_gelu,
 }
 
 

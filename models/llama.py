@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention
 from models.attention_inputs import AttentionInputs
 from models.errors import ModelLoadError
-from models.fused_decode import FusedDecodeCache, one_stream_decode
+from models.fused_decode import FusedDecodeCache, build_llama_decode, one_stream_decode
 from models.layers import PagedDecoderModel, TextOnlyModel, activation, product_for, rms_norm
 from models.linear import Product
 from models.rope import RotaryEmbedding
@@ -179,7 +180,8 @@ class LlamaDecoder(PagedDecoderModel):
             LlamaLayer(i, dims, w, act, self.product) for i, w in enumerate(weights_of_layers)
         ]
         self.rope = RotaryEmbedding(config, dims.head_dim, dims.max_positions, dtype, device)
-        self.fused_decode = FusedDecodeCache(self.layers, dims.num_heads, dims.eps, dtype, device)
+        build = partial(build_llama_decode, num_heads=dims.num_heads, eps=dims.eps)
+        self.fused_decode = FusedDecodeCache(self.layers, build, dtype, device)
         for name in weights.names():
             if name.endswith(IGNORED_SUFFIXES):
                 weights.skip(name)

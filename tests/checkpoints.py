@@ -247,8 +247,8 @@ QWEN2_FIELDS = (
 )
 
 
-def make_tiny_gpt2(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 with tied input/output embeddings."""
+def make_tiny_gpt2(out_dir: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A 2-layer GPT-2 with tied input/output embeddings; `overrides` go to GPT2Config."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(with_image_token=False)
     config = GPT2Config(
@@ -261,6 +261,7 @@ def make_tiny_gpt2(out_dir: str | Path, *, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        **overrides,
     )
     model = GPT2LMHeadModel(config)
     _randomise(model, seed)

@@ -2,8 +2,10 @@
 
 `torch.utils.cpp_extension` builds them once into its cache (~/.cache/torch_extensions,
 or TORCH_EXTENSIONS_DIR) and loads the library, which registers its ops under
-`torch.ops.mmgpt`. Where there is no compiler, or MMGPT_CPU_KERNELS=0, `available()` is
-False and the models keep their torch path: the kernels are a speed-up, never a
+`torch.ops.mmgpt`. An image without a compiler ships the library built beside the same
+torch and names it in MMGPT_CPU_KERNELS_LIBRARY (`python -m models.cpu_kernels` builds
+it and prints its path). Where there is neither, or MMGPT_CPU_KERNELS=0, `available()`
+is False and the models keep their torch path: the kernels are a speed-up, never a
 requirement.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,28 +22,57 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("llama_decode.cpp")]
-DISABLE_VARIABLE = "MMGPT_CPU_KERNELS"
+SOURCES = [Path(__file__).with_name(name) for name in ("llama_decode.cpp", "gpt2_decode.cpp")]
+DISABLE_VARIABLE = "MMGPT_CPU_KERNELS"  # "0": keep the torch path
+LIBRARY_VARIABLE = "MMGPT_CPU_KERNELS_LIBRARY"  # a library built ahead, loaded as it is
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernels are loaded, building them the first time this is asked."""
+def library() -> str | None:
+    """The loaded library's path, building it the first time this is asked; None where
+    the kernels are off or cannot be had."""
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return False
+        return None
     started = time.perf_counter()
     try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            name="mmgpt_cpu_kernels",
-            sources=[str(path) for path in SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for runs on OpenMP
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except (OSError, RuntimeError, ImportError) as error:  # no compiler, or a failed build
+        path = _load_prebuilt(os.environ.get(LIBRARY_VARIABLE, "")) or _build()
+    except Exception as error:  # no compiler, no ninja, a failed build: never fatal
         logger.warning("CPU kernels unavailable, decoding on the torch path: %s", error)
-        return False
-    logger.info("CPU kernels loaded in %.1f s", time.perf_counter() - started)
-    return hasattr(torch.ops.mmgpt, "llama_decode")
+        return None
+    logger.info("CPU kernels loaded from %s in %.1f s", path, time.perf_counter() - started)
+    return path
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _load_prebuilt(path: str) -> str | None:
+    if not path:
+        return None
+    torch.ops.load_library(path)
+    return path
+
+
+def _build() -> str:
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(  # a path when not a module
+        name="mmgpt_cpu_kernels",
+        sources=[str(path) for path in SOURCES],
+        extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for runs on OpenMP
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+
+
+def main() -> None:
+    """Build the library (or load the one named) and print its path."""
+    path = library()
+    if path is None:
+        sys.exit("the CPU kernels could not be built or loaded (see the warning above)")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ import torch
 
 from app.engine.engine_core import EngineCore
 from bench import engine_offline
+from models.fused_decode import FusedGPT2Decode
 
 
 def test_both_contenders_sample_as_asked(
@@ -70,3 +71,27 @@ def test_quantizations_run_side_by_side(
     rows = [line for line in capsys.readouterr().out.splitlines() if "|   1 |" in line]
     labels = [row.split("|")[1].strip() for row in rows]
     assert labels == [f"{tiny_gpt2.name} none", f"{tiny_gpt2.name} int8"]
+
+
+def test_decode_paths_run_side_by_side(
+    tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--decode-paths kernels torch`: the same model with its one-stream kernel and
+    without it, each engine on its own path."""
+    kernel_steps: list[int] = []
+    run = FusedGPT2Decode.run
+
+    def counted(self: FusedGPT2Decode, *args: Any) -> torch.Tensor:
+        kernel_steps.append(1)
+        return run(self, *args)
+
+    monkeypatch.setattr(FusedGPT2Decode, "run", counted)
+    common = ["--models", str(tiny_gpt2), "--batch-sizes", "1", "--prompt-len", "4",
+              "--new-tokens", "3", "--skip-generate"]  # fmt: skip
+    engine_offline.main([*common, "--decode-paths", "torch"])
+    assert kernel_steps == []
+    engine_offline.main([*common, "--decode-paths", "kernels", "torch"])
+    assert kernel_steps  # the kernels' engine decoded through them
+    rows = [line for line in capsys.readouterr().out.splitlines() if "|   1 |" in line]
+    labels = [row.split("|")[1].strip() for row in rows]
+    assert labels[-2:] == [f"{tiny_gpt2.name} kernels", f"{tiny_gpt2.name} torch"]

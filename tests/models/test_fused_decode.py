@@ -3,7 +3,11 @@ and applies only where it can."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,20 +18,22 @@ import models.linear
 import models.quantize
 from models import cpu_kernels, load_model
 from models.base import PagedModel
-from models.fused_decode import FusedDecode
+from models.fused_decode import FusedDecodeCache, FusedGPT2Decode, FusedLlamaDecode
 from models.linear import CALIBRATED_ROWS, OrientedLinear
 from models.lora import enable_lora
+from tests.checkpoints import make_tiny_gpt2, make_tiny_llama
 from tests.models.conftest import CASES
 from tests.models.paged import PagedSession, relative_error
 
 # Llama-family decoders: plain, biased with its own head_dim, Qwen2's q/k/v bias, Qwen3's
-# QK-norm, and a LLaVA's language model.
+# QK-norm, a LLaVA's language model; and GPT-2.
 FUSED_KINDS = (
     "llama_gqa_untied",
     "llama_bias_head_dim",
     "qwen2_qkv_bias",
     "qwen3_qk_norm",
     "llava_clip",
+    "gpt2_tied",
 )
 TOLERANCE = 1e-5  # relative, against the torch path's logits
 NUM_DECODES = 12
@@ -38,17 +44,19 @@ def test_the_kernels_build_on_this_machine() -> None:
 
 
 class CountingRuns:
-    """Counts the kernel's decode steps."""
+    """Counts the kernels' decode steps."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        real = FusedDecode.run
+        for kind in (FusedLlamaDecode, FusedGPT2Decode):
+            monkeypatch.setattr(kind, "run", self._counted(kind.run))
 
-        def counted(fused: FusedDecode, *args: object) -> torch.Tensor:
+    def _counted(self, real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def counted(*args: object) -> torch.Tensor:
             self.count += 1
-            return real(fused, *args)  # type: ignore[arg-type]
+            return real(*args)
 
-        monkeypatch.setattr(FusedDecode, "run", counted)
+        return counted
 
 
 def decode_logits(model: PagedModel, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
@@ -69,11 +77,16 @@ def fused_and_torch_logits(
     info = model.info
     allowed = [t for t in range(3, info.vocab_size) if t != info.image_token_id]
     prompt, tokens = rng.choices(allowed, k=prompt_len), rng.choices(allowed, k=NUM_DECODES)
-    decoder = model.decoder  # type: ignore[attr-defined]
-    decoder.fused_decode.enabled = False
+    cache = fused_decode_of(model)
+    cache.enabled = False
     expected = decode_logits(model, prompt, tokens)
-    decoder.fused_decode.enabled = True
+    cache.enabled = True
     return decode_logits(model, prompt, tokens), expected
+
+
+def fused_decode_of(model: PagedModel) -> FusedDecodeCache:
+    """The model's own cache (GPT-2) or its text decoder's."""
+    return getattr(model, "decoder", model).fused_decode  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("kind", FUSED_KINDS)
@@ -89,7 +102,25 @@ def test_fused_decode_gives_the_torch_paths_logits(
         assert relative_error(ours, reference) < TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa_untied", "qwen3_bias_untied"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"activation_function": "gelu"}, {"scale_attn_by_inverse_layer_idx": True}],
+    ids=["exact_gelu", "scale_by_layer"],
+)
+def test_gpt2_variants(overrides: dict[str, object], tmp_path: Path) -> None:
+    model = load_model(make_tiny_gpt2(tmp_path, **overrides)).model
+    fused, expected = fused_and_torch_logits(model, seed=3)
+    assert fused_decode_of(model).get() is not None
+    for ours, reference in zip(fused, expected, strict=True):
+        assert relative_error(ours, reference) < TOLERANCE
+
+
+def test_an_activation_the_kernel_lacks_keeps_the_torch_path(tmp_path: Path) -> None:
+    model = load_model(make_tiny_llama(tmp_path, hidden_act="gelu")).model
+    assert model.decoder.fused_decode.get() is None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa_untied", "qwen3_bias_untied", "gpt2_tied"])
 def test_packed_weights_taken_weight_major(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,8 +134,8 @@ def test_packed_weights_taken_weight_major(
     model = load_model(make(tmp_path)).model
     assert isinstance(model.product.float_product, OrientedLinear)  # type: ignore[attr-defined]
     fused, expected = fused_and_torch_logits(model, seed=1)
-    build = model.decoder.fused_decode.get()  # type: ignore[attr-defined]
-    assert build is not None and build.weight_major
+    build = fused_decode_of(model).get()
+    assert isinstance(build, FusedLlamaDecode | FusedGPT2Decode) and build.weight_major
     assert runs.count == NUM_DECODES
     for ours, reference in zip(fused, expected, strict=True):
         assert relative_error(ours, reference) < TOLERANCE
@@ -164,11 +195,33 @@ def test_adapters_switch_the_kernel_off(tmp_path: Path) -> None:
 
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
-    cpu_kernels.available.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
         assert not cpu_kernels.available()
     finally:
-        cpu_kernels.available.cache_clear()
+        cpu_kernels.library.cache_clear()
+
+
+def test_a_library_built_ahead_loads_without_a_build(tmp_path: Path) -> None:
+    """What the Docker image does: the library built once, named by its path, loaded in a
+    process whose extension cache is empty (a build would land there)."""
+    built = cpu_kernels.library()
+    assert built is not None
+    empty_cache = tmp_path / "extensions"
+    environment = {
+        **os.environ,
+        cpu_kernels.LIBRARY_VARIABLE: built,
+        "TORCH_EXTENSIONS_DIR": str(empty_cache),
+    }
+    check = "import torch; from models import cpu_kernels; cpu_kernels.main(); " + (
+        "print(torch.ops.mmgpt.llama_decode.default.name())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [built, "mmgpt::llama_decode"]
+    assert not empty_cache.exists()
 
 
 def test_the_kernel_refuses_inputs_it_cannot_read(tmp_path: Path) -> None:

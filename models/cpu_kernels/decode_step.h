@@ -1,0 +1,221 @@
+// What the decode kernels share: vector loops, the products, the paged cache, attention.
+//
+// A kernel runs every layer of one decode step in float32: its products through ATen
+// (MKL, on torch's threads) in the orientation the model chose, everything between them
+// as plain loops over the step's rows.
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#define MMGPT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+MMGPT_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out += weight * x
+MMGPT_SIMD_CLONES void axpy(float* out, float weight, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] += weight * x[i];
+}
+
+// out = x / rms(x) * scale (scale may be null: no scale), statistics in float32
+MMGPT_SIMD_CLONES void rms_norm(float* out, const float* x, const float* scale, int64_t n,
+                                double eps) {
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
+  const float inverse = 1.f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(eps));
+  if (scale == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inverse;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inverse * scale[i];
+  }
+}
+
+// out = (x - mean(x)) / std(x) * scale + bias, the variance biased, as F.layer_norm
+MMGPT_SIMD_CLONES void layer_norm(float* out, const float* x, const float* scale,
+                                  const float* bias, int64_t n, double eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(n);
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < n; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  const float inverse = 1.f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(eps));
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * inverse * scale[i] + bias[i];
+}
+
+// One product's result [rows, out] as read back: plain ([rows, out]) or weight-major
+// ([out, columns], a row is a column).
+struct ProductRows {
+  at::Tensor result;
+  int64_t row_stride, column_stride;
+
+  const float* row(int64_t r) const { return result.data_ptr<float>() + r * row_stride; }
+  float at(int64_t r, int64_t j) const { return row(r)[j * column_stride]; }
+};
+
+// inputs: [columns, in] with the step's rows first and zeros after them.
+ProductRows product(const at::Tensor& inputs, int64_t num_rows, const at::Tensor& weight,
+                    bool weight_major) {
+  if (weight_major) {
+    at::Tensor result = at::mm(weight, inputs.t());  // [out, columns]
+    return {result, 1, inputs.size(0)};
+  }
+  at::Tensor result = at::mm(inputs.narrow(0, 0, num_rows), weight.t());  // [rows, out]
+  return {result, result.size(1), 1};
+}
+
+// Row-major inputs [columns, width] of a product: weight-major pads one row to two with
+// zeros, since a single column would take MKL's one-core GEMV.
+at::Tensor product_inputs(const at::Tensor& hidden, int64_t width, bool weight_major) {
+  const int64_t rows = hidden.size(0);
+  return at::zeros({weight_major ? std::max<int64_t>(rows, 2) : rows, width}, hidden.options());
+}
+
+// hidden [rows, width] += product + bias (bias may be null)
+void add_product(float* hidden, int64_t rows, int64_t width, const ProductRows& product,
+                 const float* bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = hidden + r * width;
+    for (int64_t j = 0; j < width; ++j) row[j] += product.at(r, j) + (bias ? bias[j] : 0.f);
+  }
+}
+
+const float* data_or_null(const c10::optional<at::Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() ? tensor->data_ptr<float>() : nullptr;
+}
+
+struct Shapes {
+  int64_t heads, kv_heads, head_dim, block_size, blocks_per_seq;
+};
+
+// The step's sequences: where each new token goes and which blocks hold each one.
+struct Sequences {
+  const int64_t* slots;      // [rows]
+  const int64_t* block_ids;  // [rows * blocks_per_seq]
+  c10::IntArrayRef lengths;  // tokens per sequence, this step's included
+};
+
+Shapes cache_shapes(const at::Tensor& k_cache, int64_t heads, int64_t rows,
+                    const at::Tensor& block_ids) {
+  return {heads, k_cache.size(2), k_cache.size(3), k_cache.size(1), block_ids.size(0) / rows};
+}
+
+// q, k and v of one row, contiguous, in their final form (biased, normed, rotated).
+struct RowQkv {
+  std::vector<float> q, k, v;
+};
+
+// Splits `all` ([heads + 2 * kv_heads] heads of D) into q, k and v.
+RowQkv split_qkv(const std::vector<float>& all, const Shapes& s) {
+  const int64_t q_width = s.heads * s.head_dim, kv_width = s.kv_heads * s.head_dim;
+  RowQkv out;
+  out.q.assign(all.begin(), all.begin() + q_width);
+  out.k.assign(all.begin() + q_width, all.begin() + q_width + kv_width);
+  out.v.assign(all.begin() + q_width + kv_width, all.end());
+  return out;
+}
+
+// Offset of token t of sequence r's K/V in a cache [blocks, block_size, kv_heads, D].
+int64_t token_offset(const Sequences& seqs, const Shapes& s, int64_t r, int64_t t) {
+  const int64_t block = seqs.block_ids[r * s.blocks_per_seq + t / s.block_size];
+  return ((block * s.block_size) + t % s.block_size) * s.kv_heads * s.head_dim;
+}
+
+void write_kv(const RowQkv& row, float* k_cache, float* v_cache, int64_t slot) {
+  const int64_t offset = slot * static_cast<int64_t>(row.k.size());
+  std::copy(row.k.begin(), row.k.end(), k_cache + offset);
+  std::copy(row.v.begin(), row.v.end(), v_cache + offset);
+}
+
+// Softmax attention of query head h of row r over its sequence; out [D].
+void attend_head(float* out, const float* query, const float* k_cache, const float* v_cache,
+                 const Sequences& seqs, const Shapes& s, int64_t r, int64_t h, float scale,
+                 std::vector<float>& scores) {
+  const int64_t d = s.head_dim, length = seqs.lengths[r];
+  const int64_t kv_head = (h / (s.heads / s.kv_heads)) * d;
+  scores.resize(length);
+  float highest = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < length; ++t) {
+    scores[t] = dot(query, k_cache + token_offset(seqs, s, r, t) + kv_head, d) * scale;
+    highest = std::max(highest, scores[t]);
+  }
+  float total = 0.f;
+  for (int64_t t = 0; t < length; ++t) {
+    scores[t] = std::exp(scores[t] - highest);
+    total += scores[t];
+  }
+  std::fill(out, out + d, 0.f);
+  for (int64_t t = 0; t < length; ++t) {
+    axpy(out, scores[t] / total, v_cache + token_offset(seqs, s, r, t) + kv_head, d);
+  }
+}
+
+// Every row's query heads over their sequences; on torch's threads from `parallel_work`
+// multiply-adds of one product (queries times keys) up. out: [rows, heads * D].
+void attend(float* out, const std::vector<RowQkv>& rows, const float* k_cache,
+            const float* v_cache, const Sequences& seqs, const Shapes& s, float scale,
+            int64_t parallel_work) {
+  const int64_t items = static_cast<int64_t>(rows.size()) * s.heads, d = s.head_dim;
+  int64_t work = 0;
+  for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r) work += seqs.lengths[r];
+  const int64_t grain = work * s.heads * d < parallel_work ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / s.heads, h = item % s.heads;
+      attend_head(out + (r * s.heads + h) * d, rows[r].q.data() + h * d, k_cache, v_cache, seqs,
+                  s, r, h, scale, scores);
+    }
+  });
+}
+
+void check_step(const at::Tensor& hidden, const std::vector<c10::optional<at::Tensor>>& weights,
+                int64_t fields_per_layer, at::TensorList k_caches, at::TensorList v_caches,
+                const at::Tensor& slot_mapping, const at::Tensor& block_ids,
+                c10::IntArrayRef seq_lens) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be [rows, hidden]");
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.device().is_cpu(),
+              "the decode kernels run float32 on the CPU");
+  TORCH_CHECK(static_cast<int64_t>(seq_lens.size()) == hidden.size(0), "one length per row");
+  const int64_t num_layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(num_layers > 0 && v_caches.size() == k_caches.size() &&
+                  static_cast<int64_t>(weights.size()) == num_layers * fields_per_layer,
+              "one set of weights and one cache pair per layer");
+  for (const at::TensorList& caches : {k_caches, v_caches}) {
+    for (const at::Tensor& cache : caches) {
+      TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.is_contiguous() && cache.dim() == 4,
+                  "caches must be contiguous float32 [blocks, block_size, kv_heads, D]");
+    }
+  }
+  for (const auto& weight : weights) {
+    if (weight.has_value() && weight->defined()) {
+      TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous(),
+                  "weights must be contiguous float32");
+    }
+  }
+  for (const at::Tensor& indices : {slot_mapping, block_ids}) {
+    TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous(),
+                "slot_mapping and block_ids must be contiguous int64");
+  }
+}
+
+}  // namespace

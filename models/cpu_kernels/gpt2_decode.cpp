@@ -1,0 +1,111 @@
+// A decode step of GPT-2 on the CPU in float32, all layers in one call: the numbers of
+// models/gpt2.py's layer (layer norms, biased products, no rotary, a GELU MLP), only the
+// order of some float sums differs.
+
+#include <torch/library.h>
+
+#include "decode_step.h"
+
+namespace {
+
+// Entries per layer in the weight list: models.gpt2.GPT2LayerWeights' (weight, bias)
+// pairs, flattened in field order.
+enum Field : int64_t {
+  kNorm1,
+  kNorm1Bias,
+  kQkvWeight,
+  kQkvBias,
+  kOutWeight,
+  kOutBias,
+  kNorm2,
+  kNorm2Bias,
+  kFcInWeight,
+  kFcInBias,
+  kFcOutWeight,
+  kFcOutBias,
+  kFieldsPerLayer,
+};
+
+RowQkv gpt2_row_qkv(const ProductRows& qkv, int64_t r, const float* bias, const Shapes& s) {
+  std::vector<float> all((s.heads + 2 * s.kv_heads) * s.head_dim);
+  for (int64_t j = 0; j < static_cast<int64_t>(all.size()); ++j) all[j] = qkv.at(r, j) + bias[j];
+  return split_qkv(all, s);
+}
+
+float gelu(float x, bool tanh_approximation) {
+  if (tanh_approximation) {  // GPT-2's gelu_new
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;
+    return 0.5f * x * (1.f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+  }
+  return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f));
+}
+
+at::Tensor gpt2_decode(const at::Tensor& hidden_in,
+                       const std::vector<c10::optional<at::Tensor>>& weights,
+                       c10::ArrayRef<double> scales, at::TensorList k_caches,
+                       at::TensorList v_caches, const at::Tensor& slot_mapping,
+                       const at::Tensor& block_ids, c10::IntArrayRef seq_lens, int64_t num_heads,
+                       double eps, bool tanh_gelu, bool weight_major,
+                       int64_t parallel_attention_work) {
+  check_step(hidden_in, weights, kFieldsPerLayer, k_caches, v_caches, slot_mapping, block_ids,
+             seq_lens);
+  TORCH_CHECK(scales.size() == k_caches.size(), "one attention scale per layer");
+  for (const auto& weight : weights) {
+    TORCH_CHECK(weight.has_value() && weight->defined(), "every GPT-2 weight is present");
+  }
+  const int64_t rows = hidden_in.size(0), width = hidden_in.size(1);
+  const Shapes s = cache_shapes(k_caches[0], num_heads, rows, block_ids);
+  const Sequences seqs{slot_mapping.data_ptr<int64_t>(), block_ids.data_ptr<int64_t>(), seq_lens};
+  const int64_t inner = weights[kFcInWeight]->size(0);
+  at::Tensor hidden = hidden_in.clone();
+  at::Tensor normed = product_inputs(hidden, width, weight_major);
+  at::Tensor attended = product_inputs(hidden, s.heads * s.head_dim, weight_major);
+  at::Tensor activated = product_inputs(hidden, inner, weight_major);
+  float* h = hidden.data_ptr<float>();
+
+  for (size_t layer = 0; layer < k_caches.size(); ++layer) {
+    auto w = [&](Field field) -> const at::Tensor& {
+      return *weights[layer * kFieldsPerLayer + field];
+    };
+    auto norm_rows = [&](Field scale, Field bias) {
+      for (int64_t r = 0; r < rows; ++r) {
+        layer_norm(normed.data_ptr<float>() + r * width, h + r * width,
+                   w(scale).data_ptr<float>(), w(bias).data_ptr<float>(), width, eps);
+      }
+    };
+    float* k_cache = k_caches[layer].data_ptr<float>();
+    float* v_cache = v_caches[layer].data_ptr<float>();
+    norm_rows(kNorm1, kNorm1Bias);
+    const ProductRows qkv = product(normed, rows, w(kQkvWeight), weight_major);
+    std::vector<RowQkv> new_rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      new_rows.push_back(gpt2_row_qkv(qkv, r, w(kQkvBias).data_ptr<float>(), s));
+      write_kv(new_rows[r], k_cache, v_cache, seqs.slots[r]);
+    }
+    attend(attended.data_ptr<float>(), new_rows, k_cache, v_cache, seqs, s,
+           static_cast<float>(scales[layer]), parallel_attention_work);
+    add_product(h, rows, width, product(attended, rows, w(kOutWeight), weight_major),
+                w(kOutBias).data_ptr<float>());
+    norm_rows(kNorm2, kNorm2Bias);
+    const ProductRows fc_in = product(normed, rows, w(kFcInWeight), weight_major);
+    const float* fc_in_bias = w(kFcInBias).data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      float* act = activated.data_ptr<float>() + r * inner;
+      for (int64_t j = 0; j < inner; ++j) act[j] = gelu(fc_in.at(r, j) + fc_in_bias[j], tanh_gelu);
+    }
+    add_product(h, rows, width, product(activated, rows, w(kFcOutWeight), weight_major),
+                w(kFcOutBias).data_ptr<float>());
+  }
+  return hidden;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mmgpt, m) {
+  m.def(
+      "gpt2_decode(Tensor hidden, Tensor?[] weights, float[] scales, Tensor[] k_caches, "
+      "Tensor[] v_caches, Tensor slot_mapping, Tensor block_ids, int[] seq_lens, "
+      "int num_heads, float eps, bool tanh_gelu, bool weight_major, "
+      "int parallel_attention_work) -> Tensor",
+      TORCH_FN(gpt2_decode));
+}
