@@ -1,13 +1,14 @@
 """A one-stream decode step in one C++ call (models/cpu_kernels): Llama-family decoders
-and GPT-2, on the CPU in float32.
+and GPT-2, on the CPU with float32 activations.
 
 A single sequence's decode step of a deep, narrow model is mostly Python dispatch: some
 fifty small ops a layer around four matrix products. The kernels run all layers in one
-call instead: the same products through ATen, in the orientation the model's own product
-chose for one row, and plain loops for the rest. They apply where the torch path would
-compute these numbers: plain float32 matrices (or packed ones that keep their plain copy
-for one row), the activation the kernel knows, no adapters, one decode and nothing else
-in the step. Everything else takes the torch path.
+call instead: the same products through ATen (float32 matrices, in the orientation the
+model's own product chose for one row) or FBGEMM (int8 matrices, their rows scaled as
+`FbgemmInt8Weight.linear` scales them), and plain loops for the rest. They apply where
+the torch path would compute these numbers: float32 matrices (plain, or packed with their
+plain copy) or FBGEMM int8 ones, the activation the kernel knows, no adapters, one decode
+and nothing else in the step. Everything else takes the torch path.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import torch.nn.functional as F
 from models import cpu_kernels
 from models.attention import KVCache
 from models.attention_inputs import AttentionInputs
-from models.cpu_weights import PackedWeight, PreparedProduct
+from models.cpu_weights import FbgemmInt8Weight, PackedWeight, PreparedProduct
 from models.layers import tanh_gelu
 from models.linear import OrientedLinear, Product
 
 # Attention runs on torch's threads from this many multiply-adds of its query-key product
 # (every head of the sequence) up; below it a parallel region costs more than it saves.
 PARALLEL_ATTENTION_WORK = 1 << 18
+MATRICES_PER_LAYER = 4  # every kernel's layer: q/k/v, attention output, MLP in, MLP out
 # The activations the GPT-2 kernel computes, and whether each is the tanh approximation.
 GPT2_ACTIVATIONS: dict[Callable[..., Any], bool] = {tanh_gelu: True, F.gelu: False}
 
@@ -80,10 +82,24 @@ def _cache_arguments(attn_inputs: AttentionInputs, kv_cache: list[KVCache]) -> t
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelWeights:
+    """Every layer's weights as the kernels take them."""
+
+    # per layer, in its weights dataclass's field order (pairs flattened): float32 tensors,
+    # None for a weight the layer lacks and for an int8 matrix
+    tensors: list[torch.Tensor | None]
+    int8: list[object]  # FBGEMM's packed int8 matrices, MATRICES_PER_LAYER a layer; or none
+    reduce_range: bool  # how FBGEMM rounds the activations (models/cpu_weights.py)
+
+    def arguments(self) -> tuple[Any, ...]:
+        return self.tensors, self.int8, self.reduce_range
+
+
+@dataclasses.dataclass(frozen=True)
 class FusedLlamaDecode:
     """torch.ops.mmgpt.llama_decode's arguments that stay fixed from step to step."""
 
-    weights: list[torch.Tensor | None]  # per layer, in LlamaLayerWeights' field order
+    weights: KernelWeights
     num_heads: int
     eps: float
     scale: float
@@ -102,7 +118,7 @@ class FusedLlamaDecode:
             hidden,
             cos,
             signed_sin,
-            self.weights,
+            *self.weights.arguments(),
             *_cache_arguments(attn_inputs, kv_cache),
             self.num_heads,
             self.eps,
@@ -116,7 +132,7 @@ class FusedLlamaDecode:
 class FusedGPT2Decode:
     """torch.ops.mmgpt.gpt2_decode's arguments that stay fixed from step to step."""
 
-    weights: list[torch.Tensor | None]  # per layer, GPT2LayerWeights' pairs flattened
+    weights: KernelWeights
     scales: list[float]  # per layer
     num_heads: int
     eps: float
@@ -132,7 +148,7 @@ class FusedGPT2Decode:
     ) -> torch.Tensor:  # [1, hidden], before the final norm
         return torch.ops.mmgpt.gpt2_decode(
             hidden,
-            self.weights,
+            *self.weights.arguments(),
             self.scales,
             *_cache_arguments(attn_inputs, kv_cache),
             self.num_heads,
@@ -189,7 +205,7 @@ def build_llama_decode(
     if any(layer.act is not F.silu for layer in layers):
         raise _NotFusable
     return FusedLlamaDecode(
-        weights=_plain_weights(layers),
+        weights=_kernel_weights(layers),
         num_heads=num_heads,
         eps=eps,
         scale=layers[0].scale,
@@ -204,7 +220,7 @@ def build_gpt2_decode(
     if act not in GPT2_ACTIVATIONS or any(layer.act is not act for layer in layers):
         raise _NotFusable
     return FusedGPT2Decode(
-        weights=_plain_weights(layers),
+        weights=_kernel_weights(layers),
         scales=[layer.scale for layer in layers],
         num_heads=num_heads,
         eps=eps,
@@ -215,7 +231,7 @@ def build_gpt2_decode(
 
 class _NotFusable(Exception):
     """A layer the kernel cannot run: another activation, or a weight it cannot read
-    (int8, bfloat16, packed without its plain copy)."""
+    (bfloat16, the portable int8 form, packed without its plain copy)."""
 
 
 def _float_product(product: Product) -> Product | None:
@@ -230,9 +246,20 @@ def _one_row_weight_major(product: Product) -> bool:
     return isinstance(float_product, OrientedLinear) and float_product.by_rows[1]
 
 
-def _plain_weights(layers: Sequence[FusableLayer]) -> list[torch.Tensor | None]:
-    """Every layer's weights in its dataclass's field order, pairs flattened."""
-    return [_plain(value) for layer in layers for value in _field_values(layer.w)]
+def _kernel_weights(layers: Sequence[FusableLayer]) -> KernelWeights:
+    tensors: list[torch.Tensor | None] = []
+    int8: list[FbgemmInt8Weight] = []
+    for layer in layers:
+        for value in _field_values(layer.w):
+            if isinstance(value, FbgemmInt8Weight):
+                tensors.append(None)
+                int8.append(value)
+            else:
+                tensors.append(_plain(value))
+    if int8 and len(int8) != MATRICES_PER_LAYER * len(layers):
+        raise _NotFusable  # some matrices int8, others not
+    reduce_range = bool(int8) and int8[0].reduce_range
+    return KernelWeights(tensors, [weight.packed for weight in int8], reduce_range)
 
 
 def _field_values(weights: object) -> Iterator[object]:

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
@@ -70,25 +71,91 @@ struct ProductRows {
 
   const float* row(int64_t r) const { return result.data_ptr<float>() + r * row_stride; }
   float at(int64_t r, int64_t j) const { return row(r)[j * column_stride]; }
+  int64_t width() const { return column_stride == 1 ? result.size(1) : result.size(0); }
 };
 
-// inputs: [columns, in] with the step's rows first and zeros after them.
-ProductRows product(const at::Tensor& inputs, int64_t num_rows, const at::Tensor& weight,
-                    bool weight_major) {
-  if (weight_major) {
-    at::Tensor result = at::mm(weight, inputs.t());  // [out, columns]
-    return {result, 1, inputs.size(0)};
+// FBGEMM's int8 product of models/cpu_weights.FbgemmInt8Weight, as its `linear` computes
+// it: each row scaled to a largest magnitude of 1 behind a fixed [-1, 1] row, so that the
+// activations' one quantisation range is [-1, 1] whatever the batch; then scaled back.
+ProductRows int8_product(const at::Tensor& inputs, int64_t num_rows, const c10::IValue& packed,
+                         bool reduce_range) {
+  static const auto linear_dynamic =
+      c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_dynamic", "");
+  const int64_t width = inputs.size(1);
+  at::Tensor scaled = at::zeros({num_rows + 1, width}, inputs.options());
+  float* out = scaled.data_ptr<float>();
+  out[0] = -1.f;
+  out[1] = 1.f;
+  std::vector<float> peaks(num_rows);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const float* row = inputs.data_ptr<float>() + r * width;
+    float peak = 0.f;
+    for (int64_t i = 0; i < width; ++i) peak = std::max(peak, std::abs(row[i]));
+    peaks[r] = std::max(peak, 1e-30f);  // an all-zero row stays zero
+    for (int64_t i = 0; i < width; ++i) out[(r + 1) * width + i] = row[i] / peaks[r];
   }
-  at::Tensor result = at::mm(inputs.narrow(0, 0, num_rows), weight.t());  // [rows, out]
+  std::vector<c10::IValue> stack{scaled, packed, reduce_range};
+  linear_dynamic.callBoxed(&stack);
+  at::Tensor result = stack[0].toTensor().narrow(0, 1, num_rows);  // [rows, out]
+  for (int64_t r = 0; r < num_rows; ++r) {
+    float* row = result.data_ptr<float>() + r * result.size(1);
+    for (int64_t j = 0; j < result.size(1); ++j) row[j] *= peaks[r];
+  }
   return {result, result.size(1), 1};
 }
 
-// Row-major inputs [columns, width] of a product: weight-major pads one row to two with
-// zeros, since a single column would take MKL's one-core GEMV.
-at::Tensor product_inputs(const at::Tensor& hidden, int64_t width, bool weight_major) {
-  const int64_t rows = hidden.size(0);
-  return at::zeros({weight_major ? std::max<int64_t>(rows, 2) : rows, width}, hidden.options());
-}
+// How a kernel multiplies a layer's matrices: float32 ones in the orientation the model
+// chose for its rows, int8 ones (`int8`, kMatricesPerLayer a layer) through FBGEMM.
+constexpr int64_t kMatricesPerLayer = 4;
+
+struct Products {
+  bool weight_major;
+  const std::vector<c10::IValue>& int8;
+  bool reduce_range;
+
+  // inputs: [columns, in] with the step's rows first and zeros after them; `plain` the
+  // float matrix, undefined for an int8 one; `index` the matrix's place in its layer.
+  ProductRows operator()(const at::Tensor& inputs, int64_t num_rows,
+                         const c10::optional<at::Tensor>& plain, size_t layer,
+                         int64_t index) const {
+    if (!int8.empty()) {
+      return int8_product(inputs, num_rows, int8[layer * kMatricesPerLayer + index],
+                          reduce_range);
+    }
+    const at::Tensor& weight = *plain;
+    if (weight_major) {
+      at::Tensor result = at::mm(weight, inputs.t());  // [out, columns]
+      return {result, 1, inputs.size(0)};
+    }
+    at::Tensor result = at::mm(inputs.narrow(0, 0, num_rows), weight.t());  // [rows, out]
+    return {result, result.size(1), 1};
+  }
+
+  // Weight-major float products read one row as two (MKL's one-column GEMV runs on one
+  // core); the other forms take the rows as they are.
+  int64_t columns(int64_t rows) const {
+    return weight_major && int8.empty() ? std::max<int64_t>(rows, 2) : rows;
+  }
+};
+
+// The step's working rows, each [columns, width]: the products' inputs.
+struct StepBuffers {
+  at::Tensor normed, attended, activated;
+
+  StepBuffers(const at::Tensor& hidden, int64_t attended_width, const Products& products) {
+    const int64_t columns = products.columns(hidden.size(0));
+    normed = at::zeros({columns, hidden.size(1)}, hidden.options());
+    attended = at::zeros({columns, attended_width}, hidden.options());
+  }
+
+  // The MLP's inner rows, made once its first product says how wide they are.
+  float* activated_rows(const at::Tensor& hidden, int64_t width) {
+    if (!activated.defined()) {
+      activated = at::zeros({normed.size(0), width}, hidden.options());
+    }
+    return activated.data_ptr<float>();
+  }
+};
 
 // hidden [rows, width] += product + bias (bias may be null)
 void add_product(float* hidden, int64_t rows, int64_t width, const ProductRows& product,
@@ -189,7 +256,8 @@ void attend(float* out, const std::vector<RowQkv>& rows, const float* k_cache,
 }
 
 void check_step(const at::Tensor& hidden, const std::vector<c10::optional<at::Tensor>>& weights,
-                int64_t fields_per_layer, at::TensorList k_caches, at::TensorList v_caches,
+                int64_t fields_per_layer, const std::vector<c10::IValue>& int8,
+                at::TensorList k_caches, at::TensorList v_caches,
                 const at::Tensor& slot_mapping, const at::Tensor& block_ids,
                 c10::IntArrayRef seq_lens) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be [rows, hidden]");
@@ -200,6 +268,8 @@ void check_step(const at::Tensor& hidden, const std::vector<c10::optional<at::Te
   TORCH_CHECK(num_layers > 0 && v_caches.size() == k_caches.size() &&
                   static_cast<int64_t>(weights.size()) == num_layers * fields_per_layer,
               "one set of weights and one cache pair per layer");
+  TORCH_CHECK(int8.empty() || static_cast<int64_t>(int8.size()) == num_layers * kMatricesPerLayer,
+              "int8 matrices: none, or all four of every layer");
   for (const at::TensorList& caches : {k_caches, v_caches}) {
     for (const at::Tensor& cache : caches) {
       TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.is_contiguous() && cache.dim() == 4,

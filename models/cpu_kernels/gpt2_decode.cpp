@@ -42,59 +42,62 @@ float gelu(float x, bool tanh_approximation) {
 
 at::Tensor gpt2_decode(const at::Tensor& hidden_in,
                        const std::vector<c10::optional<at::Tensor>>& weights,
+                       const std::vector<c10::IValue>& int8_matrices, bool reduce_range,
                        c10::ArrayRef<double> scales, at::TensorList k_caches,
                        at::TensorList v_caches, const at::Tensor& slot_mapping,
                        const at::Tensor& block_ids, c10::IntArrayRef seq_lens, int64_t num_heads,
                        double eps, bool tanh_gelu, bool weight_major,
                        int64_t parallel_attention_work) {
-  check_step(hidden_in, weights, kFieldsPerLayer, k_caches, v_caches, slot_mapping, block_ids,
-             seq_lens);
+  check_step(hidden_in, weights, kFieldsPerLayer, int8_matrices, k_caches, v_caches,
+             slot_mapping, block_ids, seq_lens);
   TORCH_CHECK(scales.size() == k_caches.size(), "one attention scale per layer");
-  for (const auto& weight : weights) {
-    TORCH_CHECK(weight.has_value() && weight->defined(), "every GPT-2 weight is present");
-  }
   const int64_t rows = hidden_in.size(0), width = hidden_in.size(1);
   const Shapes s = cache_shapes(k_caches[0], num_heads, rows, block_ids);
   const Sequences seqs{slot_mapping.data_ptr<int64_t>(), block_ids.data_ptr<int64_t>(), seq_lens};
-  const int64_t inner = weights[kFcInWeight]->size(0);
+  const Products product{weight_major, int8_matrices, reduce_range};
   at::Tensor hidden = hidden_in.clone();
-  at::Tensor normed = product_inputs(hidden, width, weight_major);
-  at::Tensor attended = product_inputs(hidden, s.heads * s.head_dim, weight_major);
-  at::Tensor activated = product_inputs(hidden, inner, weight_major);
+  StepBuffers buffers(hidden, s.heads * s.head_dim, product);
   float* h = hidden.data_ptr<float>();
 
   for (size_t layer = 0; layer < k_caches.size(); ++layer) {
-    auto w = [&](Field field) -> const at::Tensor& {
-      return *weights[layer * kFieldsPerLayer + field];
+    auto w = [&](Field field) -> const c10::optional<at::Tensor>& {
+      return weights[layer * kFieldsPerLayer + field];
     };
-    auto norm_rows = [&](Field scale, Field bias) {
+    auto bias = [&](Field field) {
+      TORCH_CHECK(w(field).has_value() && w(field)->defined(), "GPT-2's norms and biases");
+      return w(field)->data_ptr<float>();
+    };
+    auto norm_rows = [&](Field scale, Field shift) {
       for (int64_t r = 0; r < rows; ++r) {
-        layer_norm(normed.data_ptr<float>() + r * width, h + r * width,
-                   w(scale).data_ptr<float>(), w(bias).data_ptr<float>(), width, eps);
+        layer_norm(buffers.normed.data_ptr<float>() + r * width, h + r * width, bias(scale),
+                   bias(shift), width, eps);
       }
     };
     float* k_cache = k_caches[layer].data_ptr<float>();
     float* v_cache = v_caches[layer].data_ptr<float>();
     norm_rows(kNorm1, kNorm1Bias);
-    const ProductRows qkv = product(normed, rows, w(kQkvWeight), weight_major);
+    const ProductRows qkv = product(buffers.normed, rows, w(kQkvWeight), layer, 0);
     std::vector<RowQkv> new_rows;
     for (int64_t r = 0; r < rows; ++r) {
-      new_rows.push_back(gpt2_row_qkv(qkv, r, w(kQkvBias).data_ptr<float>(), s));
+      new_rows.push_back(gpt2_row_qkv(qkv, r, bias(kQkvBias), s));
       write_kv(new_rows[r], k_cache, v_cache, seqs.slots[r]);
     }
-    attend(attended.data_ptr<float>(), new_rows, k_cache, v_cache, seqs, s,
+    attend(buffers.attended.data_ptr<float>(), new_rows, k_cache, v_cache, seqs, s,
            static_cast<float>(scales[layer]), parallel_attention_work);
-    add_product(h, rows, width, product(attended, rows, w(kOutWeight), weight_major),
-                w(kOutBias).data_ptr<float>());
+    add_product(h, rows, width, product(buffers.attended, rows, w(kOutWeight), layer, 1),
+                bias(kOutBias));
     norm_rows(kNorm2, kNorm2Bias);
-    const ProductRows fc_in = product(normed, rows, w(kFcInWeight), weight_major);
-    const float* fc_in_bias = w(kFcInBias).data_ptr<float>();
+    const ProductRows fc_in = product(buffers.normed, rows, w(kFcInWeight), layer, 2);
+    const int64_t inner = fc_in.width();
+    float* activated = buffers.activated_rows(hidden, inner);
+    const float* fc_in_bias = bias(kFcInBias);
     for (int64_t r = 0; r < rows; ++r) {
-      float* act = activated.data_ptr<float>() + r * inner;
-      for (int64_t j = 0; j < inner; ++j) act[j] = gelu(fc_in.at(r, j) + fc_in_bias[j], tanh_gelu);
+      for (int64_t j = 0; j < inner; ++j) {
+        activated[r * inner + j] = gelu(fc_in.at(r, j) + fc_in_bias[j], tanh_gelu);
+      }
     }
-    add_product(h, rows, width, product(activated, rows, w(kFcOutWeight), weight_major),
-                w(kFcOutBias).data_ptr<float>());
+    add_product(h, rows, width, product(buffers.activated, rows, w(kFcOutWeight), layer, 3),
+                bias(kFcOutBias));
   }
   return hidden;
 }
@@ -103,7 +106,8 @@ at::Tensor gpt2_decode(const at::Tensor& hidden_in,
 
 TORCH_LIBRARY_FRAGMENT(mmgpt, m) {
   m.def(
-      "gpt2_decode(Tensor hidden, Tensor?[] weights, float[] scales, Tensor[] k_caches, "
+      "gpt2_decode(Tensor hidden, Tensor?[] weights, Any[] int8_matrices, bool reduce_range, "
+      "float[] scales, Tensor[] k_caches, "
       "Tensor[] v_caches, Tensor slot_mapping, Tensor block_ids, int[] seq_lens, "
       "int num_heads, float eps, bool tanh_gelu, bool weight_major, "
       "int parallel_attention_work) -> Tensor",

@@ -64,12 +64,13 @@ void silu_and_mul(float* activated, const ProductRows& gate_up, const float* bia
 at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
                         const at::Tensor& signed_sin,
                         const std::vector<c10::optional<at::Tensor>>& weights,
+                        const std::vector<c10::IValue>& int8_matrices, bool reduce_range,
                         at::TensorList k_caches, at::TensorList v_caches,
                         const at::Tensor& slot_mapping, const at::Tensor& block_ids,
                         c10::IntArrayRef seq_lens, int64_t num_heads, double eps, double scale,
                         bool weight_major, int64_t parallel_attention_work) {
-  check_step(hidden_in, weights, kFieldsPerLayer, k_caches, v_caches, slot_mapping, block_ids,
-             seq_lens);
+  check_step(hidden_in, weights, kFieldsPerLayer, int8_matrices, k_caches, v_caches,
+             slot_mapping, block_ids, seq_lens);
   const int64_t rows = hidden_in.size(0), width = hidden_in.size(1);
   const Shapes s = cache_shapes(k_caches[0], num_heads, rows, block_ids);
   for (const at::Tensor& table : {cos, signed_sin}) {
@@ -78,12 +79,11 @@ at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
                 "cos and signed_sin must be contiguous float32 [rows, head_dim]");
   }
   const Sequences seqs{slot_mapping.data_ptr<int64_t>(), block_ids.data_ptr<int64_t>(), seq_lens};
-  const int64_t inter = weights[kGateUpWeight]->size(0) / 2;
+  const Products product{weight_major, int8_matrices, reduce_range};
   at::Tensor hidden = hidden_in.clone();
-  at::Tensor normed = product_inputs(hidden, width, weight_major);
-  at::Tensor attended = product_inputs(hidden, s.heads * s.head_dim, weight_major);
-  at::Tensor activated = product_inputs(hidden, inter, weight_major);
+  StepBuffers buffers(hidden, s.heads * s.head_dim, product);
   float* h = hidden.data_ptr<float>();
+  float* normed = buffers.normed.data_ptr<float>();
 
   for (size_t layer = 0; layer < k_caches.size(); ++layer) {
     auto w = [&](Field field) -> const c10::optional<at::Tensor>& {
@@ -92,29 +92,29 @@ at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
     float* k_cache = k_caches[layer].data_ptr<float>();
     float* v_cache = v_caches[layer].data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
-      rms_norm(normed.data_ptr<float>() + r * width, h + r * width,
-               w(kInputNorm)->data_ptr<float>(), width, eps);
+      rms_norm(normed + r * width, h + r * width, w(kInputNorm)->data_ptr<float>(), width, eps);
     }
-    const ProductRows qkv = product(normed, rows, *w(kQkvWeight), weight_major);
+    const ProductRows qkv = product(buffers.normed, rows, w(kQkvWeight), layer, 0);
     std::vector<RowQkv> new_rows;
     for (int64_t r = 0; r < rows; ++r) {
       new_rows.push_back(llama_row_qkv(qkv, r, data_or_null(w(kQkvBias)),
-                                       data_or_null(w(kQkNorm)), cos.data_ptr<float>() + r * s.head_dim,
+                                       data_or_null(w(kQkNorm)),
+                                       cos.data_ptr<float>() + r * s.head_dim,
                                        signed_sin.data_ptr<float>() + r * s.head_dim, s, eps));
       write_kv(new_rows[r], k_cache, v_cache, seqs.slots[r]);
     }
-    attend(attended.data_ptr<float>(), new_rows, k_cache, v_cache, seqs, s,
+    attend(buffers.attended.data_ptr<float>(), new_rows, k_cache, v_cache, seqs, s,
            static_cast<float>(scale), parallel_attention_work);
-    add_product(h, rows, width, product(attended, rows, *w(kOWeight), weight_major),
+    add_product(h, rows, width, product(buffers.attended, rows, w(kOWeight), layer, 1),
                 data_or_null(w(kOBias)));
     for (int64_t r = 0; r < rows; ++r) {
-      rms_norm(normed.data_ptr<float>() + r * width, h + r * width,
-               w(kPostNorm)->data_ptr<float>(), width, eps);
+      rms_norm(normed + r * width, h + r * width, w(kPostNorm)->data_ptr<float>(), width, eps);
     }
-    silu_and_mul(activated.data_ptr<float>(),
-                 product(normed, rows, *w(kGateUpWeight), weight_major),
-                 data_or_null(w(kGateUpBias)), rows, inter);
-    add_product(h, rows, width, product(activated, rows, *w(kDownWeight), weight_major),
+    const ProductRows gate_up = product(buffers.normed, rows, w(kGateUpWeight), layer, 2);
+    const int64_t inter = gate_up.width() / 2;
+    silu_and_mul(buffers.activated_rows(hidden, inter), gate_up, data_or_null(w(kGateUpBias)),
+                 rows, inter);
+    add_product(h, rows, width, product(buffers.activated, rows, w(kDownWeight), layer, 3),
                 data_or_null(w(kDownBias)));
   }
   return hidden;
@@ -125,7 +125,7 @@ at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
 TORCH_LIBRARY_FRAGMENT(mmgpt, m) {
   m.def(
       "llama_decode(Tensor hidden, Tensor cos, Tensor signed_sin, Tensor?[] weights, "
-      "Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, Tensor block_ids, "
+      "Any[] int8_matrices, bool reduce_range, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, Tensor block_ids, "
       "int[] seq_lens, int num_heads, float eps, float scale, bool weight_major, "
       "int parallel_attention_work) -> Tensor",
       TORCH_FN(llama_decode));

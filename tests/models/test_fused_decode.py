@@ -36,6 +36,12 @@ FUSED_KINDS = (
     "gpt2_tied",
 )
 TOLERANCE = 1e-5  # relative, against the torch path's logits
+# An activation that float rounding puts on the other side of an int8 step rounds to the
+# next integer: far below int8's own error (tests/models/test_int8.py), but above float's.
+INT8_TOLERANCE = 1e-2
+# An activation that float rounding puts on the other side of an int8 step rounds to the
+# next integer: far below int8's own error (tests/models/test_int8.py), but above float's.
+INT8_TOLERANCE = 1e-2
 NUM_DECODES = 12
 
 
@@ -173,12 +179,27 @@ def test_several_decodes_in_a_step_take_the_torch_path(
     assert runs.count == 1
 
 
-@pytest.mark.parametrize(("dtype", "quantization"), [("float32", "int8"), ("bfloat16", "none")])
-def test_other_weight_forms_keep_the_torch_path(
-    dtype: str, quantization: str, tmp_path: Path
+@pytest.mark.parametrize("kind", ["llama_bias_head_dim", "qwen3_qk_norm", "gpt2_tied"])
+def test_int8_matrices_through_fbgemm(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With FBGEMM's int8 matrices the kernel calls the same FBGEMM product on rows
+    scaled as `FbgemmInt8Weight.linear` scales them."""
+    runs = CountingRuns(monkeypatch)
+    make, _ = CASES[kind]
+    model = load_model(make(tmp_path), quantization="int8").model
+    build = fused_decode_of(model).get()
+    assert isinstance(build, FusedLlamaDecode | FusedGPT2Decode)
+    assert len(build.weights.int8) == 4 * model.num_layers
+    fused, expected = fused_and_torch_logits(model, seed=4)
+    assert runs.count == NUM_DECODES
+    for ours, reference in zip(fused, expected, strict=True):
+        assert relative_error(ours, reference) < INT8_TOLERANCE
+
+
+def test_bfloat16_keeps_the_torch_path(tmp_path: Path) -> None:
     make, _ = CASES["llama_gqa_untied"]
-    model = load_model(make(tmp_path), dtype=dtype, quantization=quantization).model
+    model = load_model(make(tmp_path), dtype="bfloat16").model
     assert model.decoder.fused_decode.get() is None  # type: ignore[attr-defined]
 
 
