@@ -19,7 +19,8 @@ namespace {
 
 #define MMGPT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-MMGPT_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
+// dot and axpy run inside attention's loops: inlined there, compiled for its clone's target
+inline float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
@@ -27,9 +28,48 @@ MMGPT_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
 }
 
 // out += weight * x
-MMGPT_SIMD_CLONES void axpy(float* out, float weight, const float* x, int64_t n) {
+inline void axpy(float* out, float weight, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] += weight * x[i];
+}
+
+MMGPT_SIMD_CLONES float max_abs(const float* x, int64_t n) {
+  float peak = 0.f;
+#pragma omp simd reduction(max : peak)
+  for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(x[i]));
+  return peak;
+}
+
+// out = x / divisor (a true division, as torch.div)
+MMGPT_SIMD_CLONES void divide(float* out, const float* x, float divisor, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] / divisor;
+}
+
+MMGPT_SIMD_CLONES void multiply(float* x, float factor, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= factor;
+}
+
+// out = silu(gate) * up
+MMGPT_SIMD_CLONES void silu_times(float* out, const float* gate, const float* up, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// out = gelu(x), GPT-2's tanh approximation (gelu_new) or the exact one
+MMGPT_SIMD_CLONES void gelu(float* out, const float* x, int64_t n, bool tanh_approximation) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f, kSqrtHalf = 0.7071067811865476f;
+  if (tanh_approximation) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float cubic = x[i] + 0.044715f * x[i] * x[i] * x[i];
+      out[i] = 0.5f * x[i] * (1.f + std::tanh(kSqrt2OverPi * cubic));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * kSqrtHalf));
+  }
 }
 
 // out = x / rms(x) * scale (scale may be null: no scale), statistics in float32
@@ -68,8 +108,11 @@ MMGPT_SIMD_CLONES void layer_norm(float* out, const float* x, const float* scale
 struct ProductRows {
   at::Tensor result;
   int64_t row_stride, column_stride;
+  int64_t first_row = 0;  // rows of `result` before the step's first (int8's fixed row)
 
-  const float* row(int64_t r) const { return result.data_ptr<float>() + r * row_stride; }
+  const float* row(int64_t r) const {
+    return result.data_ptr<float>() + (r + first_row) * row_stride;
+  }
   float at(int64_t r, int64_t j) const { return row(r)[j * column_stride]; }
   int64_t width() const { return column_stride == 1 ? result.size(1) : result.size(0); }
 };
@@ -78,30 +121,29 @@ struct ProductRows {
 // it: each row scaled to a largest magnitude of 1 behind a fixed [-1, 1] row, so that the
 // activations' one quantisation range is [-1, 1] whatever the batch; then scaled back.
 ProductRows int8_product(const at::Tensor& inputs, int64_t num_rows, const c10::IValue& packed,
-                         bool reduce_range) {
+                         bool reduce_range, at::Tensor& scaled) {
   static const auto linear_dynamic =
       c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_dynamic", "");
   const int64_t width = inputs.size(1);
-  at::Tensor scaled = at::zeros({num_rows + 1, width}, inputs.options());
-  float* out = scaled.data_ptr<float>();
-  out[0] = -1.f;
-  out[1] = 1.f;
+  if (!scaled.defined() || scaled.size(0) != num_rows + 1 || scaled.size(1) != width) {
+    scaled = at::zeros({num_rows + 1, width}, inputs.options());
+    scaled.data_ptr<float>()[0] = -1.f;
+    scaled.data_ptr<float>()[1] = 1.f;
+  }
   std::vector<float> peaks(num_rows);
   for (int64_t r = 0; r < num_rows; ++r) {
     const float* row = inputs.data_ptr<float>() + r * width;
-    float peak = 0.f;
-    for (int64_t i = 0; i < width; ++i) peak = std::max(peak, std::abs(row[i]));
-    peaks[r] = std::max(peak, 1e-30f);  // an all-zero row stays zero
-    for (int64_t i = 0; i < width; ++i) out[(r + 1) * width + i] = row[i] / peaks[r];
+    peaks[r] = std::max(max_abs(row, width), 1e-30f);  // an all-zero row stays zero
+    divide(scaled.data_ptr<float>() + (r + 1) * width, row, peaks[r], width);
   }
   std::vector<c10::IValue> stack{scaled, packed, reduce_range};
   linear_dynamic.callBoxed(&stack);
-  at::Tensor result = stack[0].toTensor().narrow(0, 1, num_rows);  // [rows, out]
+  at::Tensor result = stack[0].toTensor();  // [rows + 1, out], the fixed row first
+  const int64_t out_width = result.size(1);
   for (int64_t r = 0; r < num_rows; ++r) {
-    float* row = result.data_ptr<float>() + r * result.size(1);
-    for (int64_t j = 0; j < result.size(1); ++j) row[j] *= peaks[r];
+    multiply(result.data_ptr<float>() + (r + 1) * out_width, peaks[r], out_width);
   }
-  return {result, result.size(1), 1};
+  return {result, out_width, 1, 1};
 }
 
 // How a kernel multiplies a layer's matrices: float32 ones in the orientation the model
@@ -112,6 +154,8 @@ struct Products {
   bool weight_major;
   const std::vector<c10::IValue>& int8;
   bool reduce_range;
+  // int8's scaled rows, one buffer per input width, kept for the step
+  mutable std::vector<at::Tensor> scaled_rows = std::vector<at::Tensor>(kMatricesPerLayer);
 
   // inputs: [columns, in] with the step's rows first and zeros after them; `plain` the
   // float matrix, undefined for an int8 one; `index` the matrix's place in its layer.
@@ -120,7 +164,7 @@ struct Products {
                          int64_t index) const {
     if (!int8.empty()) {
       return int8_product(inputs, num_rows, int8[layer * kMatricesPerLayer + index],
-                          reduce_range);
+                          reduce_range, scaled_rows[index]);
     }
     const at::Tensor& weight = *plain;
     if (weight_major) {
@@ -201,10 +245,16 @@ RowQkv split_qkv(const std::vector<float>& all, const Shapes& s) {
   return out;
 }
 
-// Offset of token t of sequence r's K/V in a cache [blocks, block_size, kv_heads, D].
-int64_t token_offset(const Sequences& seqs, const Shapes& s, int64_t r, int64_t t) {
-  const int64_t block = seqs.block_ids[r * s.blocks_per_seq + t / s.block_size];
-  return ((block * s.block_size) + t % s.block_size) * s.kv_heads * s.head_dim;
+// Offsets of sequence r's tokens in a cache [blocks, block_size, kv_heads, D], each at
+// its first KV head.
+std::vector<int64_t> token_offsets(const Sequences& seqs, const Shapes& s, int64_t r) {
+  const int64_t length = seqs.lengths[r], token_width = s.kv_heads * s.head_dim;
+  std::vector<int64_t> offsets(length);
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t block = seqs.block_ids[r * s.blocks_per_seq + t / s.block_size];
+    offsets[t] = (block * s.block_size + t % s.block_size) * token_width;
+  }
+  return offsets;
 }
 
 void write_kv(const RowQkv& row, float* k_cache, float* v_cache, int64_t slot) {
@@ -213,44 +263,65 @@ void write_kv(const RowQkv& row, float* k_cache, float* v_cache, int64_t slot) {
   std::copy(row.v.begin(), row.v.end(), v_cache + offset);
 }
 
-// Softmax attention of query head h of row r over its sequence; out [D].
-void attend_head(float* out, const float* query, const float* k_cache, const float* v_cache,
-                 const Sequences& seqs, const Shapes& s, int64_t r, int64_t h, float scale,
-                 std::vector<float>& scores) {
-  const int64_t d = s.head_dim, length = seqs.lengths[r];
-  const int64_t kv_head = (h / (s.heads / s.kv_heads)) * d;
-  scores.resize(length);
-  float highest = -std::numeric_limits<float>::infinity();
+// Softmax attention of the `group` query heads that share one KV head (queries and out
+// [group, D], contiguous) over their sequence's keys and values (`offsets` into the
+// caches, already at that KV head): each key and value is read once for the group.
+// scores: room for [group, length].
+MMGPT_SIMD_CLONES void attend_group(float* out, const float* queries, int64_t group,
+                                    const float* k_cache, const float* v_cache,
+                                    const std::vector<int64_t>& offsets, int64_t d, float scale,
+                                    float* scores) {
+  const int64_t length = static_cast<int64_t>(offsets.size());
   for (int64_t t = 0; t < length; ++t) {
-    scores[t] = dot(query, k_cache + token_offset(seqs, s, r, t) + kv_head, d) * scale;
-    highest = std::max(highest, scores[t]);
+    const float* key = k_cache + offsets[t];
+    for (int64_t g = 0; g < group; ++g) {
+      scores[g * length + t] = dot(queries + g * d, key, d) * scale;
+    }
   }
-  float total = 0.f;
-  for (int64_t t = 0; t < length; ++t) {
-    scores[t] = std::exp(scores[t] - highest);
-    total += scores[t];
+  for (int64_t g = 0; g < group; ++g) {
+    float* head_scores = scores + g * length;
+    float highest = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < length; ++t) highest = std::max(highest, head_scores[t]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < length; ++t) {
+      head_scores[t] = std::exp(head_scores[t] - highest);
+      total += head_scores[t];
+    }
+#pragma omp simd
+    for (int64_t t = 0; t < length; ++t) head_scores[t] /= total;
   }
-  std::fill(out, out + d, 0.f);
+  std::fill(out, out + group * d, 0.f);
   for (int64_t t = 0; t < length; ++t) {
-    axpy(out, scores[t] / total, v_cache + token_offset(seqs, s, r, t) + kv_head, d);
+    const float* value = v_cache + offsets[t];
+    for (int64_t g = 0; g < group; ++g) axpy(out + g * d, scores[g * length + t], value, d);
   }
 }
 
-// Every row's query heads over their sequences; on torch's threads from `parallel_work`
-// multiply-adds of one product (queries times keys) up. out: [rows, heads * D].
+// Every row's query heads over their sequences, one KV head's group at a time; on torch's
+// threads from `parallel_work` multiply-adds of one product (queries times keys) up.
+// out: [rows, heads * D].
 void attend(float* out, const std::vector<RowQkv>& rows, const float* k_cache,
             const float* v_cache, const Sequences& seqs, const Shapes& s, float scale,
             int64_t parallel_work) {
-  const int64_t items = static_cast<int64_t>(rows.size()) * s.heads, d = s.head_dim;
-  int64_t work = 0;
-  for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r) work += seqs.lengths[r];
+  const int64_t num_rows = static_cast<int64_t>(rows.size()), d = s.head_dim;
+  const int64_t items = num_rows * s.kv_heads, group = s.heads / s.kv_heads;
+  std::vector<std::vector<int64_t>> offsets;
+  int64_t work = 0, longest = 0;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    offsets.push_back(token_offsets(seqs, s, r));
+    work += seqs.lengths[r];
+    longest = std::max(longest, seqs.lengths[r]);
+  }
   const int64_t grain = work * s.heads * d < parallel_work ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores(group * longest);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / s.heads, h = item % s.heads;
-      attend_head(out + (r * s.heads + h) * d, rows[r].q.data() + h * d, k_cache, v_cache, seqs,
-                  s, r, h, scale, scores);
+      const int64_t r = item / s.kv_heads, kv_head = item % s.kv_heads;
+      const int64_t first_head = kv_head * group;
+      attend_group(out + (r * s.heads + first_head) * d, rows[r].q.data() + first_head * d,
+                   group, k_cache + kv_head * d, v_cache + kv_head * d, offsets[r], d, scale,
+                   scores.data());
     }
   });
 }

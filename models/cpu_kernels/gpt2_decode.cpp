@@ -32,14 +32,6 @@ RowQkv gpt2_row_qkv(const ProductRows& qkv, int64_t r, const float* bias, const 
   return split_qkv(all, s);
 }
 
-float gelu(float x, bool tanh_approximation) {
-  if (tanh_approximation) {  // GPT-2's gelu_new
-    constexpr float kSqrt2OverPi = 0.7978845608028654f;
-    return 0.5f * x * (1.f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
-  }
-  return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f));
-}
-
 at::Tensor gpt2_decode(const at::Tensor& hidden_in,
                        const std::vector<c10::optional<at::Tensor>>& weights,
                        const std::vector<c10::IValue>& int8_matrices, bool reduce_range,
@@ -91,10 +83,10 @@ at::Tensor gpt2_decode(const at::Tensor& hidden_in,
     const int64_t inner = fc_in.width();
     float* activated = buffers.activated_rows(hidden, inner);
     const float* fc_in_bias = bias(kFcInBias);
+    std::vector<float> biased(inner);
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < inner; ++j) {
-        activated[r * inner + j] = gelu(fc_in.at(r, j) + fc_in_bias[j], tanh_gelu);
-      }
+      for (int64_t j = 0; j < inner; ++j) biased[j] = fc_in.at(r, j) + fc_in_bias[j];
+      gelu(activated + r * inner, biased.data(), inner, tanh_gelu);
     }
     add_product(h, rows, width, product(buffers.activated, rows, w(kFcOutWeight), layer, 3),
                 bias(kFcOutBias));

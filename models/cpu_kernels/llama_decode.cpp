@@ -51,13 +51,10 @@ RowQkv llama_row_qkv(const ProductRows& qkv, int64_t r, const float* bias, const
 // activated [rows, inter] = silu(gate) * up, from gate_up's [gate | up] columns
 void silu_and_mul(float* activated, const ProductRows& gate_up, const float* bias, int64_t rows,
                   int64_t inter) {
+  std::vector<float> biased(2 * inter);
   for (int64_t r = 0; r < rows; ++r) {
-    float* act = activated + r * inter;
-    for (int64_t j = 0; j < inter; ++j) {
-      const float gate = gate_up.at(r, j) + (bias ? bias[j] : 0.f);
-      const float up = gate_up.at(r, j + inter) + (bias ? bias[j + inter] : 0.f);
-      act[j] = gate / (1.f + std::exp(-gate)) * up;
-    }
+    for (int64_t j = 0; j < 2 * inter; ++j) biased[j] = gate_up.at(r, j) + (bias ? bias[j] : 0.f);
+    silu_times(activated + r * inter, biased.data(), biased.data() + inter, inter);
   }
 }
 
@@ -125,7 +122,8 @@ at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
 TORCH_LIBRARY_FRAGMENT(mmgpt, m) {
   m.def(
       "llama_decode(Tensor hidden, Tensor cos, Tensor signed_sin, Tensor?[] weights, "
-      "Any[] int8_matrices, bool reduce_range, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, Tensor block_ids, "
+      "Any[] int8_matrices, bool reduce_range, Tensor[] k_caches, Tensor[] v_caches, "
+      "Tensor slot_mapping, Tensor block_ids, "
       "int[] seq_lens, int num_heads, float eps, float scale, bool weight_major, "
       "int parallel_attention_work) -> Tensor",
       TORCH_FN(llama_decode));
