@@ -59,6 +59,20 @@ RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /build/dist . \
     && chmod -R a+rX,go-w /opt/mmgpt
 
 
+# Stage 3: the CPU decode kernels (models/cpu_kernels), compiled beside the image's own
+# torch, so that the runtime image needs no compiler: it loads the library by its path.
+FROM deps AS kernels
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
+COPY models/ models/
+RUN TORCH_EXTENSIONS_DIR=/build/extensions \
+        /opt/venv/bin/python -m models.cpu_kernels > kernels.txt \
+    && install -D -m 0644 "$(tail -n 1 kernels.txt)" /opt/mmgpt/lib/mmgpt_cpu_kernels.so
+
+
 FROM ${BASE_IMAGE} AS runtime
 
 RUN groupadd --system --gid 10001 mmgpt \
@@ -71,6 +85,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.wh
     && /opt/venv/bin/pip check \
     && rm -rf /tmp/dist
 COPY --from=project /opt/mmgpt /opt/mmgpt
+COPY --from=kernels /opt/mmgpt/lib /opt/mmgpt/lib
 COPY docker/healthcheck.py /usr/local/bin/mmgpt-healthcheck
 
 # Other checkpoints: mount their folder (at /models, say) and point MMGPT_MODEL into it.
@@ -80,7 +95,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     MMGPT_HOST=0.0.0.0 \
     MMGPT_PORT=8000 \
-    MMGPT_MODEL=/opt/mmgpt/checkpoints/mmgpt-scenes
+    MMGPT_MODEL=/opt/mmgpt/checkpoints/mmgpt-scenes \
+    MMGPT_CPU_KERNELS_LIBRARY=/opt/mmgpt/lib/mmgpt_cpu_kernels.so
 
 USER 10001:10001
 WORKDIR /home/mmgpt

@@ -200,6 +200,12 @@ run_stack_check() {
         --mmgpt "http://127.0.0.1:$MMGPT_PUBLISH_PORT" \
         --prometheus "http://127.0.0.1:$PROMETHEUS_PUBLISH_PORT" \
         --deadline "$DEADLINE_SECONDS" "${grafana_args[@]}"
+    # the image's prebuilt CPU decode kernels load (no compiler in the runtime image)
+    local mmgpt_logs
+    mmgpt_logs="$(compose logs --no-color mmgpt)"
+    grep -q "CPU kernels loaded from /opt/mmgpt/lib/" <<<"$mmgpt_logs" \
+        || { log "the mmgpt container did not load its CPU kernels"; return 1; }
+    log "CPU kernels loaded from the image's library"
 }
 
 main() {

@@ -50,7 +50,22 @@ def test_hadolint_catches_a_problem(tmp_path: Path) -> None:
 def test_base_image_is_an_argument_defaulting_to_slim_python() -> None:
     assert "BASE_IMAGE=python:3.11-slim-bookworm" in arguments(DOCKERFILE, "ARG")
     stages = arguments(DOCKERFILE, "FROM")
-    assert stages == ["${BASE_IMAGE} AS deps", "deps AS project", "${BASE_IMAGE} AS runtime"]
+    assert stages == [
+        "${BASE_IMAGE} AS deps",
+        "deps AS project",
+        "deps AS kernels",
+        "${BASE_IMAGE} AS runtime",
+    ]
+
+
+def test_the_runtime_loads_the_kernels_built_beside_its_torch() -> None:
+    """The kernels' stage compiles models/cpu_kernels with the deps stage's torch; the
+    runtime copies the library and names it, so it needs no compiler."""
+    build = " ".join(arguments(DOCKERFILE, "RUN"))
+    assert "python -m models.cpu_kernels" in build
+    assert "--from=kernels /opt/mmgpt/lib /opt/mmgpt/lib" in arguments(DOCKERFILE, "COPY")
+    library = "MMGPT_CPU_KERNELS_LIBRARY=/opt/mmgpt/lib/mmgpt_cpu_kernels.so"
+    assert library in " ".join(arguments(DOCKERFILE, "ENV"))
 
 
 def test_runtime_runs_the_service_as_a_non_root_user() -> None:
