@@ -59,13 +59,14 @@ RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /build/dist . \
     && chmod -R a+rX,go-w /opt/mmgpt
 
 
-# Stage 3: the CPU decode kernels (models/cpu_kernels), compiled beside the image's own
-# torch, so that the runtime image needs no compiler: it loads the library by its path.
+# Stage 3: the CPU decode kernels (models/cpu_kernels), compiled with Debian's g++ (and the
+# ninja package of the requirements) beside the image's own torch, so that the runtime
+# image needs no compiler: it loads the library by its path.
 FROM deps AS kernels
 
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ ninja-build \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 COPY models/ models/
 RUN TORCH_EXTENSIONS_DIR=/build/extensions \

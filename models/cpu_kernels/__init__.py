@@ -11,11 +11,13 @@ requirement.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -57,14 +59,27 @@ def _load_prebuilt(path: str) -> str | None:
 def _build() -> str:
     from torch.utils import cpp_extension
 
-    return cpp_extension.load(  # a path when not a module
-        name="mmgpt_cpu_kernels",
-        sources=[str(path) for path in SOURCES],
-        # at::parallel_for runs on OpenMP; without errno, exp/tanh/erf loops vectorise
-        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    with _interpreter_tools_on_path():
+        return cpp_extension.load(  # a path when not a module
+            name="mmgpt_cpu_kernels",
+            sources=[str(path) for path in SOURCES],
+            # at::parallel_for runs on OpenMP; sqrt needs no errno branch
+            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+
+
+@contextlib.contextmanager
+def _interpreter_tools_on_path() -> Iterator[None]:
+    """cpp_extension looks for ninja on PATH; the ninja package installs it beside this
+    interpreter, which an unactivated virtualenv leaves off PATH."""
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), before])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
 
 
 def main() -> None:
@@ -73,7 +88,3 @@ def main() -> None:
     if path is None:
         sys.exit("the CPU kernels could not be built or loaded (see the warning above)")
     print(path)
-
-
-if __name__ == "__main__":
-    main()

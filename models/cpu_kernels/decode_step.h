@@ -266,11 +266,14 @@ void write_kv(const RowQkv& row, float* k_cache, float* v_cache, int64_t slot) {
 // Softmax attention of the `group` query heads that share one KV head (queries and out
 // [group, D], contiguous) over their sequence's keys and values (`offsets` into the
 // caches, already at that KV head): each key and value is read once for the group.
-// scores: room for [group, length].
-MMGPT_SIMD_CLONES void attend_group(float* out, const float* queries, int64_t group,
-                                    const float* k_cache, const float* v_cache,
-                                    const std::vector<int64_t>& offsets, int64_t d, float scale,
-                                    float* scores) {
+// scores: room for [group, length]. kHeadDim: D where it is known when compiling (the
+// loops over D then unroll), 0 for `head_dim` at run time.
+template <int64_t kHeadDim>
+inline void attend_group_sized(float* out, const float* queries, int64_t group,
+                               const float* k_cache, const float* v_cache,
+                               const std::vector<int64_t>& offsets, int64_t head_dim,
+                               float scale, float* scores) {
+  const int64_t d = kHeadDim > 0 ? kHeadDim : head_dim;
   const int64_t length = static_cast<int64_t>(offsets.size());
   for (int64_t t = 0; t < length; ++t) {
     const float* key = k_cache + offsets[t];
@@ -295,6 +298,22 @@ MMGPT_SIMD_CLONES void attend_group(float* out, const float* queries, int64_t gr
   for (int64_t t = 0; t < length; ++t) {
     const float* value = v_cache + offsets[t];
     for (int64_t g = 0; g < group; ++g) axpy(out + g * d, scores[g * length + t], value, d);
+  }
+}
+
+MMGPT_SIMD_CLONES void attend_group(float* out, const float* queries, int64_t group,
+                                    const float* k_cache, const float* v_cache,
+                                    const std::vector<int64_t>& offsets, int64_t d, float scale,
+                                    float* scores) {
+  switch (d) {  // the common head sizes
+    case 64:
+      attend_group_sized<64>(out, queries, group, k_cache, v_cache, offsets, d, scale, scores);
+      break;
+    case 128:
+      attend_group_sized<128>(out, queries, group, k_cache, v_cache, offsets, d, scale, scores);
+      break;
+    default:
+      attend_group_sized<0>(out, queries, group, k_cache, v_cache, offsets, d, scale, scores);
   }
 }
 

@@ -224,24 +224,29 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_a_library_built_ahead_loads_without_a_build(tmp_path: Path) -> None:
-    """What the Docker image does: the library built once, named by its path, loaded in a
-    process whose extension cache is empty (a build would land there)."""
-    built = cpu_kernels.library()
-    assert built is not None
+    """What the Docker image does: `python -m models.cpu_kernels` builds the library and
+    prints its path; a process that names it loads it with an empty extension cache (a
+    build would land there)."""
+    built = subprocess.run(
+        [sys.executable, "-m", "models.cpu_kernels"], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr
+    library = built.stdout.strip().splitlines()[-1]
+    assert Path(library).is_file()
     empty_cache = tmp_path / "extensions"
     environment = {
         **os.environ,
-        cpu_kernels.LIBRARY_VARIABLE: built,
+        cpu_kernels.LIBRARY_VARIABLE: library,
         "TORCH_EXTENSIONS_DIR": str(empty_cache),
     }
-    check = "import torch; from models import cpu_kernels; cpu_kernels.main(); " + (
+    check = "import torch; from models import cpu_kernels; print(cpu_kernels.library()); " + (
         "print(torch.ops.mmgpt.llama_decode.default.name())"
     )
     result = subprocess.run(
         [sys.executable, "-c", check], env=environment, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [built, "mmgpt::llama_decode"]
+    assert result.stdout.split() == [library, "mmgpt::llama_decode"]
     assert not empty_cache.exists()
 
 
