@@ -189,8 +189,9 @@ class FusedDecodeCache:
         return self._fused
 
     def _build(self) -> FusedStep | None:
-        if not self.layers or _float_product(self.layers[0].product) is None:
-            return None
+        products = (_float_product(layer.product) for layer in self.layers)
+        if not self.layers or any(product is None for product in products):
+            return None  # an adapter's product, or one the kernels do not know
         if not cpu_kernels.available():
             return None
         try:

@@ -214,6 +214,16 @@ def test_adapters_switch_the_kernel_off(tmp_path: Path) -> None:
     assert decoder.fused_decode.get() is None
 
 
+def test_a_foreign_product_in_any_layer_switches_the_kernel_off(tmp_path: Path) -> None:
+    make, _ = CASES["llama_gqa_untied"]
+    decoder = load_model(make(tmp_path)).model.decoder  # type: ignore[attr-defined]
+    assert decoder.fused_decode.get() is not None
+    decoder.layers[-1].product = lambda x, weight, bias=None: torch.nn.functional.linear(
+        x, weight, bias
+    )
+    assert decoder.fused_decode.get() is None
+
+
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_kernels.DISABLE_VARIABLE, "0")
     cpu_kernels.library.cache_clear()
