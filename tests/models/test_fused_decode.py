@@ -8,7 +8,9 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +26,8 @@ from models.lora import enable_lora
 from tests.checkpoints import make_tiny_gpt2, make_tiny_llama
 from tests.models.conftest import CASES
 from tests.models.paged import PagedSession, relative_error
+from tests.qwen_vl_checkpoints import make_tiny_qwen_vl
+from tests.smolvlm_checkpoints import make_tiny_smolvlm
 
 # Llama-family decoders: plain, biased with its own head_dim, Qwen2's q/k/v bias, Qwen3's
 # QK-norm, a LLaVA's language model; and GPT-2.
@@ -92,7 +96,8 @@ def fused_and_torch_logits(
 
 def fused_decode_of(model: PagedModel) -> FusedDecodeCache:
     """The model's own cache (GPT-2) or its text decoder's."""
-    return getattr(model, "decoder", model).fused_decode  # type: ignore[no-any-return]
+    holder: Any = getattr(model, "decoder", model)
+    return holder.fused_decode
 
 
 @pytest.mark.parametrize("kind", FUSED_KINDS)
@@ -109,11 +114,29 @@ def test_fused_decode_gives_the_torch_paths_logits(
 
 
 @pytest.mark.parametrize(
+    "make",
+    [make_tiny_qwen_vl, partial(make_tiny_qwen_vl, family="qwen2_5_vl"), make_tiny_smolvlm],
+    ids=["qwen2_vl", "qwen2_5_vl", "smolvlm"],
+)
+def test_vision_language_decoders(
+    make: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their text decoders are Llama-family ones (Qwen-VL's with multi-section rotary
+    positions, looked up before the kernel is called)."""
+    runs = CountingRuns(monkeypatch)
+    model = load_model(make(tmp_path)).model
+    fused, expected = fused_and_torch_logits(model, seed=5)
+    assert runs.count == NUM_DECODES
+    for ours, reference in zip(fused, expected, strict=True):
+        assert relative_error(ours, reference) < TOLERANCE
+
+
+@pytest.mark.parametrize(
     "overrides",
     [{"activation_function": "gelu"}, {"scale_attn_by_inverse_layer_idx": True}],
     ids=["exact_gelu", "scale_by_layer"],
 )
-def test_gpt2_variants(overrides: dict[str, object], tmp_path: Path) -> None:
+def test_gpt2_variants(overrides: dict[str, Any], tmp_path: Path) -> None:
     model = load_model(make_tiny_gpt2(tmp_path, **overrides)).model
     fused, expected = fused_and_torch_logits(model, seed=3)
     assert fused_decode_of(model).get() is not None
@@ -190,7 +213,7 @@ def test_int8_matrices_through_fbgemm(
     model = load_model(make(tmp_path), quantization="int8").model
     build = fused_decode_of(model).get()
     assert isinstance(build, FusedLlamaDecode | FusedGPT2Decode)
-    assert len(build.weights.int8) == 4 * model.num_layers
+    assert len(build.weights.int8) == 4 * model.info.num_layers
     fused, expected = fused_and_torch_logits(model, seed=4)
     assert runs.count == NUM_DECODES
     for ours, reference in zip(fused, expected, strict=True):
