@@ -115,14 +115,20 @@ def test_fused_decode_gives_the_torch_paths_logits(
 
 @pytest.mark.parametrize(
     "make",
-    [make_tiny_qwen_vl, partial(make_tiny_qwen_vl, family="qwen2_5_vl"), make_tiny_smolvlm],
-    ids=["qwen2_vl", "qwen2_5_vl", "smolvlm"],
+    [
+        make_tiny_qwen_vl,
+        partial(make_tiny_qwen_vl, family="qwen2_5_vl"),
+        partial(make_tiny_qwen_vl, family="qwen3_vl"),
+        make_tiny_smolvlm,
+    ],
+    ids=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm"],
 )
 def test_vision_language_decoders(
     make: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Their text decoders are Llama-family ones (Qwen-VL's with multi-section rotary
-    positions, looked up before the kernel is called)."""
+    positions, looked up before the kernel is called; Qwen3-VL's with QK-norm, and
+    DeepStack only in steps that hold image rows)."""
     runs = CountingRuns(monkeypatch)
     model = load_model(make(tmp_path)).model
     fused, expected = fused_and_torch_logits(model, seed=5)
