@@ -216,8 +216,7 @@ def _form(quantization: str, path: str, args: argparse.Namespace) -> str:
 def on_decode_path(loaded: LoadedModel, path: str) -> LoadedModel:
     """The model with its one-stream decode kernel (models/fused_decode.py) where it has
     one ("kernels"), or switched off ("torch")."""
-    model = loaded.model
-    cache = getattr(getattr(model, "decoder", model), "fused_decode", None)
+    cache = getattr(loaded.model, "fused_decode", None)
     if cache is not None:
         cache.enabled = cache.enabled and path == "kernels"
     return loaded

@@ -14,7 +14,7 @@ and nothing else in the step. Everything else takes the torch path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +24,7 @@ from models import cpu_kernels
 from models.attention import KVCache
 from models.attention_inputs import AttentionInputs
 from models.cpu_weights import FbgemmInt8Weight, PackedWeight, PreparedProduct
-from models.layers import tanh_gelu
+from models.layers import field_values, tanh_gelu
 from models.linear import OrientedLinear, Product
 
 # Attention runs on torch's threads from this many multiply-adds of its query-key product
@@ -61,7 +61,7 @@ class FusedStep(Protocol):
     ) -> torch.Tensor: ...
 
 
-def one_stream_decode(hidden: torch.Tensor, attn_inputs: AttentionInputs) -> bool:
+def _one_stream_decode(hidden: torch.Tensor, attn_inputs: AttentionInputs) -> bool:
     """The step is a single sequence's decode, attended from its cache blocks."""
     if hidden.shape[0] != 1 or attn_inputs.prefills or len(attn_inputs.decode_groups) != 1:
         return False
@@ -177,6 +177,10 @@ class FusedDecodeCache:
         if self.enabled:
             cpu_kernels.available()  # built now, while loading, not in the first request
 
+    def for_step(self, hidden: torch.Tensor, attn_inputs: AttentionInputs) -> FusedStep | None:
+        """The fused step where this step is one for it, else None (the torch path)."""
+        return self.get() if _one_stream_decode(hidden, attn_inputs) else None
+
     def get(self) -> FusedStep | None:
         if not self.enabled:
             return None
@@ -251,7 +255,7 @@ def _kernel_weights(layers: Sequence[FusableLayer]) -> KernelWeights:
     tensors: list[torch.Tensor | None] = []
     int8: list[FbgemmInt8Weight] = []
     for layer in layers:
-        for value in _field_values(layer.w):
+        for value in field_values(layer.w):
             if isinstance(value, FbgemmInt8Weight):
                 tensors.append(None)
                 int8.append(value)
@@ -261,12 +265,6 @@ def _kernel_weights(layers: Sequence[FusableLayer]) -> KernelWeights:
         raise _NotFusable  # some matrices int8, others not
     reduce_range = bool(int8) and int8[0].reduce_range
     return KernelWeights(tensors, [weight.packed for weight in int8], reduce_range)
-
-
-def _field_values(weights: object) -> Iterator[object]:
-    for field in dataclasses.fields(weights):  # type: ignore[arg-type]
-        value = getattr(weights, field.name)
-        yield from value if isinstance(value, tuple) else (value,)
 
 
 def _plain(value: object) -> torch.Tensor | None:

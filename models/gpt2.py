@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from models.attention import KVCache, paged_attention
 from models.attention_inputs import AttentionInputs
-from models.fused_decode import FusedDecodeCache, build_gpt2_decode, one_stream_decode
+from models.fused_decode import FusedDecodeCache, build_gpt2_decode
 from models.layers import PagedDecoderModel, activation, product_for
 from models.linear import Product
 from models.weights import CheckpointWeights
@@ -73,6 +73,7 @@ class GPT2Layer:
 
 class GPT2LMHeadModel(PagedDecoderModel):
     layers: list[GPT2Layer]
+    fused_decode: FusedDecodeCache
 
     def __init__(
         self,
@@ -145,7 +146,7 @@ class GPT2LMHeadModel(PagedDecoderModel):
         if image_embeds is not None:
             raise ValueError("this model takes no images")
         hidden = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)
-        fused = self.fused_decode.get() if one_stream_decode(hidden, attn_inputs) else None
+        fused = self.fused_decode.for_step(hidden, attn_inputs)
         if fused is not None:
             hidden = fused.run(hidden, None, attn_inputs, kv_cache)
         else:

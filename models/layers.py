@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from models.attention_inputs import AttentionInputs
 from models.base import ModelInfo
 from models.errors import ModelLoadError
 from models.linear import PreparedWeight, Product, decode_product, logits
+
+if TYPE_CHECKING:  # models.fused_decode imports this module
+    from models.fused_decode import FusedDecodeCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,11 +36,14 @@ def product_for(layer_weights: Iterable[object], lm_head: torch.Tensor) -> Produ
 
 
 def _dataclass_tensors(weights: object) -> Iterator[torch.Tensor]:
+    return (value for value in field_values(weights) if isinstance(value, torch.Tensor))
+
+
+def field_values(weights: object) -> Iterator[object]:
+    """A layer's weights dataclass's values in field order, (weight, bias) pairs flattened."""
     for field in dataclasses.fields(weights):  # type: ignore[arg-type]
         value = getattr(weights, field.name)
-        for item in value if isinstance(value, tuple) else (value,):
-            if isinstance(item, torch.Tensor):
-                yield item
+        yield from value if isinstance(value, tuple) else (value,)
 
 
 def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +94,7 @@ class PagedDecoderModel:
     lm_head: torch.Tensor | PreparedWeight  # [vocab, hidden]; prepared by models/quantize.py
     product: Product  # the layers' matrix product, chosen for this model (models/linear.py)
     layers: Sequence[DecoderLayer]  # the text decoder's layers
+    fused_decode: FusedDecodeCache | None = None  # the one-stream CPU kernel, where it has one
     image_token_id: int | None = None
     image_seq_length: int = 0
     image_size: int = 0
@@ -102,6 +109,7 @@ class PagedDecoderModel:
         self.vocab_size, self.max_positions = decoder.vocab_size, decoder.max_positions
         self.dtype, self.device, self.lm_head = decoder.dtype, decoder.device, decoder.lm_head
         self.product, self.layers = decoder.product, decoder.layers
+        self.fused_decode = decoder.fused_decode
 
     def forward(
         self,

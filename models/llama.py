@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from models.attention import KVCache, paged_attention
 from models.attention_inputs import AttentionInputs
 from models.errors import ModelLoadError
-from models.fused_decode import FusedDecodeCache, build_llama_decode, one_stream_decode
+from models.fused_decode import FusedDecodeCache, build_llama_decode
 from models.layers import PagedDecoderModel, TextOnlyModel, activation, product_for, rms_norm
 from models.linear import Product
 from models.rope import RotaryEmbedding
@@ -145,6 +145,7 @@ class LlamaDecoder(PagedDecoderModel):
     """Embeddings, layers and final norm of a Llama-family text model, plus its output layer."""
 
     layers: list[LlamaLayer]
+    fused_decode: FusedDecodeCache
 
     def __init__(
         self,
@@ -199,8 +200,8 @@ class LlamaDecoder(PagedDecoderModel):
     ) -> torch.Tensor:
         """The layers over a flat batch; returns final-normed hidden states [T, hidden]."""
         cos_sin = self.rope.lookup(positions)
-        fused = self.fused_decode.get() if one_stream_decode(hidden, attn_inputs) else None
-        if fused is not None and after_layer is None:
+        fused = self.fused_decode.for_step(hidden, attn_inputs) if after_layer is None else None
+        if fused is not None:
             hidden = fused.run(hidden, cos_sin, attn_inputs, kv_cache)
             return rms_norm(hidden, self.norm, self.dims.eps)
         for layer, cache in zip(self.layers, kv_cache, strict=True):

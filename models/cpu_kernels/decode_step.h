@@ -154,7 +154,8 @@ struct Products {
   bool weight_major;
   const std::vector<c10::IValue>& int8;
   bool reduce_range;
-  // int8's scaled rows, one buffer per input width, kept for the step
+  // int8's scaled rows, one buffer per matrix of a layer (so per input width), kept for
+  // the step
   mutable std::vector<at::Tensor> scaled_rows = std::vector<at::Tensor>(kMatricesPerLayer);
 
   // inputs: [columns, in] with the step's rows first and zeros after them; `plain` the
@@ -218,49 +219,67 @@ struct Shapes {
   int64_t heads, kv_heads, head_dim, block_size, blocks_per_seq;
 };
 
-// The step's sequences: where each new token goes and which blocks hold each one.
-struct Sequences {
-  const int64_t* slots;      // [rows]
-  const int64_t* block_ids;  // [rows * blocks_per_seq]
-  c10::IntArrayRef lengths;  // tokens per sequence, this step's included
-};
-
 Shapes cache_shapes(const at::Tensor& k_cache, int64_t heads, int64_t rows,
                     const at::Tensor& block_ids) {
   return {heads, k_cache.size(2), k_cache.size(3), k_cache.size(1), block_ids.size(0) / rows};
 }
 
-// q, k and v of one row, contiguous, in their final form (biased, normed, rotated).
-struct RowQkv {
-  std::vector<float> q, k, v;
+// The step's sequences: where each new token goes, and where each sequence's tokens lie in
+// a layer's cache [blocks, block_size, kv_heads, D]; every layer's cache has the same
+// blocks, so the offsets are worked out once a step.
+struct Sequences {
+  const int64_t* slots;                       // [rows]
+  std::vector<std::vector<int64_t>> offsets;  // per row, each token's at its first KV head
+  int64_t total = 0, longest = 0;             // tokens over all rows, and in the longest
+
+  Sequences(const at::Tensor& slot_mapping, const at::Tensor& block_ids,
+            c10::IntArrayRef lengths, const Shapes& s)
+      : slots(slot_mapping.data_ptr<int64_t>()) {
+    const int64_t* blocks = block_ids.data_ptr<int64_t>();
+    const int64_t token_width = s.kv_heads * s.head_dim;
+    for (size_t r = 0; r < lengths.size(); ++r) {
+      std::vector<int64_t> row(lengths[r]);
+      for (int64_t t = 0; t < lengths[r]; ++t) {
+        const int64_t block = blocks[r * s.blocks_per_seq + t / s.block_size];
+        row[t] = (block * s.block_size + t % s.block_size) * token_width;
+      }
+      offsets.push_back(std::move(row));
+      total += lengths[r];
+      longest = std::max(longest, lengths[r]);
+    }
+  }
 };
 
-// Splits `all` ([heads + 2 * kv_heads] heads of D) into q, k and v.
-RowQkv split_qkv(const std::vector<float>& all, const Shapes& s) {
-  const int64_t q_width = s.heads * s.head_dim, kv_width = s.kv_heads * s.head_dim;
-  RowQkv out;
-  out.q.assign(all.begin(), all.begin() + q_width);
-  out.k.assign(all.begin() + q_width, all.begin() + q_width + kv_width);
-  out.v.assign(all.begin() + q_width + kv_width, all.end());
-  return out;
-}
+// q, k and v of one row in their final form (biased, normed, rotated), one after another:
+// [heads + 2 * kv_heads] heads of D.
+struct RowQkv {
+  std::vector<float> values;
+  int64_t q_width, kv_width;
 
-// Offsets of sequence r's tokens in a cache [blocks, block_size, kv_heads, D], each at
-// its first KV head.
-std::vector<int64_t> token_offsets(const Sequences& seqs, const Shapes& s, int64_t r) {
-  const int64_t length = seqs.lengths[r], token_width = s.kv_heads * s.head_dim;
-  std::vector<int64_t> offsets(length);
-  for (int64_t t = 0; t < length; ++t) {
-    const int64_t block = seqs.block_ids[r * s.blocks_per_seq + t / s.block_size];
-    offsets[t] = (block * s.block_size + t % s.block_size) * token_width;
+  RowQkv(const Shapes& s)
+      : values((s.heads + 2 * s.kv_heads) * s.head_dim),
+        q_width(s.heads * s.head_dim),
+        kv_width(s.kv_heads * s.head_dim) {}
+
+  float* data() { return values.data(); }
+  const float* q() const { return values.data(); }
+  const float* k() const { return q() + q_width; }
+  const float* v() const { return k() + kv_width; }
+};
+
+// Row r of the q/k/v product, plus its bias (may be null).
+RowQkv biased_row(const ProductRows& qkv, int64_t r, const float* bias, const Shapes& s) {
+  RowQkv row(s);
+  float* values = row.data();
+  for (int64_t j = 0; j < static_cast<int64_t>(row.values.size()); ++j) {
+    values[j] = qkv.at(r, j) + (bias ? bias[j] : 0.f);
   }
-  return offsets;
+  return row;
 }
 
 void write_kv(const RowQkv& row, float* k_cache, float* v_cache, int64_t slot) {
-  const int64_t offset = slot * static_cast<int64_t>(row.k.size());
-  std::copy(row.k.begin(), row.k.end(), k_cache + offset);
-  std::copy(row.v.begin(), row.v.end(), v_cache + offset);
+  std::copy(row.k(), row.k() + row.kv_width, k_cache + slot * row.kv_width);
+  std::copy(row.v(), row.v() + row.kv_width, v_cache + slot * row.kv_width);
 }
 
 // Softmax attention of the `group` query heads that share one KV head (queries and out
@@ -323,23 +342,16 @@ MMGPT_SIMD_CLONES void attend_group(float* out, const float* queries, int64_t gr
 void attend(float* out, const std::vector<RowQkv>& rows, const float* k_cache,
             const float* v_cache, const Sequences& seqs, const Shapes& s, float scale,
             int64_t parallel_work) {
-  const int64_t num_rows = static_cast<int64_t>(rows.size()), d = s.head_dim;
-  const int64_t items = num_rows * s.kv_heads, group = s.heads / s.kv_heads;
-  std::vector<std::vector<int64_t>> offsets;
-  int64_t work = 0, longest = 0;
-  for (int64_t r = 0; r < num_rows; ++r) {
-    offsets.push_back(token_offsets(seqs, s, r));
-    work += seqs.lengths[r];
-    longest = std::max(longest, seqs.lengths[r]);
-  }
-  const int64_t grain = work * s.heads * d < parallel_work ? items : 1;
+  const int64_t d = s.head_dim, group = s.heads / s.kv_heads;
+  const int64_t items = static_cast<int64_t>(rows.size()) * s.kv_heads;
+  const int64_t grain = seqs.total * s.heads * d < parallel_work ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * longest);
+    std::vector<float> scores(group * seqs.longest);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / s.kv_heads, kv_head = item % s.kv_heads;
       const int64_t first_head = kv_head * group;
-      attend_group(out + (r * s.heads + first_head) * d, rows[r].q.data() + first_head * d,
-                   group, k_cache + kv_head * d, v_cache + kv_head * d, offsets[r], d, scale,
+      attend_group(out + (r * s.heads + first_head) * d, rows[r].q() + first_head * d, group,
+                   k_cache + kv_head * d, v_cache + kv_head * d, seqs.offsets[r], d, scale,
                    scores.data());
     }
   });

@@ -26,12 +26,6 @@ enum Field : int64_t {
   kFieldsPerLayer,
 };
 
-RowQkv gpt2_row_qkv(const ProductRows& qkv, int64_t r, const float* bias, const Shapes& s) {
-  std::vector<float> all((s.heads + 2 * s.kv_heads) * s.head_dim);
-  for (int64_t j = 0; j < static_cast<int64_t>(all.size()); ++j) all[j] = qkv.at(r, j) + bias[j];
-  return split_qkv(all, s);
-}
-
 at::Tensor gpt2_decode(const at::Tensor& hidden_in,
                        const std::vector<c10::optional<at::Tensor>>& weights,
                        const std::vector<c10::IValue>& int8_matrices, bool reduce_range,
@@ -45,7 +39,7 @@ at::Tensor gpt2_decode(const at::Tensor& hidden_in,
   TORCH_CHECK(scales.size() == k_caches.size(), "one attention scale per layer");
   const int64_t rows = hidden_in.size(0), width = hidden_in.size(1);
   const Shapes s = cache_shapes(k_caches[0], num_heads, rows, block_ids);
-  const Sequences seqs{slot_mapping.data_ptr<int64_t>(), block_ids.data_ptr<int64_t>(), seq_lens};
+  const Sequences seqs(slot_mapping, block_ids, seq_lens, s);
   const Products product{weight_major, int8_matrices, reduce_range};
   at::Tensor hidden = hidden_in.clone();
   StepBuffers buffers(hidden, s.heads * s.head_dim, product);
@@ -71,7 +65,7 @@ at::Tensor gpt2_decode(const at::Tensor& hidden_in,
     const ProductRows qkv = product(buffers.normed, rows, w(kQkvWeight), layer, 0);
     std::vector<RowQkv> new_rows;
     for (int64_t r = 0; r < rows; ++r) {
-      new_rows.push_back(gpt2_row_qkv(qkv, r, bias(kQkvBias), s));
+      new_rows.push_back(biased_row(qkv, r, bias(kQkvBias), s));
       write_kv(new_rows[r], k_cache, v_cache, seqs.slots[r]);
     }
     attend(buffers.attended.data_ptr<float>(), new_rows, k_cache, v_cache, seqs, s,

@@ -28,13 +28,10 @@ enum Field : int64_t {
 RowQkv llama_row_qkv(const ProductRows& qkv, int64_t r, const float* bias, const float* qk_norm,
                      const float* cos, const float* signed_sin, const Shapes& s, double eps) {
   const int64_t d = s.head_dim, half = d / 2;
-  std::vector<float> all((s.heads + 2 * s.kv_heads) * d);
-  for (int64_t j = 0; j < static_cast<int64_t>(all.size()); ++j) {
-    all[j] = qkv.at(r, j) + (bias ? bias[j] : 0.f);
-  }
+  RowQkv row = biased_row(qkv, r, bias, s);
   std::vector<float> rotated(d);
   for (int64_t h = 0; h < s.heads + s.kv_heads; ++h) {  // query heads, then key heads
-    float* head = all.data() + h * d;
+    float* head = row.data() + h * d;
     if (qk_norm != nullptr) {
       rms_norm(head, head, nullptr, d, eps);
       for (int64_t i = 0; i < d; ++i) head[i] *= qk_norm[h * d + i];
@@ -45,7 +42,7 @@ RowQkv llama_row_qkv(const ProductRows& qkv, int64_t r, const float* bias, const
     }
     std::copy(rotated.begin(), rotated.end(), head);
   }
-  return split_qkv(all, s);
+  return row;
 }
 
 // activated [rows, inter] = silu(gate) * up, from gate_up's [gate | up] columns
@@ -75,7 +72,7 @@ at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
                     table.size(0) == rows && table.size(1) == s.head_dim,
                 "cos and signed_sin must be contiguous float32 [rows, head_dim]");
   }
-  const Sequences seqs{slot_mapping.data_ptr<int64_t>(), block_ids.data_ptr<int64_t>(), seq_lens};
+  const Sequences seqs(slot_mapping, block_ids, seq_lens, s);
   const Products product{weight_major, int8_matrices, reduce_range};
   at::Tensor hidden = hidden_in.clone();
   StepBuffers buffers(hidden, s.heads * s.head_dim, product);

@@ -95,9 +95,9 @@ def fused_and_torch_logits(
 
 
 def fused_decode_of(model: PagedModel) -> FusedDecodeCache:
-    """The model's own cache (GPT-2) or its text decoder's."""
-    holder: Any = getattr(model, "decoder", model)
-    return holder.fused_decode
+    cache = getattr(model, "fused_decode", None)
+    assert isinstance(cache, FusedDecodeCache)
+    return cache
 
 
 @pytest.mark.parametrize("kind", FUSED_KINDS)
@@ -152,7 +152,7 @@ def test_gpt2_variants(overrides: dict[str, Any], tmp_path: Path) -> None:
 
 def test_an_activation_the_kernel_lacks_keeps_the_torch_path(tmp_path: Path) -> None:
     model = load_model(make_tiny_llama(tmp_path, hidden_act="gelu")).model
-    assert model.decoder.fused_decode.get() is None  # type: ignore[attr-defined]
+    assert fused_decode_of(model).get() is None
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa_untied", "qwen3_bias_untied", "gpt2_tied"])
@@ -229,7 +229,7 @@ def test_int8_matrices_through_fbgemm(
 def test_bfloat16_keeps_the_torch_path(tmp_path: Path) -> None:
     make, _ = CASES["llama_gqa_untied"]
     model = load_model(make(tmp_path), dtype="bfloat16").model
-    assert model.decoder.fused_decode.get() is None  # type: ignore[attr-defined]
+    assert fused_decode_of(model).get() is None
 
 
 def test_adapters_switch_the_kernel_off(tmp_path: Path) -> None:
@@ -295,7 +295,7 @@ def test_the_kernel_refuses_inputs_it_cannot_read(tmp_path: Path) -> None:
     session = PagedSession(model, block_size=4)
     session.step([(0, [5, 6, 7])])
     attn_inputs, positions = session.attention_inputs([(0, [8])])
-    fused = model.decoder.fused_decode.get()  # type: ignore[attr-defined]
+    fused = fused_decode_of(model).get()
     assert fused is not None
     hidden = model.decoder.embed(torch.tensor([8]))  # type: ignore[attr-defined]
     cos_sin = model.decoder.rope.lookup(positions)  # type: ignore[attr-defined]
