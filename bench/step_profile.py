@@ -109,11 +109,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best counts")
     parser.add_argument("--top", type=int, default=15, help="ops listed by self time")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", default="none", choices=["none", "int8"])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/mmgpt-bench"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    loaded = load_model(resolve_model(args.model, args.cache_dir), dtype=args.dtype)
+    loaded = load_model(
+        resolve_model(args.model, args.cache_dir),
+        dtype=args.dtype,
+        quantization=args.quantization,
+    )
     print(f"{args.model}, torch {torch.__version__}, {args.threads} threads, {args.dtype}, "
+          f"quantization {args.quantization}, "
           f"prompt {args.prompt_len}, {args.steps} steps; share of all aten self time")  # fmt: skip
     for batch_size in args.batch_sizes:
         print_profile(profile_batch(loaded, batch_size, args))

@@ -7,7 +7,10 @@
   quantises its activations to 8 bits dynamically, multiplies in integers, and scales back.
   Every row is scaled to a largest magnitude of 1 first, and a fixed row holding -1 and 1
   rides along, so the one range FBGEMM derives from the whole tensor is [-1, 1] whatever
-  the batch: a row's result depends on that row alone, as it does in float.
+  the batch: a row's result depends on that row alone, as it does in float. With
+  `one_row` it keeps the int8 rows beside (`Int8Rows`): on a CPU with AVX-512 VNNI a
+  one-row product skips FBGEMM's per-call packing for a byte dot product per row
+  (models/cpu_kernels/int8_rows.h), computing the same integers.
 
 A layer's product (`PreparedProduct`) hands these to their own `linear` and every other
 weight to the model's float product.
@@ -15,6 +18,7 @@ weight to the model's float product.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from functools import cache
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from models import cpu_kernels
 from models.linear import PreparedWeight, Product
 
 # The batch size oneDNN lays a packed weight out for: one layout serves every row count,
@@ -57,7 +62,7 @@ class PackedWeight:
 class FbgemmInt8Weight:
     """int8 weights [out, in] in FBGEMM's layout, each row rounded to its own scale."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, one_row: bool = False) -> None:
         self.shape = weight.shape
         float_weight = weight.detach().float()
         scales = (float_weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0).double()
@@ -69,12 +74,19 @@ class FbgemmInt8Weight:
             )
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.reduce_range = _reduce_range()
+        self.rows = (
+            Int8Rows.of(quantized, self.reduce_range)
+            if one_row and cpu_kernels.int8_rows_available()
+            else None
+        )
         # NOTE: kept buffers, shared by every call: one thread at a time (the engine's)
         self._buffer = torch.empty(0)
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat = x.dim() == 2 and x.dtype == torch.float32
+        if self.rows is not None and flat and x.shape[0] == 1:
+            return self.rows.linear(x, bias)
         rows = x if flat else x.reshape(-1, x.shape[-1]).float()
         peaks = torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True)
         peaks.clamp_(min=1e-30)  # an all-zero row stays zero
@@ -109,6 +121,52 @@ class FbgemmInt8Weight:
 
 
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Rows:
+    """An FBGEMM int8 matrix row by row, for torch.ops.mmgpt.int8_linear: the integers
+    FBGEMM multiplies and the float factors it applies, worked out once."""
+
+    weight: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # float32 [out]: the activations' scale times the row's
+    offsets: torch.Tensor  # int32 [out]: the activations' zero point times the row's sum
+    activation_scale: float
+    zero_point: int
+
+    @classmethod
+    def of(cls, quantized: torch.Tensor, reduce_range: bool) -> Int8Rows:
+        """From a per-row qint8 tensor, with the parameters FBGEMM picks for activations
+        in [-1, 1] (FbgemmInt8Weight's rows always span that range)."""
+        if reduce_range:
+            raise ValueError("the VNNI product rounds activations to all 8 bits")
+        activation_scale, zero_point = torch._choose_qparams_per_tensor(
+            torch.tensor([-1.0, 1.0]), reduce_range
+        )
+        weight = quantized.int_repr().contiguous()
+        row_scales = quantized.q_per_channel_scales().float()
+        return cls(
+            weight=weight,
+            scales=torch.tensor(activation_scale, dtype=torch.float32) * row_scales,
+            offsets=(weight.sum(dim=1, dtype=torch.int32) * zero_point).to(torch.int32),
+            activation_scale=activation_scale,
+            zero_point=zero_point,
+        )
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mmgpt.int8_linear(
+            x.contiguous(),
+            self.weight,
+            self.scales,
+            self.offsets,
+            bias,
+            self.activation_scale,
+            self.zero_point,
+        )
+
+    def arguments(self) -> list[torch.Tensor]:
+        """The tensors a decode kernel takes for this matrix."""
+        return [self.weight, self.scales, self.offsets]
 
 
 @cache

@@ -4,8 +4,9 @@ and GPT-2, on the CPU with float32 activations.
 A single sequence's decode step of a deep, narrow model is mostly Python dispatch: some
 fifty small ops a layer around four matrix products. The kernels run all layers in one
 call instead: the same products through ATen (float32 matrices, in the orientation the
-model's own product chose for one row) or FBGEMM (int8 matrices, their rows scaled as
-`FbgemmInt8Weight.linear` scales them), and plain loops for the rest. They apply where
+model's own product chose for one row) or, for int8 matrices, FBGEMM's integer product
+(rows scaled as `FbgemmInt8Weight.linear` scales them) or the VNNI one computing the same
+integers, and plain loops for the rest. They apply where
 the torch path would compute these numbers: float32 matrices (plain, or packed with their
 plain copy) or FBGEMM int8 ones, the activation the kernel knows, no adapters, one decode
 and nothing else in the step. Everything else takes the torch path.
@@ -14,6 +15,7 @@ and nothing else in the step. Everything else takes the torch path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -83,16 +85,33 @@ def _cache_arguments(attn_inputs: AttentionInputs, kv_cache: list[KVCache]) -> t
 
 @dataclasses.dataclass(frozen=True)
 class KernelWeights:
-    """Every layer's weights as the kernels take them."""
+    """Every layer's weights as the kernels take them (torch.classes.mmgpt.DecodeWeights)."""
 
     # per layer, in its weights dataclass's field order (pairs flattened): float32 tensors,
     # None for a weight the layer lacks and for an int8 matrix
     tensors: list[torch.Tensor | None]
     int8: list[object]  # FBGEMM's packed int8 matrices, MATRICES_PER_LAYER a layer; or none
     reduce_range: bool  # how FBGEMM rounds the activations (models/cpu_weights.py)
+    weight_major: bool  # float32 products take one row as weight @ row (OrientedLinear)
+    # the same matrices as Int8Rows' tensors, three a matrix, where every one has them:
+    # the kernel then multiplies them itself (VNNI) instead of calling FBGEMM
+    int8_rows: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    activation_scale: float = 1.0  # the rows' activation rounding
+    zero_point: int = 0
 
-    def arguments(self) -> tuple[Any, ...]:
-        return self.tensors, self.int8, self.reduce_range
+    @functools.cached_property
+    def script_object(self) -> object:
+        """The weights in one object, made once: a step passes it instead of the lists,
+        whose hundreds of items each cost a conversion per call."""
+        return torch.classes.mmgpt.DecodeWeights(
+            self.tensors,
+            self.int8,
+            self.reduce_range,
+            self.int8_rows,
+            self.activation_scale,
+            self.zero_point,
+            self.weight_major,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +122,6 @@ class FusedLlamaDecode:
     num_heads: int
     eps: float
     scale: float
-    weight_major: bool
 
     def run(
         self,
@@ -118,12 +136,11 @@ class FusedLlamaDecode:
             hidden,
             cos,
             signed_sin,
-            *self.weights.arguments(),
+            self.weights.script_object,
             *_cache_arguments(attn_inputs, kv_cache),
             self.num_heads,
             self.eps,
             self.scale,
-            self.weight_major,
             PARALLEL_ATTENTION_WORK,
         )
 
@@ -137,7 +154,6 @@ class FusedGPT2Decode:
     num_heads: int
     eps: float
     tanh_gelu: bool
-    weight_major: bool
 
     def run(
         self,
@@ -148,13 +164,12 @@ class FusedGPT2Decode:
     ) -> torch.Tensor:  # [1, hidden], before the final norm
         return torch.ops.mmgpt.gpt2_decode(
             hidden,
-            *self.weights.arguments(),
+            self.weights.script_object,
             self.scales,
             *_cache_arguments(attn_inputs, kv_cache),
             self.num_heads,
             self.eps,
             self.tanh_gelu,
-            self.weight_major,
             PARALLEL_ATTENTION_WORK,
         )
 
@@ -214,7 +229,6 @@ def build_llama_decode(
         num_heads=num_heads,
         eps=eps,
         scale=layers[0].scale,
-        weight_major=_one_row_weight_major(layers[0].product),
     )
 
 
@@ -230,7 +244,6 @@ def build_gpt2_decode(
         num_heads=num_heads,
         eps=eps,
         tanh_gelu=GPT2_ACTIVATIONS[act],
-        weight_major=_one_row_weight_major(layers[0].product),
     )
 
 
@@ -263,8 +276,23 @@ def _kernel_weights(layers: Sequence[FusableLayer]) -> KernelWeights:
                 tensors.append(_plain(value))
     if int8 and len(int8) != MATRICES_PER_LAYER * len(layers):
         raise _NotFusable  # some matrices int8, others not
-    reduce_range = bool(int8) and int8[0].reduce_range
-    return KernelWeights(tensors, [weight.packed for weight in int8], reduce_range)
+    weights = KernelWeights(
+        tensors=tensors,
+        int8=[weight.packed for weight in int8],
+        reduce_range=bool(int8) and int8[0].reduce_range,
+        weight_major=_one_row_weight_major(layers[0].product),
+    )
+    rows = [weight.rows for weight in int8]
+    if not int8 or any(matrix is None for matrix in rows):
+        return weights
+    first = rows[0]
+    assert first is not None
+    return dataclasses.replace(
+        weights,
+        int8_rows=[tensor for matrix in rows if matrix for tensor in matrix.arguments()],
+        activation_scale=first.activation_scale,
+        zero_point=first.zero_point,
+    )
 
 
 def _plain(value: object) -> torch.Tensor | None:

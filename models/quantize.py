@@ -3,8 +3,9 @@
 - "int8": every matrix of the decoder's layers (q/k/v, o, gate/up, down; GPT-2's c_attn,
   c_proj, c_fc) becomes int8 with one scale per output row. On a CPU with FBGEMM that is
   `FbgemmInt8Weight` (integer products, activations quantised per row) and the output
-  layer goes int8 too; elsewhere `Int8Weight`, widened at each product, and the output
-  layer stays in the model's dtype.
+  layer goes int8 too; where the CPU has VNNI each matrix keeps its int8 rows beside,
+  for one-row products, up to KEEP_PLAIN_MAX_BYTES of them. Elsewhere `Int8Weight`,
+  widened at each product, and the output layer stays in the model's dtype.
 - "none": on the CPU, float32 and bfloat16 matrices that stream from memory at every
   step go into oneDNN's packed layout (`PackedWeight`), the output layer too; float32
   ones keep their plain form for one-row products up to KEEP_PLAIN_MAX_BYTES. On a GPU,
@@ -30,8 +31,8 @@ from models.linear import STREAMED_WEIGHT_BYTES, Int8Weight, PreparedWeight
 QUANTIZATIONS = ("none", "int8")
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many bytes of layer matrices a packed float32 model keeps its plain weights
-# too, for one-row products (models/cpu_weights.py): twice the memory for faster single
-# streams; a bigger model keeps only the packed ones.
+# too, and an FBGEMM int8 one its int8 rows, for one-row products (models/cpu_weights.py):
+# twice the memory for faster single streams; a bigger model keeps only the packed ones.
 KEEP_PLAIN_MAX_BYTES = 2 << 30
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ def prepare_decoder(model: PagedDecoderModel, quantization: str) -> None:
     on_cpu = model.device.type == "cpu"
     if quantization == "int8":
         fbgemm = on_cpu and FbgemmInt8Weight.available()
-        _prepare_layers(model, FbgemmInt8Weight if fbgemm else Int8Weight.quantize)
+        int8_bytes = _layer_bytes(model) // model.dtype.itemsize
+        fbgemm_int8 = partial(FbgemmInt8Weight, one_row=int8_bytes <= KEEP_PLAIN_MAX_BYTES)
+        _prepare_layers(model, fbgemm_int8 if fbgemm else Int8Weight.quantize)
         if fbgemm:
-            _prepare_output_layer(model, FbgemmInt8Weight)
+            _prepare_output_layer(model, fbgemm_int8)
         logger.info(
             "int8 weights (%s) in %d decoder layers; the output layer %s",
             "FBGEMM" if fbgemm else "widened at each product",

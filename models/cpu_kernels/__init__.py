@@ -24,7 +24,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("llama_decode.cpp", "gpt2_decode.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("decode_weights.cpp", "llama_decode.cpp", "gpt2_decode.cpp", "int8_linear.cpp")
+]
 DISABLE_VARIABLE = "MMGPT_CPU_KERNELS"  # "0": keep the torch path
 LIBRARY_VARIABLE = "MMGPT_CPU_KERNELS_LIBRARY"  # a library built ahead, loaded as it is
 
@@ -47,6 +50,12 @@ def library() -> str | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def int8_rows_available() -> bool:
+    """The VNNI int8 product (int8_rows.h) runs here: the kernels load and the CPU has
+    AVX-512 VNNI."""
+    return available() and bool(torch.ops.mmgpt.int8_linear_available())
 
 
 def _load_prebuilt(path: str) -> str | None:

@@ -9,11 +9,52 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "int8_rows.h"
+
+namespace mmgpt {
+
+// A decoder's weights as its kernel reads them (models/fused_decode.KernelWeights), checked
+// once when built: a step then passes one object, not hundreds of list items to convert.
+struct DecodeWeights : torch::CustomClassHolder {
+  // per layer, in its weights dataclass's field order: float32 tensors, none for a weight
+  // the layer lacks and for an int8 matrix
+  std::vector<c10::optional<at::Tensor>> tensors;
+  std::vector<c10::IValue> int8;  // FBGEMM's packed int8 matrices, four a layer, or none
+  bool reduce_range;              // how FBGEMM rounds their activations
+  // the same matrices for the VNNI product (weight, scales, offsets a matrix), or none
+  std::vector<at::Tensor> int8_rows;
+  double activation_scale;
+  int64_t zero_point;
+  bool weight_major;  // float32 products take one row as weight @ row
+
+  DecodeWeights(std::vector<c10::optional<at::Tensor>> tensors, std::vector<c10::IValue> int8,
+                bool reduce_range, std::vector<at::Tensor> int8_rows, double activation_scale,
+                int64_t zero_point, bool weight_major)
+      : tensors(std::move(tensors)),
+        int8(std::move(int8)),
+        reduce_range(reduce_range),
+        int8_rows(std::move(int8_rows)),
+        activation_scale(activation_scale),
+        zero_point(zero_point),
+        weight_major(weight_major) {
+    for (const auto& weight : this->tensors) {
+      if (weight.has_value() && weight->defined()) {
+        TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
+                        weight->device().is_cpu(),
+                    "weights must be contiguous float32 on the CPU");
+      }
+    }
+  }
+};
+
+}  // namespace mmgpt
 
 namespace {
 
@@ -147,28 +188,55 @@ ProductRows int8_product(const at::Tensor& inputs, int64_t num_rows, const c10::
 }
 
 // How a kernel multiplies a layer's matrices: float32 ones in the orientation the model
-// chose for its rows, int8 ones (`int8`, kMatricesPerLayer a layer) through FBGEMM.
+// chose for its rows, int8 ones (kMatricesPerLayer a layer) by the VNNI row product where
+// they come as rows (`int8_rows`), else through FBGEMM (`int8`).
 constexpr int64_t kMatricesPerLayer = 4;
+constexpr int64_t kTensorsPerInt8Rows = 3;  // weight, scales, offsets
+
+std::vector<Int8Rows> all_int8_rows(const std::vector<at::Tensor>& tensors) {
+  TORCH_CHECK(tensors.size() % kTensorsPerInt8Rows == 0, "int8 rows: three tensors a matrix");
+  std::vector<Int8Rows> matrices;
+  for (size_t i = 0; i < tensors.size(); i += kTensorsPerInt8Rows) {
+    matrices.push_back(int8_rows(tensors[i], tensors[i + 1], tensors[i + 2]));
+  }
+  return matrices;
+}
 
 struct Products {
-  bool weight_major;
-  const std::vector<c10::IValue>& int8;
-  bool reduce_range;
+  const mmgpt::DecodeWeights& weights;
+  std::vector<Int8Rows> int8_rows;
+  ActivationRounding rounding;
   // int8's scaled rows, one buffer per matrix of a layer (so per input width), kept for
   // the step
   mutable std::vector<at::Tensor> scaled_rows = std::vector<at::Tensor>(kMatricesPerLayer);
+
+  explicit Products(const mmgpt::DecodeWeights& weights)
+      : weights(weights),
+        int8_rows(all_int8_rows(weights.int8_rows)),
+        rounding{1.f / static_cast<float>(weights.activation_scale),
+                 static_cast<int32_t>(weights.zero_point)} {}
+
+  bool is_int8() const { return !weights.int8.empty() || !int8_rows.empty(); }
 
   // inputs: [columns, in] with the step's rows first and zeros after them; `plain` the
   // float matrix, undefined for an int8 one; `index` the matrix's place in its layer.
   ProductRows operator()(const at::Tensor& inputs, int64_t num_rows,
                          const c10::optional<at::Tensor>& plain, size_t layer,
                          int64_t index) const {
-    if (!int8.empty()) {
-      return int8_product(inputs, num_rows, int8[layer * kMatricesPerLayer + index],
-                          reduce_range, scaled_rows[index]);
+    const size_t matrix = layer * kMatricesPerLayer + index;
+    if (!int8_rows.empty()) {
+      const Int8Rows& m = int8_rows[matrix];
+      at::Tensor result = at::empty({num_rows, m.out}, inputs.options());
+      int8_rows_product(result.data_ptr<float>(), inputs.data_ptr<float>(), num_rows, m,
+                        rounding, nullptr);
+      return {result, m.out, 1};
+    }
+    if (!weights.int8.empty()) {
+      return int8_product(inputs, num_rows, weights.int8[matrix], weights.reduce_range,
+                          scaled_rows[index]);
     }
     const at::Tensor& weight = *plain;
-    if (weight_major) {
+    if (weights.weight_major) {
       at::Tensor result = at::mm(weight, inputs.t());  // [out, columns]
       return {result, 1, inputs.size(0)};
     }
@@ -179,7 +247,7 @@ struct Products {
   // Weight-major float products read one row as two (MKL's one-column GEMV runs on one
   // core); the other forms take the rows as they are.
   int64_t columns(int64_t rows) const {
-    return weight_major && int8.empty() ? std::max<int64_t>(rows, 2) : rows;
+    return weights.weight_major && !is_int8() ? std::max<int64_t>(rows, 2) : rows;
   }
 };
 
@@ -357,31 +425,27 @@ void attend(float* out, const std::vector<RowQkv>& rows, const float* k_cache,
   });
 }
 
-void check_step(const at::Tensor& hidden, const std::vector<c10::optional<at::Tensor>>& weights,
-                int64_t fields_per_layer, const std::vector<c10::IValue>& int8,
-                at::TensorList k_caches, at::TensorList v_caches,
-                const at::Tensor& slot_mapping, const at::Tensor& block_ids,
-                c10::IntArrayRef seq_lens) {
+// The step's inputs, and that the weights are a whole number of this kernel's layers.
+void check_step(const at::Tensor& hidden, const Products& products, int64_t fields_per_layer,
+                at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& slot_mapping,
+                const at::Tensor& block_ids, c10::IntArrayRef seq_lens) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be [rows, hidden]");
   TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.device().is_cpu(),
               "the decode kernels run float32 on the CPU");
   TORCH_CHECK(static_cast<int64_t>(seq_lens.size()) == hidden.size(0), "one length per row");
   const int64_t num_layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(num_layers > 0 && v_caches.size() == k_caches.size() &&
-                  static_cast<int64_t>(weights.size()) == num_layers * fields_per_layer,
+                  static_cast<int64_t>(products.weights.tensors.size()) ==
+                      num_layers * fields_per_layer,
               "one set of weights and one cache pair per layer");
-  TORCH_CHECK(int8.empty() || static_cast<int64_t>(int8.size()) == num_layers * kMatricesPerLayer,
-              "int8 matrices: none, or all four of every layer");
+  for (const size_t count : {products.weights.int8.size(), products.int8_rows.size()}) {
+    TORCH_CHECK(count == 0 || static_cast<int64_t>(count) == num_layers * kMatricesPerLayer,
+                "int8 matrices: none, or all four of every layer");
+  }
   for (const at::TensorList& caches : {k_caches, v_caches}) {
     for (const at::Tensor& cache : caches) {
       TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.is_contiguous() && cache.dim() == 4,
                   "caches must be contiguous float32 [blocks, block_size, kv_heads, D]");
-    }
-  }
-  for (const auto& weight : weights) {
-    if (weight.has_value() && weight->defined()) {
-      TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous(),
-                  "weights must be contiguous float32");
     }
   }
   for (const at::Tensor& indices : {slot_mapping, block_ids}) {

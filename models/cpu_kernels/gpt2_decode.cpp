@@ -27,20 +27,19 @@ enum Field : int64_t {
 };
 
 at::Tensor gpt2_decode(const at::Tensor& hidden_in,
-                       const std::vector<c10::optional<at::Tensor>>& weights,
-                       const std::vector<c10::IValue>& int8_matrices, bool reduce_range,
+                       const c10::intrusive_ptr<mmgpt::DecodeWeights>& decode_weights,
                        c10::ArrayRef<double> scales, at::TensorList k_caches,
                        at::TensorList v_caches, const at::Tensor& slot_mapping,
                        const at::Tensor& block_ids, c10::IntArrayRef seq_lens, int64_t num_heads,
-                       double eps, bool tanh_gelu, bool weight_major,
-                       int64_t parallel_attention_work) {
-  check_step(hidden_in, weights, kFieldsPerLayer, int8_matrices, k_caches, v_caches,
-             slot_mapping, block_ids, seq_lens);
+                       double eps, bool tanh_gelu, int64_t parallel_attention_work) {
+  const Products product(*decode_weights);
+  check_step(hidden_in, product, kFieldsPerLayer, k_caches, v_caches, slot_mapping, block_ids,
+             seq_lens);
+  const auto& weights = decode_weights->tensors;
   TORCH_CHECK(scales.size() == k_caches.size(), "one attention scale per layer");
   const int64_t rows = hidden_in.size(0), width = hidden_in.size(1);
   const Shapes s = cache_shapes(k_caches[0], num_heads, rows, block_ids);
   const Sequences seqs(slot_mapping, block_ids, seq_lens, s);
-  const Products product{weight_major, int8_matrices, reduce_range};
   at::Tensor hidden = hidden_in.clone();
   StepBuffers buffers(hidden, s.heads * s.head_dim, product);
   float* h = hidden.data_ptr<float>();
@@ -92,10 +91,9 @@ at::Tensor gpt2_decode(const at::Tensor& hidden_in,
 
 TORCH_LIBRARY_FRAGMENT(mmgpt, m) {
   m.def(
-      "gpt2_decode(Tensor hidden, Tensor?[] weights, Any[] int8_matrices, bool reduce_range, "
-      "float[] scales, Tensor[] k_caches, "
-      "Tensor[] v_caches, Tensor slot_mapping, Tensor block_ids, int[] seq_lens, "
-      "int num_heads, float eps, bool tanh_gelu, bool weight_major, "
+      "gpt2_decode(Tensor hidden, __torch__.torch.classes.mmgpt.DecodeWeights weights, "
+      "float[] scales, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
+      "Tensor block_ids, int[] seq_lens, int num_heads, float eps, bool tanh_gelu, "
       "int parallel_attention_work) -> Tensor",
       TORCH_FN(gpt2_decode));
 }

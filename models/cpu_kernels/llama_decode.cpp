@@ -57,14 +57,15 @@ void silu_and_mul(float* activated, const ProductRows& gate_up, const float* bia
 
 at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
                         const at::Tensor& signed_sin,
-                        const std::vector<c10::optional<at::Tensor>>& weights,
-                        const std::vector<c10::IValue>& int8_matrices, bool reduce_range,
+                        const c10::intrusive_ptr<mmgpt::DecodeWeights>& decode_weights,
                         at::TensorList k_caches, at::TensorList v_caches,
                         const at::Tensor& slot_mapping, const at::Tensor& block_ids,
                         c10::IntArrayRef seq_lens, int64_t num_heads, double eps, double scale,
-                        bool weight_major, int64_t parallel_attention_work) {
-  check_step(hidden_in, weights, kFieldsPerLayer, int8_matrices, k_caches, v_caches,
-             slot_mapping, block_ids, seq_lens);
+                        int64_t parallel_attention_work) {
+  const Products product(*decode_weights);
+  check_step(hidden_in, product, kFieldsPerLayer, k_caches, v_caches, slot_mapping, block_ids,
+             seq_lens);
+  const auto& weights = decode_weights->tensors;
   const int64_t rows = hidden_in.size(0), width = hidden_in.size(1);
   const Shapes s = cache_shapes(k_caches[0], num_heads, rows, block_ids);
   for (const at::Tensor& table : {cos, signed_sin}) {
@@ -73,7 +74,6 @@ at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
                 "cos and signed_sin must be contiguous float32 [rows, head_dim]");
   }
   const Sequences seqs(slot_mapping, block_ids, seq_lens, s);
-  const Products product{weight_major, int8_matrices, reduce_range};
   at::Tensor hidden = hidden_in.clone();
   StepBuffers buffers(hidden, s.heads * s.head_dim, product);
   float* h = hidden.data_ptr<float>();
@@ -118,10 +118,9 @@ at::Tensor llama_decode(const at::Tensor& hidden_in, const at::Tensor& cos,
 
 TORCH_LIBRARY_FRAGMENT(mmgpt, m) {
   m.def(
-      "llama_decode(Tensor hidden, Tensor cos, Tensor signed_sin, Tensor?[] weights, "
-      "Any[] int8_matrices, bool reduce_range, Tensor[] k_caches, Tensor[] v_caches, "
-      "Tensor slot_mapping, Tensor block_ids, "
-      "int[] seq_lens, int num_heads, float eps, float scale, bool weight_major, "
-      "int parallel_attention_work) -> Tensor",
+      "llama_decode(Tensor hidden, Tensor cos, Tensor signed_sin, "
+      "__torch__.torch.classes.mmgpt.DecodeWeights weights, Tensor[] k_caches, "
+      "Tensor[] v_caches, Tensor slot_mapping, Tensor block_ids, int[] seq_lens, "
+      "int num_heads, float eps, float scale, int parallel_attention_work) -> Tensor",
       TORCH_FN(llama_decode));
 }

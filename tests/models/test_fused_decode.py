@@ -3,11 +3,13 @@ and applies only where it can."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ import models.linear
 import models.quantize
 from models import cpu_kernels, load_model
 from models.base import PagedModel
+from models.cpu_weights import FbgemmInt8Weight
 from models.fused_decode import FusedDecodeCache, FusedGPT2Decode, FusedLlamaDecode
+from models.layers import field_values
 from models.linear import CALIBRATED_ROWS, OrientedLinear
 from models.lora import enable_lora
 from tests.checkpoints import make_tiny_gpt2, make_tiny_llama
@@ -40,9 +44,6 @@ FUSED_KINDS = (
     "gpt2_tied",
 )
 TOLERANCE = 1e-5  # relative, against the torch path's logits
-# An activation that float rounding puts on the other side of an int8 step rounds to the
-# next integer: far below int8's own error (tests/models/test_int8.py), but above float's.
-INT8_TOLERANCE = 1e-2
 # An activation that float rounding puts on the other side of an int8 step rounds to the
 # next integer: far below int8's own error (tests/models/test_int8.py), but above float's.
 INT8_TOLERANCE = 1e-2
@@ -81,15 +82,21 @@ def decode_logits(model: PagedModel, prompt: list[int], tokens: list[int]) -> li
 
 
 def fused_and_torch_logits(
-    model: PagedModel, seed: int = 0, prompt_len: int = 9
+    model: PagedModel,
+    seed: int = 0,
+    prompt_len: int = 9,
+    reference: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The kernel's logits, and the torch path's (computed inside `reference`)."""
     rng = random.Random(seed)
     info = model.info
     allowed = [t for t in range(3, info.vocab_size) if t != info.image_token_id]
     prompt, tokens = rng.choices(allowed, k=prompt_len), rng.choices(allowed, k=NUM_DECODES)
     cache = fused_decode_of(model)
+    cache.get()  # built with the model as it is, before `reference` changes anything
     cache.enabled = False
-    expected = decode_logits(model, prompt, tokens)
+    with reference():
+        expected = decode_logits(model, prompt, tokens)
     cache.enabled = True
     return decode_logits(model, prompt, tokens), expected
 
@@ -170,7 +177,7 @@ def test_packed_weights_taken_weight_major(
     assert isinstance(model.product.float_product, OrientedLinear)  # type: ignore[attr-defined]
     fused, expected = fused_and_torch_logits(model, seed=1)
     build = fused_decode_of(model).get()
-    assert isinstance(build, FusedLlamaDecode | FusedGPT2Decode) and build.weight_major
+    assert isinstance(build, FusedLlamaDecode | FusedGPT2Decode) and build.weights.weight_major
     assert runs.count == NUM_DECODES
     for ours, reference in zip(fused, expected, strict=True):
         assert relative_error(ours, reference) < TOLERANCE
@@ -208,19 +215,40 @@ def test_several_decodes_in_a_step_take_the_torch_path(
     assert runs.count == 1
 
 
+@pytest.mark.parametrize("form", ["fbgemm", "vnni_rows"])
 @pytest.mark.parametrize("kind", ["llama_bias_head_dim", "qwen3_qk_norm", "gpt2_tied"])
-def test_int8_matrices_through_fbgemm(
-    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_int8_matrices(
+    kind: str, form: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With FBGEMM's int8 matrices the kernel calls the same FBGEMM product on rows
-    scaled as `FbgemmInt8Weight.linear` scales them."""
+    scaled as `FbgemmInt8Weight.linear` scales them; with their int8 rows kept too, the
+    VNNI product, against a torch path on FBGEMM alone (whose one-row products would
+    otherwise take the rows too)."""
+    if form == "vnni_rows" and not cpu_kernels.int8_rows_available():
+        pytest.skip("no AVX-512 VNNI")
     runs = CountingRuns(monkeypatch)
     make, _ = CASES[kind]
     model = load_model(make(tmp_path), quantization="int8").model
+    int8_weights = [model.lm_head, *(v for layer in model.layers for v in field_values(layer.w))]
+    int8_weights = [weight for weight in int8_weights if isinstance(weight, FbgemmInt8Weight)]
+
+    @contextlib.contextmanager
+    def fbgemm_only() -> Iterator[None]:
+        kept = [weight.rows for weight in int8_weights]
+        for weight in int8_weights:
+            weight.rows = None
+        yield
+        for weight, rows in zip(int8_weights, kept, strict=True):
+            weight.rows = rows
+
+    if form == "fbgemm":
+        fbgemm_only().__enter__()  # for good
     build = fused_decode_of(model).get()
     assert isinstance(build, FusedLlamaDecode | FusedGPT2Decode)
-    assert len(build.weights.int8) == 4 * model.info.num_layers
-    fused, expected = fused_and_torch_logits(model, seed=4)
+    layers = model.info.num_layers
+    assert len(build.weights.int8) == 4 * layers
+    assert len(build.weights.int8_rows) == (3 * 4 * layers if form == "vnni_rows" else 0)
+    fused, expected = fused_and_torch_logits(model, seed=4, reference=fbgemm_only)
     assert runs.count == NUM_DECODES
     for ours, reference in zip(fused, expected, strict=True):
         assert relative_error(ours, reference) < INT8_TOLERANCE
@@ -301,3 +329,13 @@ def test_the_kernel_refuses_inputs_it_cannot_read(tmp_path: Path) -> None:
     cos_sin = model.decoder.rope.lookup(positions)  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="float32 on the CPU"):
         fused.run(hidden.bfloat16(), cos_sin, attn_inputs, session.cache)
+
+
+def test_decode_weights_refuse_what_the_kernels_cannot_read() -> None:
+    assert cpu_kernels.available()
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.classes.mmgpt.DecodeWeights(
+            [torch.ones(2, 2).bfloat16()], [], False, [], 1.0, 0, False
+        )
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.classes.mmgpt.DecodeWeights([torch.ones(2, 2).t()], [], False, [], 1.0, 0, False)

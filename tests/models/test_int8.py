@@ -1,6 +1,7 @@
 """int8 weights (models/quantize.py) stay close to float32: logits within a stated
 tolerance of transformers' own, greedy continuations mostly the same; FBGEMM's products
-within the bound their activation rounding allows, each row's independent of its batch."""
+within the bound their activation rounding allows, each row's independent of its batch;
+the VNNI row product computing FBGEMM's numbers."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import load_model
+import models.quantize
+from models import cpu_kernels, load_model
 from models.cpu_weights import FbgemmInt8Weight, PreparedProduct
+from models.layers import field_values
 from models.linear import Int8Weight
 from models.quantize import prepare_decoder
 from tests.models.conftest import Case
@@ -86,6 +89,51 @@ def test_fbgemm_row_results_do_not_depend_on_the_batch() -> None:
     assert torch.equal(batched, alone)
     assert torch.equal(quantized.linear(torch.zeros(2, 32), None), torch.zeros(2, 24))
     assert quantized.linear(rows.view(2, 3, 32), None).shape == (2, 3, 24)
+
+
+needs_vnni_rows = pytest.mark.skipif(
+    not cpu_kernels.int8_rows_available(), reason="no AVX-512 VNNI, or no kernels"
+)
+
+
+@needs_vnni_rows
+@pytest.mark.parametrize("shape", [(40, 64), (37, 100), (130, 576)])  # a tail, many rows
+def test_vnni_one_row_product_computes_fbgemms(shape: tuple[int, int]) -> None:
+    """The same integers, the same activation rounding: FBGEMM's results but for float
+    rounding in the final scaling."""
+    torch.manual_seed(2)
+    weight, bias = torch.randn(*shape), torch.randn(shape[0])
+    with_rows, fbgemm_only = FbgemmInt8Weight(weight, one_row=True), FbgemmInt8Weight(weight)
+    assert with_rows.rows is not None and fbgemm_only.rows is None
+    row = torch.randn(1, shape[1]) * 3
+    row[0, 0] = 1e-4  # a value that rounds to the zero point
+    for b in (bias, None):
+        expected = fbgemm_only.linear(row, b)
+        ours = with_rows.linear(row, b)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    zeros = torch.zeros(1, shape[1])
+    assert torch.equal(with_rows.linear(zeros, None), torch.zeros(1, shape[0]))
+    several = torch.randn(3, shape[1])  # more rows than one: FBGEMM's own product
+    assert torch.equal(with_rows.linear(several, bias), fbgemm_only.linear(several, bias))
+
+
+@needs_vnni_rows
+def test_int8_rows_kept_only_up_to_the_memory_cap(
+    case_factory: Callable[[str], Case], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = case_factory("llama_gqa_untied").folder
+    model = load_model(folder, quantization="int8").model
+    assert all(w.rows is not None for w in _fbgemm_weights(model))
+    monkeypatch.setattr(models.quantize, "KEEP_PLAIN_MAX_BYTES", 0)
+    model = load_model(folder, quantization="int8").model
+    assert _fbgemm_weights(model) and all(w.rows is None for w in _fbgemm_weights(model))
+
+
+def _fbgemm_weights(model: object) -> list[FbgemmInt8Weight]:
+    found = [getattr(model, "lm_head", None)]
+    for layer in getattr(model, "layers", []):
+        found += list(field_values(layer.w))
+    return [value for value in found if isinstance(value, FbgemmInt8Weight)]
 
 
 def test_every_layer_matrix_is_int8(int8_case: Case) -> None:
