@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from models import cpu_kernels
-from models.linear import PreparedWeight, Product
+from models.linear import PreparedWeight, Product, one_row_product, takes_one_row
 
 # The batch size oneDNN lays a packed weight out for: one layout serves every row count,
 # and this one was as fast as any from 2 rows and the fastest at 8 to 64.
@@ -40,7 +40,8 @@ class PackedWeight:
 
     With `one_row` (a float product) the plain weight is kept beside it for single-row
     products, where MKL's weight-major GEMV measured faster than the packed one in a
-    decode step; the price is a second copy of the matrix.
+    decode step, and the kernels' row product (models/linear.one_row_product) faster
+    still; the price is a second copy of the matrix.
     """
 
     def __init__(self, weight: torch.Tensor, one_row: Product | None = None) -> None:
@@ -51,6 +52,8 @@ class PackedWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.one_row is not None and self.plain is not None and x.numel() == x.shape[-1]:
+            if takes_one_row(x, self.plain):
+                return one_row_product(x, self.plain, bias)
             return self.one_row(x, self.plain, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 

@@ -7,7 +7,9 @@ weights do not fit in cache times both over its own weights at 1 to 16 rows
 numbers then depend on no timing. Weight-major, one row is padded to two, since a single
 column would still take the one-core GEMV. From eight rows the output layer is taken
 weight-major whatever the product (`logits`); the sampler reads either layout. bfloat16
-keeps F.linear. BENCHMARKS.md's history has the timings.
+keeps F.linear. One float32 row on a CPU with AVX-512 skips both for the kernels' own row
+product (`one_row_product`) where the output layer and packed weights meet it.
+BENCHMARKS.md's history has the timings.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from models import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +196,35 @@ def logits(
     unless `row_major`."""
     if not isinstance(lm_head, torch.Tensor):
         return lm_head.linear(hidden, None)
+    if takes_one_row(hidden, lm_head):
+        return one_row_product(hidden, lm_head, None)
     transposed_is_faster = hidden.shape[0] >= TRANSPOSED_LOGITS_MIN_ROWS
     if lm_head.device.type == "cpu" and transposed_is_faster and not row_major:
         return torch.mm(lm_head, hidden.t()).t()
     return product(hidden, lm_head, None)
+
+
+def takes_one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`one_row_product` runs this product: one float32 CPU row [1, in], a plain float32
+    weight, and a CPU with AVX-512 that loaded the kernels."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.is_contiguous()
+        and not x.requires_grad
+        and cpu_kernels.float_rows_available()
+    )
+
+
+def one_row_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [1, in] @ weight.T + bias by the kernels' row product (models/cpu_kernels/
+    float_rows.h): a dot product per weight row, in memory order, on torch's threads. For
+    one row it ran well ahead of both of MKL's orientations (BENCHMARKS.md)."""
+    return torch.ops.mmgpt.float_linear(x.contiguous(), weight, bias)
 
 
 class Int8Weight:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("decode_weights.cpp", "llama_decode.cpp", "gpt2_decode.cpp", "int8_linear.cpp")
+    for name in ("decode_weights.cpp", "llama_decode.cpp", "gpt2_decode.cpp", "row_products.cpp")
 ]
 DISABLE_VARIABLE = "MMGPT_CPU_KERNELS"  # "0": keep the torch path
 LIBRARY_VARIABLE = "MMGPT_CPU_KERNELS_LIBRARY"  # a library built ahead, loaded as it is
@@ -55,7 +55,19 @@ def available() -> bool:
 def int8_rows_available() -> bool:
     """The VNNI int8 product (int8_rows.h) runs here: the kernels load and the CPU has
     AVX-512 VNNI."""
-    return available() and bool(torch.ops.mmgpt.int8_linear_available())
+    return available() and _cpu_runs("int8_linear_available")
+
+
+def float_rows_available() -> bool:
+    """The float32 row product (float_rows.h) runs here: the kernels load and the CPU has
+    AVX-512."""
+    return available() and _cpu_runs("float_linear_available")
+
+
+@functools.cache
+def _cpu_runs(probe: str) -> bool:
+    """What a loaded library's probe op says of this CPU (asked once: it never changes)."""
+    return bool(getattr(torch.ops.mmgpt, probe)())
 
 
 def _load_prebuilt(path: str) -> str | None:

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "float_rows.h"
 #include "int8_rows.h"
 
 namespace mmgpt {
@@ -187,8 +188,9 @@ ProductRows int8_product(const at::Tensor& inputs, int64_t num_rows, const c10::
   return {result, out_width, 1, 1};
 }
 
-// How a kernel multiplies a layer's matrices: float32 ones in the orientation the model
-// chose for its rows, int8 ones (kMatricesPerLayer a layer) by the VNNI row product where
+// How a kernel multiplies a layer's matrices: float32 ones by the row product of
+// float_rows.h where the CPU has AVX-512, else through ATen in the orientation the model
+// chose for its rows; int8 ones (kMatricesPerLayer a layer) by the VNNI row product where
 // they come as rows (`int8_rows`), else through FBGEMM (`int8`).
 constexpr int64_t kMatricesPerLayer = 4;
 constexpr int64_t kTensorsPerInt8Rows = 3;  // weight, scales, offsets
@@ -206,6 +208,7 @@ struct Products {
   const mmgpt::DecodeWeights& weights;
   std::vector<Int8Rows> int8_rows;
   ActivationRounding rounding;
+  bool float_rows = cpu_has_avx512();  // float32 products by float_rows.h, else through ATen
   // int8's scaled rows, one buffer per matrix of a layer (so per input width), kept for
   // the step
   mutable std::vector<at::Tensor> scaled_rows = std::vector<at::Tensor>(kMatricesPerLayer);
@@ -236,6 +239,12 @@ struct Products {
                           scaled_rows[index]);
     }
     const at::Tensor& weight = *plain;
+    if (float_rows) {
+      at::Tensor result = at::empty({num_rows, weight.size(0)}, inputs.options());
+      float_rows_product(result.data_ptr<float>(), inputs.data_ptr<float>(), num_rows, weight,
+                         nullptr);
+      return {result, weight.size(0), 1};
+    }
     if (weights.weight_major) {
       at::Tensor result = at::mm(weight, inputs.t());  // [out, columns]
       return {result, 1, inputs.size(0)};
@@ -247,7 +256,7 @@ struct Products {
   // Weight-major float products read one row as two (MKL's one-column GEMV runs on one
   // core); the other forms take the rows as they are.
   int64_t columns(int64_t rows) const {
-    return weights.weight_major && !is_int8() ? std::max<int64_t>(rows, 2) : rows;
+    return weights.weight_major && !is_int8() && !float_rows ? std::max<int64_t>(rows, 2) : rows;
   }
 };
 

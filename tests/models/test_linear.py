@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import models.linear
+from models import cpu_kernels
 from models.linear import (
     ALWAYS_WEIGHT_MAJOR,
     CALIBRATED_ROWS,
@@ -18,7 +19,9 @@ from models.linear import (
     Product,
     decode_product,
     logits,
+    one_row_product,
     pass_timer,
+    takes_one_row,
     weight_major_rows,
 )
 
@@ -183,3 +186,57 @@ def test_logits_at_every_row_count(weight: torch.Tensor, rows: int) -> None:
     rows_asked = logits(hidden, weight, ALWAYS_WEIGHT_MAJOR, row_major=True)
     assert rows_asked.is_contiguous()
     torch.testing.assert_close(rows_asked, F.linear(hidden, weight), **CLOSE)
+
+
+needs_float_rows = pytest.mark.skipif(
+    not cpu_kernels.float_rows_available(), reason="no AVX-512, or no kernels"
+)
+
+
+@needs_float_rows
+@pytest.mark.parametrize("shape", [(OUT, IN), (37, 100), (130, 17), (3, 8)])  # tails
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_row_product_is_f_linears(shape: tuple[int, int], with_bias: bool) -> None:
+    torch.manual_seed(3)
+    weight, x = torch.randn(*shape), torch.randn(1, shape[1])
+    bias = torch.randn(shape[0]) if with_bias else None
+    assert takes_one_row(x, weight)
+    ours = one_row_product(x, weight, bias)
+    torch.testing.assert_close(ours, F.linear(x, weight, bias), **CLOSE)
+    several = torch.randn(3, shape[1])  # the op takes several rows, each on its own
+    torch.testing.assert_close(
+        torch.ops.mmgpt.float_linear(several, weight, bias),
+        F.linear(several, weight, bias),
+        **CLOSE,
+    )
+
+
+@needs_float_rows
+def test_the_row_product_serves_the_output_layers_one_row(
+    weight: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = models.linear.one_row_product
+
+    def counted(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, w, bias)
+
+    monkeypatch.setattr(models.linear, "one_row_product", counted)
+    hidden = torch.randn(1, IN)
+    torch.testing.assert_close(logits(hidden, weight, F.linear), F.linear(hidden, weight), **CLOSE)
+    logits(torch.randn(2, IN), weight, F.linear)  # two rows: the model's product
+    assert calls == [1]
+
+
+@needs_float_rows
+def test_what_the_row_product_leaves_to_the_others(weight: torch.Tensor) -> None:
+    row = torch.randn(1, IN)
+    assert not takes_one_row(torch.randn(2, IN), weight)
+    assert not takes_one_row(row.bfloat16(), weight.bfloat16())
+    assert not takes_one_row(row, weight.t().contiguous().t())  # not contiguous
+    assert not takes_one_row(row.requires_grad_(), weight)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.mmgpt.float_linear(torch.randn(1, IN).double(), weight, None)
+    with pytest.raises(RuntimeError, match=r"\[rows, in\]"):
+        torch.ops.mmgpt.float_linear(torch.randn(1, IN + 1), weight, None)
