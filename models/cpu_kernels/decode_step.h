@@ -359,26 +359,37 @@ void write_kv(const RowQkv& row, float* k_cache, float* v_cache, int64_t slot) {
   std::copy(row.v(), row.v() + row.kv_width, v_cache + slot * row.kv_width);
 }
 
-// Softmax attention of the `group` query heads that share one KV head (queries and out
-// [group, D], contiguous) over their sequence's keys and values (`offsets` into the
-// caches, already at that KV head): each key and value is read once for the group.
-// scores: room for [group, length]. kHeadDim: D where it is known when compiling (the
-// loops over D then unroll), 0 for `head_dim` at run time.
+// One span of a row's attention (flash-decoding's split): for each query head, the
+// largest score over the span's tokens, the sum of exp(score - largest), and the sum of
+// the values weighted by those exps. The spans of a row merge into its softmax.
+struct SpanResult {
+  float* data;  // [heads, D + 2]: a head's weighted values, then its largest score and sum
+  int64_t d;
+  float* values(int64_t h) const { return data + h * (d + 2); }
+  float& largest(int64_t h) const { return data[h * (d + 2) + d]; }
+  float& total(int64_t h) const { return data[h * (d + 2) + d + 1]; }
+};
+
+// Every query head of a row (queries [heads, D]) over the tokens at `offsets[begin, end)`
+// (into the caches, at their first KV head): a token's keys and values are read once, all
+// KV heads together, in the order they lie in memory. scores: room for [heads, end - begin].
+// kHeadDim: D where it is known when compiling (the loops over D then unroll), 0 for
+// `head_dim` at run time.
 template <int64_t kHeadDim>
-inline void attend_group_sized(float* out, const float* queries, int64_t group,
-                               const float* k_cache, const float* v_cache,
-                               const std::vector<int64_t>& offsets, int64_t head_dim,
-                               float scale, float* scores) {
-  const int64_t d = kHeadDim > 0 ? kHeadDim : head_dim;
-  const int64_t length = static_cast<int64_t>(offsets.size());
+inline void attend_span_sized(const SpanResult& result, const float* queries, const Shapes& s,
+                              const float* k_cache, const float* v_cache,
+                              const std::vector<int64_t>& offsets, int64_t begin, int64_t end,
+                              float scale, float* scores) {
+  const int64_t d = kHeadDim > 0 ? kHeadDim : s.head_dim;
+  const int64_t length = end - begin, group = s.heads / s.kv_heads;
   for (int64_t t = 0; t < length; ++t) {
-    const float* key = k_cache + offsets[t];
-    for (int64_t g = 0; g < group; ++g) {
-      scores[g * length + t] = dot(queries + g * d, key, d) * scale;
+    const float* keys = k_cache + offsets[begin + t];
+    for (int64_t h = 0; h < s.heads; ++h) {
+      scores[h * length + t] = dot(queries + h * d, keys + h / group * d, d) * scale;
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    float* head_scores = scores + g * length;
+  for (int64_t h = 0; h < s.heads; ++h) {
+    float* head_scores = scores + h * length;
     float highest = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < length; ++t) highest = std::max(highest, head_scores[t]);
     float total = 0.f;
@@ -387,51 +398,89 @@ inline void attend_group_sized(float* out, const float* queries, int64_t group,
       head_scores[t] = std::exp(head_scores[t] - highest);
       total += head_scores[t];
     }
-#pragma omp simd
-    for (int64_t t = 0; t < length; ++t) head_scores[t] /= total;
+    result.largest(h) = highest;
+    result.total(h) = total;
+    std::fill(result.values(h), result.values(h) + d, 0.f);
   }
-  std::fill(out, out + group * d, 0.f);
   for (int64_t t = 0; t < length; ++t) {
-    const float* value = v_cache + offsets[t];
-    for (int64_t g = 0; g < group; ++g) axpy(out + g * d, scores[g * length + t], value, d);
+    const float* values = v_cache + offsets[begin + t];
+    for (int64_t h = 0; h < s.heads; ++h) {
+      axpy(result.values(h), scores[h * length + t], values + h / group * d, d);
+    }
   }
 }
 
-MMGPT_SIMD_CLONES void attend_group(float* out, const float* queries, int64_t group,
-                                    const float* k_cache, const float* v_cache,
-                                    const std::vector<int64_t>& offsets, int64_t d, float scale,
-                                    float* scores) {
-  switch (d) {  // the common head sizes
+MMGPT_SIMD_CLONES void attend_span(const SpanResult& result, const float* queries,
+                                   const Shapes& s, const float* k_cache, const float* v_cache,
+                                   const std::vector<int64_t>& offsets, int64_t begin,
+                                   int64_t end, float scale, float* scores) {
+  switch (s.head_dim) {  // the common head sizes
     case 64:
-      attend_group_sized<64>(out, queries, group, k_cache, v_cache, offsets, d, scale, scores);
+      attend_span_sized<64>(result, queries, s, k_cache, v_cache, offsets, begin, end, scale,
+                            scores);
       break;
     case 128:
-      attend_group_sized<128>(out, queries, group, k_cache, v_cache, offsets, d, scale, scores);
+      attend_span_sized<128>(result, queries, s, k_cache, v_cache, offsets, begin, end, scale,
+                             scores);
       break;
     default:
-      attend_group_sized<0>(out, queries, group, k_cache, v_cache, offsets, d, scale, scores);
+      attend_span_sized<0>(result, queries, s, k_cache, v_cache, offsets, begin, end, scale,
+                           scores);
   }
 }
 
-// Every row's query heads over their sequences, one KV head's group at a time; on torch's
-// threads from `parallel_work` multiply-adds of one product (queries times keys) up.
+// out [heads, D] = a row's softmax-weighted values, from its spans' results
+void merge_spans(float* out, const SpanResult* spans, int64_t num_spans, int64_t heads,
+                 int64_t d) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float highest = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < num_spans; ++i) highest = std::max(highest, spans[i].largest(h));
+    float* head_out = out + h * d;
+    std::fill(head_out, head_out + d, 0.f);
+    float total = 0.f;
+    for (int64_t i = 0; i < num_spans; ++i) {
+      if (spans[i].total(h) == 0.f) continue;  // a span without tokens
+      const float weight = std::exp(spans[i].largest(h) - highest);
+      total += spans[i].total(h) * weight;
+      axpy(head_out, weight, spans[i].values(h), d);
+    }
+    multiply(head_out, 1.f / total, d);
+  }
+}
+
+// Every row's query heads over their sequences. From `parallel_work` multiply-adds of one
+// product (queries times keys) up, on torch's threads: each row's tokens cut into as many
+// spans as there are threads, so that every thread reads its own part of the cache.
 // out: [rows, heads * D].
 void attend(float* out, const std::vector<RowQkv>& rows, const float* k_cache,
             const float* v_cache, const Sequences& seqs, const Shapes& s, float scale,
             int64_t parallel_work) {
-  const int64_t d = s.head_dim, group = s.heads / s.kv_heads;
-  const int64_t items = static_cast<int64_t>(rows.size()) * s.kv_heads;
-  const int64_t grain = seqs.total * s.heads * d < parallel_work ? items : 1;
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * seqs.longest);
+  const int64_t d = s.head_dim, num_rows = static_cast<int64_t>(rows.size());
+  const bool parallel = seqs.total * s.heads * d >= parallel_work;
+  const int64_t spans_per_row = parallel ? at::get_num_threads() : 1;
+  const int64_t items = num_rows * spans_per_row;
+  std::vector<float> results(items * s.heads * (d + 2));
+  std::vector<SpanResult> spans;
+  for (int64_t item = 0; item < items; ++item) {
+    spans.push_back({results.data() + item * s.heads * (d + 2), d});
+  }
+  at::parallel_for(0, items, parallel ? 1 : items, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / s.kv_heads, kv_head = item % s.kv_heads;
-      const int64_t first_head = kv_head * group;
-      attend_group(out + (r * s.heads + first_head) * d, rows[r].q() + first_head * d, group,
-                   k_cache + kv_head * d, v_cache + kv_head * d, seqs.offsets[r], d, scale,
-                   scores.data());
+      const int64_t r = item / spans_per_row, span = item % spans_per_row;
+      const auto& offsets = seqs.offsets[r];
+      const int64_t length = static_cast<int64_t>(offsets.size());
+      const int64_t first = length * span / spans_per_row;
+      const int64_t last = length * (span + 1) / spans_per_row;
+      scores.resize(s.heads * std::max<int64_t>(last - first, 1));
+      attend_span(spans[item], rows[r].q(), s, k_cache, v_cache, offsets, first, last, scale,
+                  scores.data());
     }
   });
+  for (int64_t r = 0; r < num_rows; ++r) {
+    merge_spans(out + r * s.heads * d, spans.data() + r * spans_per_row, spans_per_row,
+                s.heads, d);
+  }
 }
 
 // The step's inputs, and that the weights are a whole number of this kernel's layers.

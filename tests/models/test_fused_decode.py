@@ -183,17 +183,19 @@ def test_packed_weights_taken_weight_major(
         assert relative_error(ours, reference) < TOLERANCE
 
 
+@pytest.mark.parametrize(("threads", "prompt_len"), [(2, 40), (32, 3)])
 def test_long_sequences_attend_on_several_threads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    threads: int, prompt_len: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Attention split over torch's threads (every step, with the threshold at zero)."""
+    """Attention split into one span of tokens per thread and merged (every step, with the
+    threshold at zero); with more threads than tokens, some spans hold none."""
     monkeypatch.setattr(models.fused_decode, "PARALLEL_ATTENTION_WORK", 0)
     make, _ = CASES["llama_gqa_untied"]
     model = load_model(make(tmp_path)).model
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
-        fused, expected = fused_and_torch_logits(model, seed=2, prompt_len=40)
+        fused, expected = fused_and_torch_logits(model, seed=2, prompt_len=prompt_len)
     finally:
         torch.set_num_threads(previous)
     for ours, reference in zip(fused, expected, strict=True):
