@@ -28,6 +28,7 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("decode_weights.cpp", "llama_decode.cpp", "gpt2_decode.cpp", "row_products.cpp")
 ]
+NAME = "mmgpt_cpu_kernels"
 DISABLE_VARIABLE = "MMGPT_CPU_KERNELS"  # "0": keep the torch path
 LIBRARY_VARIABLE = "MMGPT_CPU_KERNELS_LIBRARY"  # a library built ahead, loaded as it is
 
@@ -77,18 +78,36 @@ def _load_prebuilt(path: str) -> str | None:
     return path
 
 
+# cpp_extension holds a lock file in the build folder while it builds (or checks) the
+# library, and every other load waits for it to go. A build takes about 20 s: a lock this
+# old was left by a process killed mid-build, and would keep every later start waiting.
+STALE_LOCK_SECONDS = 600
+
+
 def _build() -> str:
     from torch.utils import cpp_extension
 
+    clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)))
     with _interpreter_tools_on_path():
         return cpp_extension.load(  # a path when not a module
-            name="mmgpt_cpu_kernels",
+            name=NAME,
             sources=[str(path) for path in SOURCES],
             # at::parallel_for runs on OpenMP; sqrt needs no errno branch
             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
+
+
+def clear_stale_lock(build_directory: Path) -> None:
+    lock = build_directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left %.0f s ago by a build that never finished", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from functools import partial
@@ -290,6 +291,33 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         assert not cpu_kernels.available()
     finally:
         cpu_kernels.library.cache_clear()
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cpp_extension waits for its build folder's lock to go: one left by a process killed
+    mid-build would hold every later start. A recent one may be a build running now."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = Path(cpp_extension._get_build_directory(cpu_kernels.NAME, verbose=False))
+    lock = folder / "lock"
+    lock.write_text("")
+    cpu_kernels.clear_stale_lock(folder)
+    assert lock.exists()
+    long_ago = time.time() - cpu_kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (long_ago, long_ago))
+    lock_at_build: list[bool] = []
+
+    def load(**kwargs: object) -> str:
+        lock_at_build.append(lock.exists())
+        return "built"
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert cpu_kernels._build() == "built"
+    assert lock_at_build == [False]
+    cpu_kernels.clear_stale_lock(folder)  # no lock: nothing to do
 
 
 def test_a_library_built_ahead_loads_without_a_build(tmp_path: Path) -> None:
