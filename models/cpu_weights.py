@@ -1,16 +1,10 @@
 """Decoder matrices in a CPU library's own layout, prepared once when a model loads.
 
-- `PackedWeight` (float32, bfloat16): oneDNN's blocked layout, the op torch.compile's CPU backend
-  emits for a frozen linear layer. From two rows up it runs well ahead of MKL's plain
-  GEMM, which splits a few-row product poorly over two cores (BENCHMARKS.md).
-- `FbgemmInt8Weight`: FBGEMM's packed int8 with one scale per output row. Each product
-  quantises its activations to 8 bits dynamically, multiplies in integers, and scales back.
-  Every row is scaled to a largest magnitude of 1 first, and a fixed row holding -1 and 1
-  rides along, so the one range FBGEMM derives from the whole tensor is [-1, 1] whatever
-  the batch: a row's result depends on that row alone, as it does in float. With
-  `one_row` it keeps the int8 rows beside (`Int8Rows`): on a CPU with AVX-512 VNNI a
-  one-row product skips FBGEMM's per-call packing for a byte dot product per row
-  (models/cpu_kernels/int8_rows.h), computing the same integers.
+- `PackedWeight` (float32, bfloat16): oneDNN's blocked layout, which from two rows up runs
+  well ahead of MKL's plain GEMM (it splits a few-row product poorly over two cores).
+- `FbgemmInt8Weight`: FBGEMM's packed int8, one scale per output row, activations rounded
+  to 8 bits at each product; on a CPU with AVX-512 VNNI maybe its int8 rows too
+  (`Int8Rows`), for one-row products without FBGEMM's per-call packing.
 
 A layer's product (`PreparedProduct`) hands these to their own `linear` and every other
 weight to the model's float product.
@@ -63,7 +57,15 @@ class PackedWeight:
 
 
 class FbgemmInt8Weight:
-    """int8 weights [out, in] in FBGEMM's layout, each row rounded to its own scale."""
+    """int8 weights [out, in] in FBGEMM's layout, each row rounded to its own scale.
+
+    Each product quantises its activations dynamically. Every row is scaled to a largest
+    magnitude of 1 first, and a fixed row holding -1 and 1 rides along, so the one range
+    FBGEMM derives from the whole tensor is [-1, 1] whatever the batch: a row's result
+    depends on that row alone, as it does in float. With `one_row` (and VNNI) it keeps the
+    int8 rows as well (`Int8Rows`), which compute the same integers for one row without
+    FBGEMM's per-call packing (models/cpu_kernels/int8_rows.h).
+    """
 
     def __init__(self, weight: torch.Tensor, one_row: bool = False) -> None:
         self.shape = weight.shape

@@ -1,15 +1,12 @@
 """A one-stream decode step in one C++ call (models/cpu_kernels): Llama-family decoders
 and GPT-2, on the CPU with float32 activations.
 
-A single sequence's decode step of a deep, narrow model is mostly Python dispatch: some
-fifty small ops a layer around four matrix products. The kernels run all layers in one
-call instead: the same products through ATen (float32 matrices, in the orientation the
-model's own product chose for one row) or, for int8 matrices, FBGEMM's integer product
-(rows scaled as `FbgemmInt8Weight.linear` scales them) or the VNNI one computing the same
-integers, and plain loops for the rest. They apply where
-the torch path would compute these numbers: float32 matrices (plain, or packed with their
-plain copy) or FBGEMM int8 ones, the activation the kernel knows, no adapters, one decode
-and nothing else in the step. Everything else takes the torch path.
+A single sequence's decode step of a deep, narrow model is mostly Python dispatch around
+four matrix products a layer; the kernels run every layer in one call and compute the torch
+path's numbers (models/README.md says how). They take a step that is one decode and nothing
+else, of a model whose matrices are float32 (plain, or packed with their plain copy) or
+FBGEMM int8, whose activation they know, and which serves no adapters; every other step
+takes the torch path.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """Matrix products in the orientation this CPU runs fastest, measured when a model loads.
 
 `x @ weight.T` and `(weight @ x.T).T` are the same numbers, but MKL picks different kernels
-for them, and which wins for a few rows depends on the machine. So a float32 model whose
-weights do not fit in cache times both over its own weights at 1 to 16 rows
-(`decode_product`) and keeps the faster per row count; one that fits keeps F.linear, whose
-numbers then depend on no timing. Weight-major, one row is padded to two, since a single
-column would still take the one-core GEMV. From eight rows the output layer is taken
-weight-major whatever the product (`logits`); the sampler reads either layout. bfloat16
-keeps F.linear. One float32 row on a CPU with AVX-512 skips both for the kernels' own row
-product (`one_row_product`) where the output layer and packed weights meet it.
-BENCHMARKS.md's history has the timings.
+for them and which wins for a few rows depends on the machine: a float32 model too big for
+cache times both on its own weights at 1 to 16 rows (`decode_product`) and keeps the faster
+per row count (weight-major, one row is padded to two: a single column would take the
+one-core GEMV); one that fits keeps F.linear, whose numbers then depend on no timing. The
+output layer goes weight-major from eight rows (`logits`), and one float32 row on an AVX-512
+CPU takes the kernels' own row product (`one_row_product`). Timings: BENCHMARKS.md.
 """
 
 from __future__ import annotations

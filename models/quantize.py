@@ -1,18 +1,15 @@
 """The decoder's matrices in the form they are served in: `prepare_decoder(model, quantization)`.
 
-- "int8": every matrix of the decoder's layers (q/k/v, o, gate/up, down; GPT-2's c_attn,
-  c_proj, c_fc) becomes int8 with one scale per output row. On a CPU with FBGEMM that is
-  `FbgemmInt8Weight` (integer products, activations quantised per row) and the output
-  layer goes int8 too; where the CPU has VNNI each matrix keeps its int8 rows beside,
-  for one-row products, up to KEEP_PLAIN_MAX_BYTES of them. Elsewhere `Int8Weight`,
-  widened at each product, and the output layer stays in the model's dtype.
-- "none": on the CPU, float32 and bfloat16 matrices that stream from memory at every
-  step go into oneDNN's packed layout (`PackedWeight`), the output layer too; float32
-  ones keep their plain form for one-row products up to KEEP_PLAIN_MAX_BYTES. On a GPU,
-  and for a model small enough to decode from cache, they stay as loaded.
+- "int8": every matrix of the decoder's layers becomes int8 with one scale per output row:
+  on a CPU with FBGEMM `FbgemmInt8Weight`, the output layer too (with their int8 rows kept
+  for one-row products where the CPU has VNNI, up to KEEP_PLAIN_MAX_BYTES); elsewhere
+  `Int8Weight`, widened at each product, the output layer left in the model's dtype.
+- "none": on the CPU, float32 and bfloat16 matrices that stream from memory go into oneDNN's
+  packed layout (`PackedWeight`), the output layer too, float32 ones keeping their plain
+  form for one-row products up to KEEP_PLAIN_MAX_BYTES; elsewhere they stay as loaded.
 
-Norms, biases, embeddings and the vision tower always stay in the model's dtype.
-BENCHMARKS.md has the timings and the accuracy of each form.
+Norms, biases, embeddings and the vision tower stay in the model's dtype. BENCHMARKS.md has
+each form's timings and accuracy.
 """
 
 from __future__ import annotations

@@ -22,37 +22,24 @@
 namespace mmgpt {
 
 // A decoder's weights as its kernel reads them (models/fused_decode.KernelWeights), checked
-// once when built: a step then passes one object, not hundreds of list items to convert.
+// once when built (decode_weights.cpp): a step then passes one object, not hundreds of list
+// items to convert.
 struct DecodeWeights : torch::CustomClassHolder {
   // per layer, in its weights dataclass's field order: float32 tensors, none for a weight
   // the layer lacks and for an int8 matrix
   std::vector<c10::optional<at::Tensor>> tensors;
   std::vector<c10::IValue> int8;  // FBGEMM's packed int8 matrices, four a layer, or none
   bool reduce_range;              // how FBGEMM rounds their activations
-  // the same matrices for the VNNI product (weight, scales, offsets a matrix), or none
+  // the same matrices for the VNNI product (weight, scales, offsets a matrix), or none,
+  // and the product's view of each
   std::vector<at::Tensor> int8_rows;
-  double activation_scale;
-  int64_t zero_point;
+  std::vector<Int8Rows> int8_row_matrices;
+  ActivationRounding rounding;
   bool weight_major;  // float32 products take one row as weight @ row
 
   DecodeWeights(std::vector<c10::optional<at::Tensor>> tensors, std::vector<c10::IValue> int8,
                 bool reduce_range, std::vector<at::Tensor> int8_rows, double activation_scale,
-                int64_t zero_point, bool weight_major)
-      : tensors(std::move(tensors)),
-        int8(std::move(int8)),
-        reduce_range(reduce_range),
-        int8_rows(std::move(int8_rows)),
-        activation_scale(activation_scale),
-        zero_point(zero_point),
-        weight_major(weight_major) {
-    for (const auto& weight : this->tensors) {
-      if (weight.has_value() && weight->defined()) {
-        TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
-                        weight->device().is_cpu(),
-                    "weights must be contiguous float32 on the CPU");
-      }
-    }
-  }
+                int64_t zero_point, bool weight_major);
 };
 
 }  // namespace mmgpt
@@ -73,13 +60,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
 inline void axpy(float* out, float weight, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] += weight * x[i];
-}
-
-MMGPT_SIMD_CLONES float max_abs(const float* x, int64_t n) {
-  float peak = 0.f;
-#pragma omp simd reduction(max : peak)
-  for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(x[i]));
-  return peak;
 }
 
 // out = x / divisor (a true division, as torch.div)
@@ -175,7 +155,7 @@ ProductRows int8_product(const at::Tensor& inputs, int64_t num_rows, const c10::
   std::vector<float> peaks(num_rows);
   for (int64_t r = 0; r < num_rows; ++r) {
     const float* row = inputs.data_ptr<float>() + r * width;
-    peaks[r] = std::max(max_abs(row, width), 1e-30f);  // an all-zero row stays zero
+    peaks[r] = row_peak(row, width);
     divide(scaled.data_ptr<float>() + (r + 1) * width, row, peaks[r], width);
   }
   std::vector<c10::IValue> stack{scaled, packed, reduce_range};
@@ -193,33 +173,16 @@ ProductRows int8_product(const at::Tensor& inputs, int64_t num_rows, const c10::
 // chose for its rows; int8 ones (kMatricesPerLayer a layer) by the VNNI row product where
 // they come as rows (`int8_rows`), else through FBGEMM (`int8`).
 constexpr int64_t kMatricesPerLayer = 4;
-constexpr int64_t kTensorsPerInt8Rows = 3;  // weight, scales, offsets
-
-std::vector<Int8Rows> all_int8_rows(const std::vector<at::Tensor>& tensors) {
-  TORCH_CHECK(tensors.size() % kTensorsPerInt8Rows == 0, "int8 rows: three tensors a matrix");
-  std::vector<Int8Rows> matrices;
-  for (size_t i = 0; i < tensors.size(); i += kTensorsPerInt8Rows) {
-    matrices.push_back(int8_rows(tensors[i], tensors[i + 1], tensors[i + 2]));
-  }
-  return matrices;
-}
-
 struct Products {
   const mmgpt::DecodeWeights& weights;
-  std::vector<Int8Rows> int8_rows;
-  ActivationRounding rounding;
   bool float_rows = cpu_has_avx512();  // float32 products by float_rows.h, else through ATen
   // int8's scaled rows, one buffer per matrix of a layer (so per input width), kept for
   // the step
   mutable std::vector<at::Tensor> scaled_rows = std::vector<at::Tensor>(kMatricesPerLayer);
 
-  explicit Products(const mmgpt::DecodeWeights& weights)
-      : weights(weights),
-        int8_rows(all_int8_rows(weights.int8_rows)),
-        rounding{1.f / static_cast<float>(weights.activation_scale),
-                 static_cast<int32_t>(weights.zero_point)} {}
+  explicit Products(const mmgpt::DecodeWeights& weights) : weights(weights) {}
 
-  bool is_int8() const { return !weights.int8.empty() || !int8_rows.empty(); }
+  bool is_int8() const { return !weights.int8.empty() || !weights.int8_row_matrices.empty(); }
 
   // inputs: [columns, in] with the step's rows first and zeros after them; `plain` the
   // float matrix, undefined for an int8 one; `index` the matrix's place in its layer.
@@ -227,11 +190,11 @@ struct Products {
                          const c10::optional<at::Tensor>& plain, size_t layer,
                          int64_t index) const {
     const size_t matrix = layer * kMatricesPerLayer + index;
-    if (!int8_rows.empty()) {
-      const Int8Rows& m = int8_rows[matrix];
+    if (!weights.int8_row_matrices.empty()) {
+      const Int8Rows& m = weights.int8_row_matrices[matrix];
       at::Tensor result = at::empty({num_rows, m.out}, inputs.options());
       int8_rows_product(result.data_ptr<float>(), inputs.data_ptr<float>(), num_rows, m,
-                        rounding, nullptr);
+                        weights.rounding, nullptr);
       return {result, m.out, 1};
     }
     if (!weights.int8.empty()) {
@@ -496,7 +459,8 @@ void check_step(const at::Tensor& hidden, const Products& products, int64_t fiel
                   static_cast<int64_t>(products.weights.tensors.size()) ==
                       num_layers * fields_per_layer,
               "one set of weights and one cache pair per layer");
-  for (const size_t count : {products.weights.int8.size(), products.int8_rows.size()}) {
+  const auto& weights = products.weights;
+  for (const size_t count : {weights.int8.size(), weights.int8_row_matrices.size()}) {
     TORCH_CHECK(count == 0 || static_cast<int64_t>(count) == num_layers * kMatricesPerLayer,
                 "int8 matrices: none, or all four of every layer");
   }

@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace {
+namespace mmgpt {  // the types a kernel's DecodeWeights holds, one for every source file
 
 // A matrix in the form the VNNI product reads (models/cpu_weights.Int8Rows).
 struct Int8Rows {
@@ -28,11 +28,23 @@ struct Int8Rows {
   int64_t out, in;
 };
 
-// How activations in [-1, 1] are rounded: FBGEMM's 8-bit parameters for that range.
+// How activations in [-1, 1] are rounded: FBGEMM's 8-bit parameters for that range, the
+// scale inverted in float32 as FBGEMM's quantiser inverts it.
 struct ActivationRounding {
   float inverse_scale;
   int32_t zero_point;
+
+  static ActivationRounding of(double scale, int64_t zero_point) {
+    return {1.f / static_cast<float>(scale), static_cast<int32_t>(zero_point)};
+  }
 };
+
+}  // namespace mmgpt
+
+namespace {
+
+using mmgpt::ActivationRounding;
+using mmgpt::Int8Rows;
 
 inline bool cpu_has_vnni() {
   static const bool has = __builtin_cpu_supports("avx512vnni") &&
@@ -55,19 +67,20 @@ inline Int8Rows int8_rows(const at::Tensor& weight, const at::Tensor& scales,
           out, weight.size(1)};
 }
 
-// q = round(x / peak / scale) + zero point, clamped to a byte; returns peak (max |x|).
-__attribute__((target("avx512f,avx512bw"))) float round_row(uint8_t* q, const float* x,
-                                                               int64_t n,
-                                                               ActivationRounding rounding) {
-  __m512 peaks = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    peaks = _mm512_max_ps(peaks, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
-  }
-  float peak = _mm512_reduce_max_ps(peaks);
-  for (; i < n; ++i) peak = std::max(peak, std::abs(x[i]));
-  peak = std::max(peak, 1e-30f);  // an all-zero row stays zero
-  for (i = 0; i < n; ++i) {
+// A row's largest magnitude, at least 1e-30 so that an all-zero row stays zero: what
+// FbgemmInt8Weight.linear scales each row by before FBGEMM rounds it.
+__attribute__((target_clones("avx512f", "avx2", "default"))) float row_peak(const float* x,
+                                                                            int64_t n) {
+  float peak = 0.f;
+#pragma omp simd reduction(max : peak)
+  for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(x[i]));
+  return std::max(peak, 1e-30f);
+}
+
+// q = round(x / peak / scale) + zero point, clamped to a byte; returns the row's peak.
+float round_row(uint8_t* q, const float* x, int64_t n, ActivationRounding rounding) {
+  const float peak = row_peak(x, n);
+  for (int64_t i = 0; i < n; ++i) {
     // the scaled row as FbgemmInt8Weight.linear divides it, then FBGEMM's rounding
     const float scaled = x[i] / peak;
     const float level = std::nearbyint(scaled * rounding.inverse_scale) +

@@ -30,8 +30,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   check_rows(x, m.in, "int8_linear");
   const float* bias_data = checked_bias(bias, m.out, "int8_linear");
   at::Tensor out = at::empty({x.size(0), m.out}, x.options());
-  const ActivationRounding rounding{1.f / static_cast<float>(activation_scale),
-                                    static_cast<int32_t>(zero_point)};
+  const auto rounding = ActivationRounding::of(activation_scale, zero_point);
   int8_rows_product(out.data_ptr<float>(), x.data_ptr<float>(), x.size(0), m, rounding,
                     bias_data);
   return out;
