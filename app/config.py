@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Most top logprobs a request may ask for.",
     )
+    stream_interval_ms: float = Field(
+        default=EngineConfig.stream_interval_ms,
+        ge=0,
+        description=(
+            "A stream sends at most once per this many milliseconds: the tokens made in "
+            "between go out together, as one event. Only streams faster than this are "
+            "joined; 0 sends every token as it comes."
+        ),
+    )
     seed: int = Field(
         default=EngineConfig.seed, description="Seed of the engine's default random generator."
     )

@@ -3,7 +3,8 @@
 One loop thread owns all engine state and makes every torch call. The
 asyncio side only enqueues (a thread-safe inbox) and consumes: each request
 has an asyncio.Queue, fed once per step, per event loop, through
-`loop.call_soon_threadsafe`.
+`loop.call_soon_threadsafe`; a fast stream's outputs are joined and sent at most
+once per `stream_interval_ms` (app/engine/pacing.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from app.engine.errors import (
     EngineOverloadedError,
     InvalidRequestError,
 )
+from app.engine.pacing import StreamPacer
 from app.engine.request import Delivery
 from app.engine.sequence import ImageInput, ImageSpan, RequestOutput, SamplingParams
 from app.engine.stats import EngineStats, StatsSink, StatsUpdate, ignore_stats
@@ -133,6 +135,7 @@ class AsyncEngine:
             lambda: _build(config, loaded, self._take_stats)
         )
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pacer = StreamPacer(config.stream_interval_ms / 1000)  # the loop thread's
         self._live: dict[str, RequestStream] = {}  # touched on the event loop only
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -288,8 +291,10 @@ class AsyncEngine:
             while not self._should_exit():
                 self._heartbeat = time.monotonic()
                 self._take_inbox(block=not self._core.has_unfinished)
+                started = time.monotonic()
                 deliveries = self._core.step() if self._core.has_unfinished else []
-                self._deliver(deliveries)
+                now = time.monotonic()
+                self._deliver(self._pacer.pace(deliveries, now, next_step_s=now - started))
         except Exception:
             logger.exception("the engine loop died")
             reason = "error"
@@ -310,7 +315,7 @@ class AsyncEngine:
         if isinstance(item, _Add):
             self._add(item)
         elif isinstance(item, _Abort):
-            self._deliver(self._core.abort_request(item.request_id))
+            self._deliver_now(self._core.abort_request(item.request_id))
         elif isinstance(item, _AdapterChange):
             self._change(item)
 
@@ -343,7 +348,7 @@ class AsyncEngine:
                 RequestOutput(item.request_id, i, "", [], "error", error=error)
                 for i in range(item.params.n)
             ]
-            self._deliver([Delivery(item.stream, output) for output in outputs])
+            self._deliver_now([Delivery(item.stream, output) for output in outputs])
 
     def _should_exit(self) -> bool:
         if not self._stopping:
@@ -360,12 +365,17 @@ class AsyncEngine:
             for delivery in deliveries:
                 output = delivery.output
                 output.finish_reason, output.error = "error", "the engine loop died"
-        self._deliver(deliveries)
+        self._deliver_now(deliveries)
 
     def _take_stats(self, update: StatsUpdate) -> None:
         """On the loop thread, inside the step: before delivery, so a caller sees both agree."""
         self._stats = update.engine
         self._on_stats(update)
+
+    def _deliver_now(self, deliveries: list[Delivery]) -> None:
+        """Outputs made between steps (aborts, refusals) go now, and all that is held
+        with them (a stream's held outputs joined ahead of its new one)."""
+        self._deliver(self._pacer.pace(deliveries, time.monotonic(), next_step_s=float("inf")))
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}

@@ -28,6 +28,9 @@ class EngineConfig:
     max_image_tokens_per_request: int = 0  # image placeholder tokens in one request; 0: no cap
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
     max_logprobs: int = 20
+    # a stream's outputs go out at most this often, joined (app/engine/pacing.py); 0: each
+    # token as it comes
+    stream_interval_ms: float = 5.0
     seed: int = 0
     warm_up: bool = True  # one full-size step at start-up (app/engine/warm_up.py)
     decode_mirror: bool = True  # CPU: decode attention reads app/engine/decode_mirror.py's copy

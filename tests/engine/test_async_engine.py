@@ -136,7 +136,8 @@ def test_fifty_aborted_requests_free_every_block_and_the_engine_still_serves(
         return await collect(engine.submit("after-aborts", prompt(7), SamplingParams(max_tokens=5)))
 
     outputs = run(main())
-    assert outputs[-1].finish_reason == "length" and len(outputs) == 5
+    assert outputs[-1].finish_reason == "length"
+    assert sum(len(output.token_ids) for output in outputs) == 5  # outputs may join tokens
 
 
 def test_invalid_requests_are_rejected_at_submit(engine: AsyncEngine) -> None:
