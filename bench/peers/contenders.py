@@ -77,6 +77,11 @@ def _mmgpt_bf16(settings: LaunchSettings) -> list[str]:
     return [*_mmgpt(settings), "--dtype", "bfloat16"]
 
 
+def _mmgpt_each_token(settings: LaunchSettings) -> list[str]:
+    """Every token its own event, however fast the stream (app/engine/pacing.py)."""
+    return [*_mmgpt(settings), "--stream-interval-ms", "0"]
+
+
 def _transformers(settings: LaunchSettings) -> list[str]:
     return [
         *(sys.executable, "-m", "bench.peers.transformers_images", "serve", settings.model),
@@ -140,6 +145,13 @@ CONTENDERS = {
     ),
     "mmgpt-bf16": Contender(
         "mmgpt-bf16", _mmgpt_bf16, "/ready", frozenset(WORKLOADS), ban_eos_fields=_mmgpt_ban_eos
+    ),
+    "mmgpt-each-token": Contender(
+        "mmgpt-each-token",
+        _mmgpt_each_token,
+        "/ready",
+        frozenset(WORKLOADS),
+        ban_eos_fields=_mmgpt_ban_eos,
     ),
     # `transformers serve` has no readiness route; /health answers once the preloaded model is in.
     # It answers 422 to `ignore_eos` (for models it serves without continuous batching).
