@@ -84,6 +84,12 @@ compare tiny-c32-top-p --model "$CKPT/gpt2-tiny-top-p" --contenders mmgpt,transf
 
 compare tiny-c1 --model "$CKPT/gpt2-tiny" --workloads text --num-prompts 16 \
     --max-concurrency 1 --input-len 32 --output-len 128 --ban-eos
+# The same stream against the bare loop, in alternating windows (bench/loop_share.py): the
+# tiny model's speed moves with the host's other tenants, so the two are measured together.
+echo "== loop-share-tiny"
+"$PY" -m bench.loop_share --model "$CKPT/gpt2-tiny" --threads "$THREADS" --rounds 12 \
+    --contenders mmgpt,mmgpt-each-token --log-dir "$OUT/logs-loop-share-tiny" |
+    tee "$OUT/loop-share-tiny.txt"
 compare small-c1 --model "$CKPT/gpt2-small" --contenders mmgpt,mmgpt-int8,transformers,llama.cpp \
     --workloads text --num-prompts 4 --max-concurrency 1 --input-len 32 --output-len 128 --ban-eos
 
