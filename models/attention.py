@@ -134,7 +134,7 @@ def _gather_decodes(cache: KVCache, group: DecodeGroup) -> tuple[torch.Tensor, t
     key_buffer, value_buffer = group.buffers_for(k_cache)
     keys = torch.index_select(k_cache, 0, group.block_ids, out=key_buffer)
     values = torch.index_select(v_cache, 0, group.block_ids, out=value_buffer)
-    shape = (group.num_seqs, group.mask.shape[-1], *k_cache.shape[2:])
+    shape = (group.num_seqs, group.span, *k_cache.shape[2:])
     return keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
 
 

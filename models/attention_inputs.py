@@ -51,13 +51,27 @@ class DecodeGroup:
 
     rows: slice | torch.Tensor  # their rows in the flat batch
     block_ids: torch.Tensor | None  # [num_seqs * blocks_per_seq] cache blocks, row-major per seq
-    mask: torch.Tensor  # [num_seqs, 1, 1, span] bool, True = attend
+    lens: list[int]  # each member's tokens, this step's included: the keys it attends to
+    span: int  # positions each member's attention reads: the group's longest, in whole blocks
     num_seqs: int
     mirror: MirroredDecodes | None = None  # read K/V in place instead of gathering
     window_mask: torch.Tensor | None = None  # like mask, for sliding-window layers
     # NOTE: every layer gathers into the same two buffers: a fresh multi-MB tensor per
     # layer costs page faults (BENCHMARKS.md, history)
     gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # the mask once made (`mask`), or the mirror's own
+    cached_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[num_seqs, 1, 1, span] bool, True = attend. Made on first use: the one-stream
+        decode kernels read `lens` and the blocks, never a mask."""
+        if self.cached_mask is None:
+            positions = torch.arange(self.span)
+            mask = positions[None, :] < torch.tensor(self.lens)[:, None]  # [n, span]
+            device = mask.device if self.block_ids is None else self.block_ids.device
+            self.cached_mask = mask[:, None, None, :].to(device, non_blocking=True)
+        return self.cached_mask
 
     def buffers_for(self, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two [len(block_ids), block_size, kv_heads, D] buffers, made once per step."""
@@ -193,14 +207,14 @@ class _Layout:
         blocks_per_seq = -(-max(lens) // self.block_size)
         tables = [self.block_tables[i][:blocks_per_seq] for i in members]
         padded = [b for t in tables for b in t + [self.padding_block] * (blocks_per_seq - len(t))]
-        positions = torch.arange(blocks_per_seq * self.block_size)
-        mask = positions[None, :] < torch.tensor(lens)[:, None]  # [n, span]
+        span = blocks_per_seq * self.block_size
         return DecodeGroup(
             rows=self.rows_of(members),
             block_ids=self._blocks(padded),
-            mask=mask[:, None, None, :].to(self.device, non_blocking=True),
+            lens=lens,
+            span=span,
             num_seqs=len(members),
-            window_mask=self.window_mask(lens, mask.shape[-1]),
+            window_mask=self.window_mask(lens, span),
         )
 
     def prefill_chunk(self, seq: int) -> PrefillChunk:
@@ -236,10 +250,16 @@ def _window_mask(chunk: PrefillChunk, window: int) -> torch.Tensor:
 
 
 def _mirror_group(layout: _Layout, mirrored: MirroredDecodes) -> DecodeGroup:
-    rows = layout.rows_of(mirrored.seqs)
-    window_mask = layout.window_mask([layout.seq_lens[i] for i in mirrored.seqs], mirrored.span)
+    lens = [layout.seq_lens[i] for i in mirrored.seqs]
     return DecodeGroup(
-        rows, None, mirrored.mask, len(mirrored.seqs), mirror=mirrored, window_mask=window_mask
+        rows=layout.rows_of(mirrored.seqs),
+        block_ids=None,
+        lens=lens,
+        span=mirrored.span,
+        num_seqs=len(mirrored.seqs),
+        mirror=mirrored,
+        window_mask=layout.window_mask(lens, mirrored.span),
+        cached_mask=mirrored.mask,
     )
 
 

@@ -22,6 +22,7 @@ import models.fused_decode
 import models.linear
 import models.quantize
 from models import cpu_kernels, load_model
+from models.attention_inputs import AttentionInputs
 from models.base import PagedModel
 from models.cpu_weights import FbgemmInt8Weight
 from models.fused_decode import FusedDecodeCache, FusedGPT2Decode, FusedLlamaDecode
@@ -60,13 +61,18 @@ class CountingRuns:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
+        self.masks_made = 0  # decode masks built in steps the kernel ran (it reads none)
         for kind in (FusedLlamaDecode, FusedGPT2Decode):
             monkeypatch.setattr(kind, "run", self._counted(kind.run))
 
     def _counted(self, real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def counted(*args: object) -> torch.Tensor:
             self.count += 1
-            return real(*args)
+            result = real(*args)
+            attn_inputs = args[3]
+            assert isinstance(attn_inputs, AttentionInputs)
+            self.masks_made += sum(g.cached_mask is not None for g in attn_inputs.decode_groups)
+            return result
 
         return counted
 
@@ -116,7 +122,7 @@ def test_fused_decode_gives_the_torch_paths_logits(
     make, _ = CASES[kind]
     model = load_model(make(tmp_path)).model
     fused, expected = fused_and_torch_logits(model)
-    assert runs.count == NUM_DECODES
+    assert runs.count == NUM_DECODES and runs.masks_made == 0
     for ours, reference in zip(fused, expected, strict=True):
         assert relative_error(ours, reference) < TOLERANCE
 
