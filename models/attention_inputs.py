@@ -1,26 +1,17 @@
 """What paged attention reads in one step, planned once by the runner before `forward`.
 
 Everything that depends only on the batch layout (which rows decode, the gather
-indices, the masks) is computed here from host lists, so each layer spends its time
-on a handful of tensor ops (models/attention.py):
-- decodes are attended in one masked SDPA call per group of similar lengths (the
-  query heads that share a KV head act as that head's query rows, so GQA needs no
-  copies of K/V); a group reads its K/V gathered from the blocks, or, when the engine
-  keeps them contiguous (`MirroredDecodes`), in place;
-- prefill chunks run one SDPA each, causal over the new tokens; a chunk after cached
-  context reads that context back through its block table.
+indices, the masks) is computed here from host lists, so that each layer spends its
+time on a few tensor ops (models/attention.py): decodes go in one masked SDPA call per
+group of similar lengths, reading K/V gathered from their blocks or in place from the
+engine's contiguous copy (`MirroredDecodes`); each prefill chunk is one causal SDPA,
+reading any cached context back through its block table. A decode group's mask is
+made only when the torch path asks for it: the one-stream kernels never do.
 
-A model with sliding-window layers (Gemma 3) gets a second mask per group and chunk,
-`window_mask`, where each query sees only its own key and the `window - 1` before it
-(transformers' `sliding_window_overlay`); its local layers attend with it. It is
-planned only where some query reaches past the window, so a model without one, or a
-step whose sequences are all shorter, pays nothing.
-
-A model whose image tokens attend to each other both ways (Gemma 3) turns a step's
-inputs into `with_bidirectional_spans(...)`: the prefill chunks holding image tokens
-get masks where those tokens also see the later tokens of their own image. A chunk
-must then hold the rest of every image it starts (the scheduler's rule for such a
-model); the image's earlier tokens may sit in the cache, as after a prefix-cache hit.
+Sliding-window layers (Gemma 3) get a second mask, `window_mask` (each query sees its
+own key and the `window - 1` before it), planned only where a query reaches past the
+window. Image tokens that attend both ways (Gemma 3) get chunk masks from
+`with_bidirectional_spans`; a chunk must then hold the rest of every image it starts.
 """
 
 from __future__ import annotations
@@ -53,7 +44,6 @@ class DecodeGroup:
     block_ids: torch.Tensor | None  # [num_seqs * blocks_per_seq] cache blocks, row-major per seq
     lens: list[int]  # each member's tokens, this step's included: the keys it attends to
     span: int  # positions each member's attention reads: the group's longest, in whole blocks
-    num_seqs: int
     mirror: MirroredDecodes | None = None  # read K/V in place instead of gathering
     window_mask: torch.Tensor | None = None  # like mask, for sliding-window layers
     # NOTE: every layer gathers into the same two buffers: a fresh multi-MB tensor per
@@ -61,6 +51,10 @@ class DecodeGroup:
     gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     # the mask once made (`mask`), or the mirror's own
     cached_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.lens)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -213,7 +207,6 @@ class _Layout:
             block_ids=self._blocks(padded),
             lens=lens,
             span=span,
-            num_seqs=len(members),
             window_mask=self.window_mask(lens, span),
         )
 
@@ -256,7 +249,6 @@ def _mirror_group(layout: _Layout, mirrored: MirroredDecodes) -> DecodeGroup:
         block_ids=None,
         lens=lens,
         span=mirrored.span,
-        num_seqs=len(mirrored.seqs),
         mirror=mirrored,
         window_mask=layout.window_mask(lens, mirrored.span),
         cached_mask=mirrored.mask,

@@ -1,15 +1,13 @@
 """The decoder's matrices in the form they are served in: `prepare_decoder(model, quantization)`.
 
-- "int8": every matrix of the decoder's layers becomes int8 with one scale per output row:
-  on a CPU with FBGEMM `FbgemmInt8Weight`, the output layer too (with their int8 rows kept
-  for one-row products where the CPU has VNNI, up to KEEP_PLAIN_MAX_BYTES); elsewhere
-  `Int8Weight`, widened at each product, the output layer left in the model's dtype.
-- "none": on the CPU, float32 and bfloat16 matrices that stream from memory go into oneDNN's
-  packed layout (`PackedWeight`), the output layer too, float32 ones keeping their plain
-  form for one-row products up to KEEP_PLAIN_MAX_BYTES; elsewhere they stay as loaded.
+- "int8": each matrix of the decoder's layers as int8, one scale per output row. On a CPU
+  with FBGEMM, `FbgemmInt8Weight` (the output layer too; its int8 rows kept for one-row
+  products where the CPU has VNNI); elsewhere `Int8Weight`, widened at each product.
+- "none": on the CPU, matrices that stream from memory in oneDNN's packed layout
+  (`PackedWeight`), float32 ones with their plain form kept for one-row products; elsewhere
+  as loaded.
 
-Norms, biases, embeddings and the vision tower stay in the model's dtype. BENCHMARKS.md has
-each form's timings and accuracy.
+Norms, biases, embeddings and the vision tower stay in the model's dtype.
 """
 
 from __future__ import annotations
