@@ -29,6 +29,7 @@ import torch
 
 from bench import ceiling
 from bench.client import run_async, send_request, session
+from bench.compare import CONTEXT_MARGIN
 from bench.peers.contenders import (
     CONTENDERS,
     LaunchSettings,
@@ -79,7 +80,7 @@ def start_servers(args: argparse.Namespace, stack: ExitStack) -> list[Server]:
             port=free_port(),
             threads=args.threads,
             extra_args={name: getattr(args, f"{name.replace('-', '_')}_args")},
-            context=args.input_len + args.output_len + 256,
+            context=args.input_len + args.output_len + CONTEXT_MARGIN,
         )
         argv = command_line(CONTENDERS[name], settings)
         base_url = f"http://{settings.host}:{settings.port}"
